@@ -1,0 +1,325 @@
+"""Fused APB-V block attention (forward), one Triton kernel.
+
+Queries ``[A | B]`` (``anchor_rows`` anchor rows, then block rows) attend to
+three key segments that live in separate tensors (nothing is concatenated):
+
+* passing keys  ``P`` (per KV head selected tokens): block rows see all of them;
+* anchor keys   ``A``: anchor row ``i`` sees ``A[0..i]``, block rows see all;
+* block keys    ``B``: block row ``i`` sees ``B[0..i + Lk - Lq]`` (bottom-right causal).
+
+Layout is Megatron's ``[seq, batch, heads, dim]``; any strides. GQA is done by
+indexing (query head ``h`` reads KV head ``h // g``), never by repeating K/V.
+
+Per (query tile, head) program the key range of each segment is split into
+tiles that every row of the tile sees (no mask work) and boundary tiles
+(masked); tiles nobody in the query tile sees are never visited.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _triton_compat  # noqa: F401  (interpreter fix, no-op on GPU)
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+SEG_PASS = 0
+SEG_ANCHOR = 1
+SEG_BLOCK = 2
+
+
+@triton.jit
+def _attn_step(
+    acc, l_i, m_i, q,
+    K, V, start_n, s_kn, s_kd, s_vn, s_vd, seg_len,
+    offs_m, offs_n0, offs_d, d_ok,
+    anchor_rows, diag, qk_scale,
+    SEG: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    # K, V point at key row start_n already (64-bit scalar pointers)
+    kp = K + offs_n0[:, None] * s_kn + offs_d[None, :] * s_kd
+    vp = V + offs_n0[:, None] * s_vn + offs_d[None, :] * s_vd
+    offs_n = start_n + offs_n0
+    if MASKED:
+        n_ok = offs_n < seg_len
+        if EVEN_D:
+            k = tl.load(kp, mask=n_ok[:, None], other=0.0)
+        else:
+            k = tl.load(kp, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            k = tl.load(kp)
+        else:
+            k = tl.load(kp, mask=d_ok[None, :], other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if MASKED:
+        r = offs_m[:, None]
+        j = offs_n[None, :]
+        vis = j < seg_len
+        if SEG == 0:
+            vis = vis & (r >= anchor_rows)
+        elif SEG == 1:
+            vis = vis & ((j <= r) | (r >= anchor_rows))
+        else:
+            vis = vis & (r >= anchor_rows) & (j <= r - anchor_rows + diag)
+        qk = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # rows that have seen nothing yet keep m = -inf; shift by 0 instead
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = m_new
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if MASKED:
+        if EVEN_D:
+            v = tl.load(vp, mask=n_ok[:, None], other=0.0)
+        else:
+            v = tl.load(vp, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            v = tl.load(vp)
+        else:
+            v = tl.load(vp, mask=d_ok[None, :], other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_segment(
+    acc, l_i, m_i, q,
+    K, V, s_kn, s_kd, s_vn, s_vd, seg_len, hi_full, hi,
+    offs_m, offs_n0, offs_d, d_ok,
+    anchor_rows, diag, qk_scale,
+    SEG: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    # scalar key-row pointers carried through the loops (no 32-bit overflow)
+    k_cur = K
+    v_cur = V
+    for start_n in range(0, hi_full, BLOCK_N):
+        acc, l_i, m_i = _attn_step(
+            acc, l_i, m_i, q, k_cur, v_cur, start_n, s_kn, s_kd, s_vn, s_vd, seg_len,
+            offs_m, offs_n0, offs_d, d_ok, anchor_rows, diag, qk_scale,
+            SEG, False, EVEN_D, DOT_PREC)
+        k_cur += BLOCK_N * s_kn
+        v_cur += BLOCK_N * s_vn
+    for start_n in range(hi_full, hi, BLOCK_N):
+        acc, l_i, m_i = _attn_step(
+            acc, l_i, m_i, q, k_cur, v_cur, start_n, s_kn, s_kd, s_vn, s_vd, seg_len,
+            offs_m, offs_n0, offs_d, d_ok, anchor_rows, diag, qk_scale,
+            SEG, True, EVEN_D, DOT_PREC)
+        k_cur += BLOCK_N * s_kn
+        v_cur += BLOCK_N * s_vn
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["sq", "anchor_rows", "n_pass", "n_anchor", "n_block", "diag"])
+def _apb_attn_fwd(
+    Q, KP, VP, KA, VA, KB, VB, O, LSE,
+    sq, anchor_rows, n_pass, n_anchor, n_block, diag, qk_scale,
+    n_heads, group,
+    s_qs, s_qb, s_qh, s_qd,
+    s_kps, s_kpb, s_kph, s_kpd,
+    s_vps, s_vpb, s_vph, s_vpd,
+    s_kas, s_kab, s_kah, s_kad,
+    s_vas, s_vab, s_vah, s_vad,
+    s_kbs, s_kbb, s_kbh, s_kbd,
+    s_vbs, s_vbb, s_vbh, s_vbd,
+    s_os, s_ob, s_oh, s_od,
+    s_lb, s_lh, s_ls,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
+    # heaviest (last) query tiles first: better tail balance for causal work
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // n_heads
+    h = bh % n_heads
+    hk = h // group
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+
+    m0 = tile * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < sq
+
+    qp = Q + b64 * s_qb + h64 * s_qh + offs_m[:, None].to(tl.int64) * s_qs + offs_d[None, :] * s_qd
+    q = tl.load(qp, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+
+    # --- which key tiles this query tile needs (scalars) ---
+    m1 = tl.minimum(m0 + BLOCK_M, sq)
+    has_a = m0 < anchor_rows          # tile holds anchor rows
+    has_b = m1 > anchor_rows          # tile holds block rows
+    # passing keys: block rows only
+    p_hi = tl.where(has_b, n_pass, 0)
+    p_full = tl.where(has_a, 0, (n_pass // BLOCK_N) * BLOCK_N)
+    p_full = tl.minimum(p_full, p_hi)
+    # anchor keys: anchor rows causal, block rows all
+    a_hi = tl.where(has_b, n_anchor, tl.minimum(n_anchor, m1))
+    a_full = (n_anchor // BLOCK_N) * BLOCK_N
+    a_full = tl.where(has_a, tl.minimum(a_full, ((m0 + 1) // BLOCK_N) * BLOCK_N), a_full)
+    a_full = tl.minimum(a_full, a_hi)
+    # block keys: block rows, bottom-right causal
+    b_hi = tl.where(has_b, tl.minimum(tl.maximum(m1 - anchor_rows + diag, 0), n_block), 0)
+    b_full = (tl.maximum(m0 - anchor_rows + diag + 1, 0) // BLOCK_N) * BLOCK_N
+    b_full = tl.minimum(b_full, (n_block // BLOCK_N) * BLOCK_N)
+    b_full = tl.where(has_a, 0, b_full)
+    b_full = tl.minimum(b_full, b_hi)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+
+    acc, l_i, m_i = _attn_segment(
+        acc, l_i, m_i, q,
+        KP + b64 * s_kpb + hk64 * s_kph, VP + b64 * s_vpb + hk64 * s_vph,
+        s_kps, s_kpd, s_vps, s_vpd, n_pass, p_full, p_hi,
+        offs_m, offs_n0, offs_d, d_ok, anchor_rows, diag, qk_scale,
+        0, BLOCK_N, EVEN_D, DOT_PREC)
+    acc, l_i, m_i = _attn_segment(
+        acc, l_i, m_i, q,
+        KA + b64 * s_kab + hk64 * s_kah, VA + b64 * s_vab + hk64 * s_vah,
+        s_kas, s_kad, s_vas, s_vad, n_anchor, a_full, a_hi,
+        offs_m, offs_n0, offs_d, d_ok, anchor_rows, diag, qk_scale,
+        1, BLOCK_N, EVEN_D, DOT_PREC)
+    acc, l_i, m_i = _attn_segment(
+        acc, l_i, m_i, q,
+        KB + b64 * s_kbb + hk64 * s_kbh, VB + b64 * s_vbb + hk64 * s_vbh,
+        s_kbs, s_kbd, s_vbs, s_vbd, n_block, b_full, b_hi,
+        offs_m, offs_n0, offs_d, d_ok, anchor_rows, diag, qk_scale,
+        2, BLOCK_N, EVEN_D, DOT_PREC)
+
+    empty = l_i == 0.0
+    l_div = tl.where(empty, 1.0, l_i)
+    out = acc / l_div[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_div)) * 0.6931471805599453)
+
+    op = O + b64 * s_ob + h64 * s_oh + offs_m[:, None].to(tl.int64) * s_os + offs_d[None, :] * s_od
+    tl.store(op, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    lp = LSE + b64 * s_lb + h64 * s_lh + offs_m.to(tl.int64) * s_ls
+    tl.store(lp, lse, mask=m_ok)
+
+
+def default_config(device: torch.device, head_dim: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) used when none is given."""
+    if device.type != "cuda":  # Triton interpreter: small tiles, fast on CPU
+        return (16, 16, 4, 1)
+    if dtype == torch.float32:
+        return (64, 32, 4, 2)
+    major, _ = torch.cuda.get_device_capability(device)
+    if major >= 9:  # Hopper, tuned with benchmarks/bench_kernels.py (see NOTES.md)
+        return (128, 64, 8, 3) if head_dim <= 64 else (128, 64, 8, 3)
+    return (64, 64, 4, 2)
+
+
+def _check_kv(name, k, v, b, hkv, d):
+    if k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{name}: K and V must be [seq, batch, kv_heads, dim]")
+    if k.shape != v.shape:
+        raise ValueError(f"{name}: K {tuple(k.shape)} and V {tuple(v.shape)} differ")
+    if k.shape[1] != b or k.shape[2] != hkv or k.shape[3] != d:
+        raise ValueError(f"{name}: shape {tuple(k.shape)} does not match batch={b}, kv_heads={hkv}, dim={d}")
+
+
+def apb_attention_impl(q, k_pass, v_pass, k_anchor, v_anchor, k_block, v_block, *,
+                       anchor_rows: int, softmax_scale: float, config=None,
+                       out=None, lse=None):
+    """:func:`apb_attention` with an explicit tile config and optional output buffers."""
+    if q.dim() != 4:
+        raise ValueError("q must be [seq, batch, heads, dim]")
+    sq, b, hq, d = q.shape
+    hkv = k_block.shape[2]
+    for name, k, v in (("passing", k_pass, v_pass), ("anchor", k_anchor, v_anchor),
+                       ("block", k_block, v_block)):
+        _check_kv(name, k, v, b, hkv, d)
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"query heads {hq} not a multiple of KV heads {hkv}")
+    n_pass, n_anchor, n_block = k_pass.shape[0], k_anchor.shape[0], k_block.shape[0]
+    anchor_rows = int(anchor_rows)
+    if anchor_rows < 0 or anchor_rows > sq:
+        raise ValueError(f"anchor_rows={anchor_rows} outside [0, {sq}]")
+    if anchor_rows > 0 and anchor_rows != n_anchor:
+        raise ValueError(f"anchor_rows={anchor_rows} must equal the anchor length {n_anchor}")
+    n_q_block = sq - anchor_rows
+    for t in (k_pass, v_pass, k_anchor, v_anchor, k_block, v_block):
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError("q, K and V must share dtype and device")
+
+    if out is None:
+        out = torch.empty((sq, b, hq, d), dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+    if sq == 0 or b == 0 or hq == 0:
+        return out, lse
+
+    # empty segments never get loaded; give the kernel a valid pointer anyway
+    def _nz(t):
+        return t if t.shape[0] > 0 else q
+
+    kp, vp = _nz(k_pass), _nz(v_pass)
+    ka, va = _nz(k_anchor), _nz(v_anchor)
+    kb, vb = _nz(k_block), _nz(v_block)
+
+    if config is None:
+        config = default_config(q.device, d, q.dtype)
+    block_m, block_n, num_warps, num_stages = config
+    d_pad = max(16, triton.next_power_of_2(d))
+    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (triton.cdiv(sq, block_m), b * hq)
+    _apb_attn_fwd[grid](
+        q, kp, vp, ka, va, kb, vb, out, lse,
+        sq, anchor_rows, n_pass, n_anchor, n_block, n_block - n_q_block,
+        float(softmax_scale) * _LOG2E,
+        hq, hq // hkv,
+        *q.stride(), *kp.stride(), *vp.stride(), *ka.stride(), *va.stride(),
+        *kb.stride(), *vb.stride(), *out.stride(), *lse.stride(),
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=dot_prec,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse
+
+
+def apb_attention(q, k_pass, v_pass, k_anchor, v_anchor, k_block, v_block, *,
+                  anchor_rows: int, softmax_scale: float):
+    """APB-V attention of ``[A | B]`` queries over ``[P | A | B]`` keys.
+
+    Args:
+        q: ``[sq, b, hq, d]``; the first ``anchor_rows`` rows are anchor queries.
+        k_pass, v_pass: ``[n_pass, b, hkv, d]`` passing keys/values (per KV head).
+        k_anchor, v_anchor: ``[a, b, hkv, d]``; ``anchor_rows`` is 0 or ``a``.
+        k_block, v_block: ``[Lk, b, hkv, d]``.
+        softmax_scale: multiplier of ``q . k`` before the softmax.
+
+    Returns:
+        ``(out, lse)``: ``out`` ``[sq, b, hq, d]`` in q's dtype, ``lse``
+        ``[b, hq, sq]`` float32 natural-log log-sum-exp of the scaled scores.
+        Rows that see no key get ``out = 0`` and ``lse = -inf``.
+    """
+    return apb_attention_impl(q, k_pass, v_pass, k_anchor, v_anchor, k_block, v_block,
+                              anchor_rows=anchor_rows, softmax_scale=softmax_scale)
+
+
+def visible_pairs(sq: int, anchor_rows: int, n_pass: int, n_anchor: int, n_block: int) -> int:
+    """Number of (query, key) pairs the APB-V mask lets through (per head)."""
+    lq = sq - anchor_rows
+    total = anchor_rows * (anchor_rows + 1) // 2 + lq * (n_pass + n_anchor)
+    diag = n_block - lq
+    # block row i sees clamp(i + diag + 1, 0, n_block) block keys
+    rows = torch.arange(lq, dtype=torch.int64)
+    total += int((rows + diag + 1).clamp(0, n_block).sum())
+    return total
+
+
+__all__ = ["apb_attention", "apb_attention_impl", "default_config", "visible_pairs"]

@@ -1,0 +1,104 @@
+"""Exact log-sum-exp merge of partial attention outputs.
+
+Given ``W`` partials of the same queries over disjoint key sets, with outputs
+``out_w`` (normalised) and natural-log ``lse_w``, the merged result is
+
+    lse = log(sum_w exp(lse_w)),   out = sum_w exp(lse_w - lse) * out_w.
+
+Computed with the running maximum subtracted first; partials with
+``lse = -inf`` get weight 0 (their ``out`` is never read into the sum, so
+garbage or NaN there does no harm); all ``-inf`` gives ``out = 0``, ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _triton_compat  # noqa: F401  (interpreter fix, no-op on GPU)
+
+
+@triton.jit
+def _merge_kernel(
+    OUTS, LSES, O, LSE,
+    n_parts, sq, n_heads,
+    s_iw, s_is, s_ib, s_ih, s_id,
+    s_lw, s_lb, s_lh, s_ls,
+    s_os, s_ob, s_oh, s_od,
+    s_mb, s_mh, s_ms,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    offs_s = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_ok = offs_s < sq
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    rows = offs_s.to(tl.int64)
+
+    m = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    l_cur = LSES + b * s_lb + h * s_lh
+    for w in range(0, n_parts):
+        lw = tl.load(l_cur + rows * s_ls, mask=s_ok, other=float("-inf"))
+        m = tl.maximum(m, lw)
+        l_cur += s_lw
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+
+    acc = tl.zeros([BLOCK_S, D_PAD], dtype=tl.float32)
+    den = tl.zeros([BLOCK_S], dtype=tl.float32)
+    o_cur = OUTS + b * s_ib + h * s_ih      # scalar pointer, advanced by one partial
+    l_cur = LSES + b * s_lb + h * s_lh
+    o_offs = rows[:, None] * s_is + offs_d[None, :] * s_id
+    for w in range(0, n_parts):
+        lw = tl.load(l_cur + rows * s_ls, mask=s_ok, other=float("-inf"))
+        wt = tl.exp(lw - m_use)                      # 0 for lse = -inf
+        live = s_ok & (lw != float("-inf"))
+        ow = tl.load(o_cur + o_offs, mask=live[:, None] & d_ok[None, :], other=0.0)
+        acc += wt[:, None] * ow.to(tl.float32)
+        den += wt
+        o_cur += s_iw
+        l_cur += s_lw
+    empty = den == 0.0
+    den_div = tl.where(empty, 1.0, den)
+    out = acc / den_div[:, None]
+    lse = tl.where(empty, float("-inf"), m_use + tl.log(den_div))
+    op = O + b * s_ob + h * s_oh + rows[:, None] * s_os + offs_d[None, :] * s_od
+    tl.store(op, out.to(O.dtype.element_ty), mask=s_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + b * s_mb + h * s_mh + rows * s_ms, lse, mask=s_ok)
+
+
+def merge_partials(outs: torch.Tensor, lses: torch.Tensor):
+    """Merge ``outs [W, sq, b, h, d]`` / ``lses [W, b, h, sq]`` (fp32) into ``(out, lse)``.
+
+    ``out`` is ``[sq, b, h, d]`` in ``outs``' dtype, ``lse`` ``[b, h, sq]`` float32.
+    """
+    if outs.dim() != 5 or lses.dim() != 4:
+        raise ValueError("outs must be [W, sq, b, h, d] and lses [W, b, h, sq]")
+    W, sq, b, h, d = outs.shape
+    if tuple(lses.shape) != (W, b, h, sq):
+        raise ValueError(f"lses {tuple(lses.shape)} must be {(W, b, h, sq)}")
+    if lses.dtype != torch.float32:
+        lses = lses.float()
+    out = torch.empty((sq, b, h, d), dtype=outs.dtype, device=outs.device)
+    lse = torch.empty((b, h, sq), dtype=torch.float32, device=outs.device)
+    if sq == 0 or b == 0 or h == 0:
+        return out, lse
+    if W == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    d_pad = max(16, triton.next_power_of_2(d))
+    block_s = 32 if d_pad <= 128 else 16
+    grid = (triton.cdiv(sq, block_s), b * h)
+    _merge_kernel[grid](
+        outs, lses, out, lse, W, sq, h,
+        *outs.stride(), *lses.stride(), *out.stride(), *lse.stride(),
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_S=block_s, num_warps=4,
+    )
+    return out, lse
+
+
+__all__ = ["merge_partials"]

@@ -1,0 +1,179 @@
+"""APB-V core attention: the ``core_attention`` submodule of Megatron's ``SelfAttention``.
+
+One layer of prefill on rank ``r`` (spec "One attention layer"):
+score -> select -> pass (async all-gather) -> attend (query, first block,
+second block) -> merge (exact query attention by log-sum-exp).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_apbv.attend import apb_attention
+from megatron_apbv.layout import RankLayout
+from megatron_apbv.merge import merge_partials
+from megatron_apbv.passing import PassingExchange, all_gather_stacked
+from megatron_apbv.selection import passing_scores, select_passing
+
+
+@dataclass(frozen=True)
+class APBVMask:
+    """The APB-V attention mask of one rank, in structured form.
+
+    Megatron hands ``attention_mask`` unchanged to the core attention; APB-V's mask
+    is fully described by the rank's layout and the per-layer passing budgets, so
+    this object travels there instead of an ``O(N^2)`` boolean tensor.
+    """
+
+    layout: RankLayout
+    passing_lens: tuple[int, ...]  # per layer, already resolved to token counts
+
+    def passing_len(self, layer_number: int) -> int:
+        return self.passing_lens[layer_number - 1]
+
+
+class APBVCoreAttention(MegatronModule):
+    """Distributed APB-V attention over Megatron's context-parallel group.
+
+    Inputs follow Megatron's core-attention contract: query ``[sq, b, np, hn]``,
+    key/value ``[sq, b, ng, hn]`` with RoPE applied, ``attention_mask`` an
+    :class:`APBVMask`; output ``[sq, b, np * hn]``. ``window`` is the smoothing
+    window of the scores and ``overlap`` overlaps the passing all-gathers with
+    attention (both come from the layer spec's params).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+        *,
+        window: int = 5,
+        overlap: bool = True,
+    ):
+        super().__init__(config=config)
+        self.layer_number = max(1, layer_number)
+        self.window = window
+        self.overlap = overlap
+        self.softmax_scale = softmax_scale or config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+        self.cp_group = cp if cp is not None else parallel_state.get_context_parallel_group()
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: APBVMask,
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if not isinstance(attention_mask, APBVMask):
+            raise TypeError(
+                "APBVCoreAttention needs attention_mask=APBVMask(...) describing the rank's layout; "
+                f"got {type(attention_mask).__name__}. Run the model through megatron_apbv.model.prefill."
+            )
+        if attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError("APB-V attention supports neither attention_bias nor packed sequences")
+        layout = attention_mask.layout
+        if query.shape[0] != layout.local_len:
+            raise ValueError(f"local sequence has {query.shape[0]} tokens, the layout says {layout.local_len}")
+        out = apbv_layer_attention(
+            query, key, value, layout,
+            passing_len=attention_mask.passing_len(self.layer_number),
+            window=self.window, overlap=self.overlap,
+            softmax_scale=self.softmax_scale, group=self.cp_group,
+        )
+        return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+def apbv_layer_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: RankLayout,
+    *,
+    passing_len: int,
+    window: int,
+    overlap: bool,
+    softmax_scale: float,
+    group,
+) -> torch.Tensor:
+    """APB-V attention of one rank's local ``[A | blocks | Q]`` tokens; returns ``[sq, b, hq, d]``."""
+    seq = layout.seq
+    a = layout.anchor_len
+    q_rows = layout.local_query_slice
+    block_slices = layout.local_block_slices()
+    q_query = q[q_rows]
+
+    # 1-3. Score and select each owned block, and start its exchange as soon as it is selected.
+    exchange = PassingExchange(seq, passing_len, group, overlap=overlap)
+    for e, rows in enumerate(block_slices):
+        selected = (k[rows][:0], v[rows][:0])
+        if passing_len > 0 and rows.stop > rows.start:
+            scores = passing_scores(q_query, k[rows], window=window)
+            selected = select_passing(k[rows], v[rows], scores, passing_len)
+        exchange.start(e, *selected)
+
+    # 4. Exact query attention: local partial over this rank's share of the keys, merged across ranks.
+    query_partial = _query_partial(q_query, k, v, layout, softmax_scale)
+    query_gather = _start_gather(query_partial, seq.world_size, group, overlap)
+
+    # 5-6. Blocks: the first also carries the anchor rows; passing blocks arrive as needed.
+    anchor = slice(0, a)
+    outputs = []
+    for e, ((virtual, _), rows) in enumerate(zip(layout.blocks, block_slices)):
+        k_pass, v_pass = exchange.passing_for(virtual)
+        q_rows_block = slice(0, rows.stop) if e == 0 else rows
+        out, _ = apb_attention(
+            q[q_rows_block], k_pass, v_pass, k[anchor], v[anchor], k[rows], v[rows],
+            anchor_rows=a if e == 0 else 0, softmax_scale=softmax_scale,
+        )
+        outputs.append(out)
+
+    # 7. [out_A | out_B_first | out_B_second | out_Q]
+    outputs.append(_finish_query(query_gather, q_query.dtype))
+    return torch.cat(outputs)
+
+
+def _query_partial(q_query, k, v, layout: RankLayout, softmax_scale: float) -> torch.Tensor:
+    """The query rows over [anchor share | own blocks | Q (tail rank only)], packed as ``[q, b, h, d+1]``."""
+    blocks = slice(layout.anchor_len, layout.local_query_slice.start)
+    share = layout.anchor_share
+    tail = layout.local_query_slice if layout.holds_query_keys else slice(0, 0)
+    out, lse = apb_attention(
+        q_query, k[blocks], v[blocks], k[share], v[share], k[tail], v[tail],
+        anchor_rows=0, softmax_scale=softmax_scale,
+    )
+    # One fp32 buffer carries both, so the merge needs a single collective.
+    return torch.cat([out.float(), lse.permute(2, 0, 1).unsqueeze(-1)], dim=-1)
+
+
+def _start_gather(partial: torch.Tensor, world: int, group, overlap: bool):
+    if world == 1:
+        return partial.unsqueeze(0), None
+    return all_gather_stacked(partial, world, group, async_op=overlap)
+
+
+def _finish_query(gather, dtype) -> torch.Tensor:
+    recv, handle = gather
+    if handle is not None:
+        handle.wait()
+    outs, lses = recv[..., :-1], recv[..., -1].permute(0, 2, 3, 1)
+    out, _ = merge_partials(outs, lses)
+    return out.to(dtype)

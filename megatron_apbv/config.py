@@ -1,0 +1,290 @@
+"""YAML run configuration: model shape, APB-V settings, parallelism, input, dtype.
+
+Configs are validated pydantic models (pydantic already comes with DeepSpeed).
+Every check that can fail runs before any process group is touched, on every
+rank, with a message naming the field, the value and what is allowed: a wrong
+config can never leave some ranks waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, confloat, model_validator
+
+Ratio = confloat(gt=0.0, le=1.0)
+Count = Annotated[int, Field(strict=True, ge=0)]
+# A budget is a token count (int), a fraction of the prompt length (float in (0, 1]) or a named rule.
+AnchorBudget = Union[Count, Ratio, Literal["auto"]]
+PassingBudget = Union[Count, Ratio, Literal["auto", "all"]]
+
+VARIANTS = {
+    # variant: settings it fixes (spec "Variants as configuration, not copies")
+    "apbv": {"zigzag": True, "overlap": True},
+    "apb_like": {"zigzag": False, "overlap": False},
+    "star": {"passing": 0},
+    "exact": {"passing": "all"},
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    """Qwen2/Llama-style decoder: RMSNorm, SwiGLU, GQA, RoPE."""
+
+    num_layers: int = Field(2, ge=1)
+    hidden_size: int = Field(64, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_query_groups: int = Field(2, ge=1, description="KV heads (GQA groups)")
+    kv_channels: Optional[int] = Field(None, ge=1, description="head dim; default hidden_size / heads")
+    ffn_hidden_size: int = Field(128, ge=1)
+    vocab_size: int = Field(256, ge=2)
+    rope_theta: float = Field(1_000_000.0, gt=0)
+    mrope_section: Optional[list[int]] = Field(None, description="Qwen2.5-VL 3-D RoPE sections (t, h, w)")
+    norm_epsilon: float = Field(1e-6, gt=0)
+    qkv_bias: StrictBool = True
+    tie_embeddings: StrictBool = False
+    max_position_embeddings: int = Field(1 << 20, ge=1)
+    init_std: float = Field(0.02, gt=0, description="std of the random initial weights")
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @model_validator(mode="after")
+    def _check_shape(self):
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"model.num_query_groups={self.num_query_groups}: pick KV groups that divide the heads"
+            )
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_attention_heads="
+                f"{self.num_attention_heads}: set model.kv_channels explicitly or change the sizes"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head dim {self.head_dim} must be even for RoPE: change model.kv_channels")
+        if self.mrope_section is not None and sum(self.mrope_section) != self.head_dim // 2:
+            raise ValueError(
+                f"model.mrope_section={self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}"
+            )
+        return self
+
+
+class APBVConfig(_Section):
+    """APB-V settings. ``variant`` fixes some of them; setting them as well is a conflict."""
+
+    variant: Literal["apbv", "apb_like", "star", "exact"] = "apbv"
+    anchor: AnchorBudget = Field("auto", description="tokens, fraction of N, or auto = roundup(N/64, 128)")
+    passing: Optional[PassingBudget] = Field(
+        None, description="keys per KV head per block: tokens, fraction of N, auto = roundup(N/128, 128), all"
+    )
+    passing_schedule: Optional[list[PassingBudget]] = Field(None, description="per-layer passing budgets")
+    window: int = Field(5, ge=1, description="max-pool smoothing window of the scores (odd)")
+    zigzag: Optional[StrictBool] = None
+    overlap: Optional[StrictBool] = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.window % 2 == 0:
+            raise ValueError(f"apbv.window={self.window} must be odd (the pool is centred): use {self.window + 1}")
+        for key, fixed in VARIANTS[self.variant].items():
+            given = getattr(self, key)
+            if given is not None and given != fixed:
+                raise ValueError(
+                    f"apbv.{key}={given!r} contradicts apbv.variant={self.variant!r}, which sets "
+                    f"{key}={fixed!r}: remove apbv.{key} or choose another variant"
+                )
+        if self.passing_schedule is not None and self.variant in ("star", "exact"):
+            raise ValueError(f"apbv.passing_schedule cannot be combined with apbv.variant={self.variant!r}")
+        return self
+
+    def setting(self, key: str):
+        """``zigzag`` / ``overlap`` / ``passing`` after the variant and the defaults are applied."""
+        value = getattr(self, key)
+        if value is None:
+            value = VARIANTS[self.variant].get(key, {"zigzag": True, "overlap": True, "passing": "auto"}[key])
+        return value
+
+
+class ParallelConfig(_Section):
+    context_parallel_size: int = Field(2, ge=1, description="size of the APB-V group")
+    tensor_parallel_size: int = Field(1, ge=1)
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_seconds: int = Field(600, ge=1, description="timeout of every collective")
+
+
+class InputConfig(_Section):
+    """Synthetic prompt: system text, video tokens, question (the query span)."""
+
+    kind: Literal["synthetic"] = "synthetic"
+    system_tokens: int = Field(16, ge=0)
+    video_frames: int = Field(8, ge=0)
+    tokens_per_frame: int = Field(32, ge=1)
+    query_tokens: int = Field(16, ge=1, description="question + assistant header: the query span Q")
+    batch_size: int = Field(1, ge=1)
+
+    @property
+    def prompt_len(self) -> int:
+        return self.system_tokens + self.video_frames * self.tokens_per_frame + self.query_tokens
+
+
+class RunConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    apbv: APBVConfig = APBVConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    input: InputConfig = InputConfig()
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 1234
+
+    @model_validator(mode="after")
+    def _check(self):
+        tp = self.parallel.tensor_parallel_size
+        for name in ("num_attention_heads", "num_query_groups"):
+            if getattr(self.model, name) % tp:
+                raise ValueError(
+                    f"model.{name}={getattr(self.model, name)} is not divisible by "
+                    f"parallel.tensor_parallel_size={tp}: choose a tensor-parallel size that divides it"
+                )
+        schedule = self.apbv.passing_schedule
+        if schedule is not None and len(schedule) != self.model.num_layers:
+            raise ValueError(
+                f"apbv.passing_schedule has {len(schedule)} entries but model.num_layers={self.model.num_layers}: "
+                "give one budget per layer"
+            )
+        prompt = self.input.prompt_len
+        anchor = resolve_budget(self.apbv.anchor, prompt, "anchor")
+        if anchor + self.input.query_tokens > prompt:
+            raise ValueError(
+                f"apbv.anchor={self.apbv.anchor!r} ({anchor} tokens) + input.query_tokens="
+                f"{self.input.query_tokens} exceeds the prompt of {prompt} tokens: shorten them or "
+                "lengthen the input"
+            )
+        return self
+
+    # Resolved quantities -------------------------------------------------------------
+
+    @property
+    def anchor_len(self) -> int:
+        return resolve_budget(self.apbv.anchor, self.input.prompt_len, "anchor")
+
+    @property
+    def query_len(self) -> int:
+        return self.input.query_tokens
+
+    def passing_lens(self) -> tuple[int, ...]:
+        """Per-layer passing budgets in tokens ("all" = the longest block: every key is passed)."""
+        prompt = self.input.prompt_len
+        schedule = self.apbv.passing_schedule or [self.apbv.setting("passing")] * self.model.num_layers
+        return tuple(resolve_budget(b, prompt, "passing") for b in schedule)
+
+    def check_world_size(self, world_size: int) -> None:
+        """Raise unless the launched world is exactly CP x TP ranks (called before any collective)."""
+        expected = self.parallel.context_parallel_size * self.parallel.tensor_parallel_size
+        if world_size != expected:
+            raise ConfigError(
+                f"launched with {world_size} ranks but parallel.context_parallel_size="
+                f"{self.parallel.context_parallel_size} x parallel.tensor_parallel_size="
+                f"{self.parallel.tensor_parallel_size} = {expected}: launch {expected} ranks or set "
+                f"parallel.context_parallel_size={world_size // self.parallel.tensor_parallel_size or 1}"
+            )
+
+
+def _roundup(x: float, multiple: int) -> int:
+    return int(math.ceil(x / multiple) * multiple)
+
+
+def resolve_budget(budget, prompt_len: int, kind: str) -> int:
+    """Token count of an anchor or passing budget for a prompt of ``prompt_len`` tokens.
+
+    ``auto`` follows the paper's code (anchor ``roundup(N/64, 128)`` capped at the
+    prompt, passing ``roundup(N/128, 128)``); ``all`` passes every key.
+    """
+    if budget == "auto":
+        return min(_roundup(prompt_len / 64, 128), prompt_len) if kind == "anchor" else _roundup(prompt_len / 128, 128)
+    if budget == "all":
+        return prompt_len
+    if isinstance(budget, bool):  # pragma: no cover - pydantic rejects it earlier
+        raise ConfigError(f"{kind} budget must be a number, got {budget!r}")
+    if isinstance(budget, int):
+        if budget < 0:
+            raise ConfigError(f"apbv.{kind}={budget} must be >= 0")
+        return budget
+    return int(math.ceil(budget * prompt_len))
+
+
+def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-after", "literal[", "union[")))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            section = model
+            for part in e["loc"][:-1]:
+                section = section.model_fields[part].annotation
+            allowed = ", ".join(section.model_fields)
+            msg = f"unknown key; allowed keys here: {allowed}"
+        got = "" if e["type"] in ("extra_forbidden", "value_error") else f" (got {e.get('input')!r})"
+        lines.append(f"  {where or '<config>'}: {msg}{got}")
+    return "invalid configuration:\n" + "\n".join(dict.fromkeys(lines))
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["apbv.window=7", "parallel.context_parallel_size=3"]`` -> nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. apbv.window=7)")
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Load a YAML config (or the built-in defaults) and apply ``key=value`` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    extra = parse_overrides(overrides or [])
+    variant = extra.get("apbv", {}).get("variant") if isinstance(extra.get("apbv"), dict) else None
+    if variant in VARIANTS and isinstance(data.get("apbv"), dict):
+        # A variant chosen on the command line replaces the file's settings that the variant fixes.
+        fixed = set(VARIANTS[variant]) | ({"passing_schedule"} if "passing" in VARIANTS[variant] else set())
+        data = {**data, "apbv": {k: v for k, v in data["apbv"].items() if k not in fixed}}
+    data = _merge(data, extra)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, RunConfig)) from None

@@ -1,0 +1,100 @@
+"""Model spec -> Megatron-core GPTModel, and its forward on one rank's local sequence."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_apbv.config import RunConfig
+from megatron_apbv.rope import PositionRotaryEmbedding
+from megatron_apbv.spec import get_gpt_layer_apbv_spec, get_gpt_layer_dense_spec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def transformer_config(cfg: RunConfig, *, tensor_parallel_size: int, context_parallel_size: int) -> TransformerConfig:
+    """Megatron ``TransformerConfig`` of a Qwen2/Llama-style decoder (RMSNorm, SwiGLU, GQA)."""
+    m, dtype = cfg.model, DTYPES[cfg.dtype]
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=m.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_std,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # CPU initialisation draws the full weight from the seeded generator before
+        # splitting it over tensor-parallel ranks: every rank agrees on the weights.
+        use_cpu_initialization=True,
+        tensor_model_parallel_size=tensor_parallel_size,
+        context_parallel_size=context_parallel_size,
+        apply_rope_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def build_gpt_model(cfg: RunConfig, *, method: str, device: torch.device) -> GPTModel:
+    """GPTModel with APB-V (``method="apbv"``) or dense causal (``"dense"``) core attention.
+
+    Weights depend only on ``cfg.seed`` and the shape, so both methods built from
+    one config hold the same weights. Positions come from :class:`PositionRotaryEmbedding`,
+    so Megatron's own position embedding is off.
+    """
+    if method == "apbv":
+        spec = get_gpt_layer_apbv_spec(window=cfg.apbv.window, overlap=cfg.apbv.setting("overlap"))
+        tp, cp = cfg.parallel.tensor_parallel_size, cfg.parallel.context_parallel_size
+    elif method == "dense":
+        spec, tp, cp = get_gpt_layer_dense_spec(), 1, 1
+    else:
+        raise ValueError(f"method={method!r}: expected 'apbv' or 'dense'")
+    torch.manual_seed(cfg.seed)
+    model = GPTModel(
+        config=transformer_config(cfg, tensor_parallel_size=tp, context_parallel_size=cp),
+        transformer_layer_spec=spec,
+        vocab_size=cfg.model.vocab_size,
+        max_sequence_length=cfg.model.max_position_embeddings,
+        position_embedding_type="none",
+        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+        parallel_output=False,
+    )
+    return model.to(device).eval()
+
+
+def build_rope(cfg: RunConfig, device: torch.device) -> PositionRotaryEmbedding:
+    return PositionRotaryEmbedding(cfg.model.head_dim, cfg.model.rope_theta, cfg.model.mrope_section).to(device)
+
+
+@torch.inference_mode()
+def last_token_logits(
+    model: GPTModel, rope: PositionRotaryEmbedding, input_ids: torch.Tensor, position_ids: torch.Tensor,
+    attention_mask=None,
+) -> torch.Tensor:
+    """Run the decoder on ``input_ids`` ``[b, s]`` at ``position_ids`` and return the last token's logits ``[b, vocab]``.
+
+    The embedding, decoder and output layer are called directly (rather than
+    ``GPTModel.forward``) to feed RoPE from global positions and to project only
+    the last token onto the vocabulary instead of all ``s`` tokens.
+    """
+    hidden = model.embedding(input_ids=input_ids, position_ids=None)
+    hidden = model.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rope(position_ids))
+    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+    logits, _ = model.output_layer(hidden[-1:], weight=weight)
+    return logits[0].float()

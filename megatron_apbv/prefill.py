@@ -1,0 +1,102 @@
+"""The main job: APB-V prefill of the configured model and input across the launched ranks."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_apbv.attention import APBVMask
+from megatron_apbv.config import ConfigError, RunConfig
+from megatron_apbv.distributed import LaunchEnv
+from megatron_apbv.inputs import synthetic_prompt
+from megatron_apbv.layout import SequenceLayout
+from megatron_apbv.model import build_gpt_model, build_rope, last_token_logits
+from megatron_apbv.runtime import context_parallel_rank
+
+
+def sequence_layout(cfg: RunConfig) -> SequenceLayout:
+    return SequenceLayout(
+        prompt_len=cfg.input.prompt_len,
+        anchor_len=cfg.anchor_len,
+        query_len=cfg.query_len,
+        world_size=cfg.parallel.context_parallel_size,
+        zigzag=cfg.apbv.setting("zigzag"),
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_prefill(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, compare: str | None = None) -> dict:
+    """Prefill on every rank; returns the result record (complete on rank 0).
+
+    ``compare="dense"`` also runs the same weights and prompt densely on one
+    process (rank 0) and adds ``max_abs_logit_diff``, ``top1_agree`` and ``kl``.
+    """
+    if compare not in (None, "dense"):
+        raise ConfigError(f"--compare {compare!r}: only 'dense' is available")
+    if compare == "dense" and cfg.parallel.tensor_parallel_size != 1:
+        raise ConfigError("--compare dense needs parallel.tensor_parallel_size=1 (the dense run holds all weights)")
+    seq = sequence_layout(cfg)
+    layout = seq.rank(context_parallel_rank())
+    prompt = synthetic_prompt(cfg)
+    local = prompt.local(layout.global_indices)
+    mask = APBVMask(layout=layout, passing_lens=cfg.passing_lens())
+
+    model = build_gpt_model(cfg, method="apbv", device=device)
+    rope = build_rope(cfg, device)
+    ids, pos = local.input_ids.to(device), local.position_ids.to(device)
+
+    dist.barrier()
+    _sync(device)
+    start = time.perf_counter()
+    logits = last_token_logits(model, rope, ids, pos, mask)
+    _sync(device)
+    dist.barrier()
+    seconds = time.perf_counter() - start
+
+    # The query rows are exact on every rank, so every rank must hold the same logits.
+    everyone = [torch.empty_like(logits) for _ in range(env.world_size)]
+    dist.all_gather(everyone, logits)
+    spread = max((t - logits).abs().max().item() for t in everyone)
+
+    record = {
+        "world_size": env.world_size,
+        "context_parallel_size": cfg.parallel.context_parallel_size,
+        "tensor_parallel_size": cfg.parallel.tensor_parallel_size,
+        "variant": cfg.apbv.variant,
+        "prompt_tokens": seq.prompt_len,
+        "anchor_len": seq.anchor_len,
+        "passing_len": max(cfg.passing_lens()),
+        "passing_lens": list(cfg.passing_lens()),
+        "query_len": seq.query_len,
+        "block_lens": [len(s) for s in seq.block_spans],
+        "dtype": cfg.dtype,
+        "device": device.type,
+        "prefill_seconds": round(seconds, 6),
+        "next_token_id": logits.argmax(-1).tolist() if logits.shape[0] > 1 else int(logits[0].argmax()),
+        "rank_logit_spread": spread,
+    }
+    if compare == "dense" and env.rank == 0:
+        record.update(_compare_dense(cfg, model, rope, prompt, logits, device))
+    return record
+
+
+def _compare_dense(cfg, apbv_model, rope, prompt, logits, device) -> dict:
+    dense = build_gpt_model(cfg, method="dense", device=device)
+    dense.load_state_dict(apbv_model.state_dict())  # same weights by construction; loading makes it certain
+    start = time.perf_counter()
+    ref = last_token_logits(dense, rope, prompt.input_ids.to(device), prompt.position_ids.to(device))
+    _sync(device)
+    seconds = time.perf_counter() - start
+    log_p, log_q = torch.log_softmax(ref.double(), -1), torch.log_softmax(logits.double(), -1)
+    return {
+        "dense_seconds": round(seconds, 6),
+        "max_abs_logit_diff": (logits - ref).abs().max().item(),
+        "top1_agree": bool((logits.argmax(-1) == ref.argmax(-1)).all()),
+        "kl": (log_p.exp() * (log_p - log_q)).sum(-1).mean().item(),
+    }

@@ -1,0 +1,29 @@
+"""Layer specs: Megatron's local GPT layer with the core attention swapped by configuration."""
+
+from __future__ import annotations
+
+import copy
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_apbv.attention import APBVCoreAttention
+from megatron_apbv.dense_attention import DenseCoreAttention
+
+
+def get_gpt_layer_apbv_spec(*, window: int = 5, overlap: bool = True, qk_layernorm: bool = False) -> ModuleSpec:
+    """Megatron's local GPT layer spec (RMSNorm) whose core attention is APB-V."""
+    return _with_core_attention(
+        ModuleSpec(module=APBVCoreAttention, params={"window": window, "overlap": overlap}), qk_layernorm
+    )
+
+
+def get_gpt_layer_dense_spec(*, qk_layernorm: bool = False) -> ModuleSpec:
+    """The same layer with dense causal attention: the single-process baseline."""
+    return _with_core_attention(ModuleSpec(module=DenseCoreAttention), qk_layernorm)
+
+
+def _with_core_attention(core_attention: ModuleSpec, qk_layernorm: bool) -> ModuleSpec:
+    spec = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm"))
+    spec.submodules.self_attention.submodules.core_attention = core_attention
+    return spec

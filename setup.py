@@ -1,0 +1,31 @@
+"""megatron-apbv: APB-V sequence-parallel approximate attention for Megatron-core inference."""
+
+from setuptools import setup
+
+# Versions that install on both Python 3.11 (CPU machines, torch 2.13) and 3.12 (GPU image, torch 2.11):
+# megatron-core 0.17+ requires Python 3.12, so 0.16.1 is the newest release that serves both.
+INSTALL_REQUIRES = [
+    "torch>=2.6,<=2.14.1",
+    "megatron-core==0.16.1",
+    "deepspeed==0.19.8",
+    "pydantic>=2.0",
+    "pyyaml>=6.0",
+    "numpy",
+]
+
+setup(
+    name="megatron-apbv",
+    version="0.1.0",
+    description="APB-V: sequence-parallel approximate attention for long-video inference on Megatron-core",
+    python_requires=">=3.11",
+    # The Triton kernels live in the top-level kernels/ folder and install as megatron_apbv.kernels,
+    # so no generic top-level `kernels` module lands in site-packages.
+    packages=["megatron_apbv", "megatron_apbv.kernels"],
+    package_dir={"megatron_apbv": "megatron_apbv", "megatron_apbv.kernels": "kernels"},
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "triton": ["triton>=3.2"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "triton>=3.2"],
+    },
+    entry_points={"console_scripts": ["apbv = megatron_apbv.cli:main"]},
+)
