@@ -23,6 +23,11 @@ import triton.language as tl
 
 from . import _triton_compat  # noqa: F401  (interpreter fix, no-op on GPU)
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -34,27 +39,31 @@ SEG_BLOCK = 2
 @triton.jit
 def _attn_step(
     acc, l_i, m_i, q,
-    K, V, start_n, s_kn, s_kd, s_vn, s_vd, seg_len,
+    K, V, k_col, v_col, start_n, s_kn, s_kd, s_vn, s_vd, seg_len,
     offs_m, offs_n0, offs_d, d_ok,
     anchor_rows, diag, qk_scale,
     SEG: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    # K, V point at key row start_n already (64-bit scalar pointers)
-    kp = K + offs_n0[:, None] * s_kn + offs_d[None, :] * s_kd
-    vp = V + offs_n0[:, None] * s_vn + offs_d[None, :] * s_vd
+    # pointer path: K, V point at key row start_n already (64-bit scalar pointers)
+    # TMA path: K, V are 2-D [seq, cols] descriptors; rows past the end read as 0
     offs_n = start_n + offs_n0
     if MASKED:
         n_ok = offs_n < seg_len
-        if EVEN_D:
-            k = tl.load(kp, mask=n_ok[:, None], other=0.0)
-        else:
-            k = tl.load(kp, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    if USE_TMA:
+        k = K.load([start_n, k_col])
     else:
-        if EVEN_D:
-            k = tl.load(kp)
+        kp = K + offs_n0[:, None] * s_kn + offs_d[None, :] * s_kd
+        if MASKED:
+            if EVEN_D:
+                k = tl.load(kp, mask=n_ok[:, None], other=0.0)
+            else:
+                k = tl.load(kp, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         else:
-            k = tl.load(kp, mask=d_ok[None, :], other=0.0)
+            if EVEN_D:
+                k = tl.load(kp)
+            else:
+                k = tl.load(kp, mask=d_ok[None, :], other=0.0)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if MASKED:
         r = offs_m[:, None]
@@ -77,16 +86,20 @@ def _attn_step(
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if MASKED:
-        if EVEN_D:
-            v = tl.load(vp, mask=n_ok[:, None], other=0.0)
-        else:
-            v = tl.load(vp, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    if USE_TMA:
+        v = V.load([start_n, v_col])
     else:
-        if EVEN_D:
-            v = tl.load(vp)
+        vp = V + offs_n0[:, None] * s_vn + offs_d[None, :] * s_vd
+        if MASKED:
+            if EVEN_D:
+                v = tl.load(vp, mask=n_ok[:, None], other=0.0)
+            else:
+                v = tl.load(vp, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         else:
-            v = tl.load(vp, mask=d_ok[None, :], other=0.0)
+            if EVEN_D:
+                v = tl.load(vp)
+            else:
+                v = tl.load(vp, mask=d_ok[None, :], other=0.0)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, l_i, m_new
 
@@ -94,29 +107,31 @@ def _attn_step(
 @triton.jit
 def _attn_segment(
     acc, l_i, m_i, q,
-    K, V, s_kn, s_kd, s_vn, s_vd, seg_len, hi_full, hi,
+    K, V, k_col, v_col, s_kn, s_kd, s_vn, s_vd, seg_len, hi_full, hi,
     offs_m, offs_n0, offs_d, d_ok,
     anchor_rows, diag, qk_scale,
     SEG: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # scalar key-row pointers carried through the loops (no 32-bit overflow)
     k_cur = K
     v_cur = V
     for start_n in range(0, hi_full, BLOCK_N):
         acc, l_i, m_i = _attn_step(
-            acc, l_i, m_i, q, k_cur, v_cur, start_n, s_kn, s_kd, s_vn, s_vd, seg_len,
-            offs_m, offs_n0, offs_d, d_ok, anchor_rows, diag, qk_scale,
-            SEG, False, EVEN_D, DOT_PREC)
-        k_cur += BLOCK_N * s_kn
-        v_cur += BLOCK_N * s_vn
+            acc, l_i, m_i, q, k_cur, v_cur, k_col, v_col, start_n, s_kn, s_kd, s_vn, s_vd,
+            seg_len, offs_m, offs_n0, offs_d, d_ok, anchor_rows, diag, qk_scale,
+            SEG, False, EVEN_D, DOT_PREC, USE_TMA)
+        if not USE_TMA:
+            k_cur += BLOCK_N * s_kn
+            v_cur += BLOCK_N * s_vn
     for start_n in range(hi_full, hi, BLOCK_N):
         acc, l_i, m_i = _attn_step(
-            acc, l_i, m_i, q, k_cur, v_cur, start_n, s_kn, s_kd, s_vn, s_vd, seg_len,
-            offs_m, offs_n0, offs_d, d_ok, anchor_rows, diag, qk_scale,
-            SEG, True, EVEN_D, DOT_PREC)
-        k_cur += BLOCK_N * s_kn
-        v_cur += BLOCK_N * s_vn
+            acc, l_i, m_i, q, k_cur, v_cur, k_col, v_col, start_n, s_kn, s_kd, s_vn, s_vd,
+            seg_len, offs_m, offs_n0, offs_d, d_ok, anchor_rows, diag, qk_scale,
+            SEG, True, EVEN_D, DOT_PREC, USE_TMA)
+        if not USE_TMA:
+            k_cur += BLOCK_N * s_kn
+            v_cur += BLOCK_N * s_vn
     return acc, l_i, m_i
 
 
@@ -136,6 +151,7 @@ def _apb_attn_fwd(
     s_lb, s_lh, s_ls,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
     # heaviest (last) query tiles first: better tail balance for causal work
@@ -182,24 +198,49 @@ def _apb_attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
+    if USE_TMA:
+        # descriptors over [seq, cols]; this (batch, kv head) starts at column b*s_b + hk*s_h
+        kp_base = KP
+        vp_base = VP
+        ka_base = KA
+        va_base = VA
+        kb_base = KB
+        vb_base = VB
+        kp_col = b * s_kpb + hk * s_kph
+        vp_col = b * s_vpb + hk * s_vph
+        ka_col = b * s_kab + hk * s_kah
+        va_col = b * s_vab + hk * s_vah
+        kb_col = b * s_kbb + hk * s_kbh
+        vb_col = b * s_vbb + hk * s_vbh
+    else:
+        kp_base = KP + b64 * s_kpb + hk64 * s_kph
+        vp_base = VP + b64 * s_vpb + hk64 * s_vph
+        ka_base = KA + b64 * s_kab + hk64 * s_kah
+        va_base = VA + b64 * s_vab + hk64 * s_vah
+        kb_base = KB + b64 * s_kbb + hk64 * s_kbh
+        vb_base = VB + b64 * s_vbb + hk64 * s_vbh
+        kp_col = 0
+        vp_col = 0
+        ka_col = 0
+        va_col = 0
+        kb_col = 0
+        vb_col = 0
+
     acc, l_i, m_i = _attn_segment(
-        acc, l_i, m_i, q,
-        KP + b64 * s_kpb + hk64 * s_kph, VP + b64 * s_vpb + hk64 * s_vph,
+        acc, l_i, m_i, q, kp_base, vp_base, kp_col, vp_col,
         s_kps, s_kpd, s_vps, s_vpd, n_pass, p_full, p_hi,
         offs_m, offs_n0, offs_d, d_ok, anchor_rows, diag, qk_scale,
-        0, BLOCK_N, EVEN_D, DOT_PREC)
+        0, BLOCK_N, EVEN_D, DOT_PREC, USE_TMA)
     acc, l_i, m_i = _attn_segment(
-        acc, l_i, m_i, q,
-        KA + b64 * s_kab + hk64 * s_kah, VA + b64 * s_vab + hk64 * s_vah,
+        acc, l_i, m_i, q, ka_base, va_base, ka_col, va_col,
         s_kas, s_kad, s_vas, s_vad, n_anchor, a_full, a_hi,
         offs_m, offs_n0, offs_d, d_ok, anchor_rows, diag, qk_scale,
-        1, BLOCK_N, EVEN_D, DOT_PREC)
+        1, BLOCK_N, EVEN_D, DOT_PREC, USE_TMA)
     acc, l_i, m_i = _attn_segment(
-        acc, l_i, m_i, q,
-        KB + b64 * s_kbb + hk64 * s_kbh, VB + b64 * s_vbb + hk64 * s_vbh,
+        acc, l_i, m_i, q, kb_base, vb_base, kb_col, vb_col,
         s_kbs, s_kbd, s_vbs, s_vbd, n_block, b_full, b_hi,
         offs_m, offs_n0, offs_d, d_ok, anchor_rows, diag, qk_scale,
-        2, BLOCK_N, EVEN_D, DOT_PREC)
+        2, BLOCK_N, EVEN_D, DOT_PREC, USE_TMA)
 
     empty = l_i == 0.0
     l_div = tl.where(empty, 1.0, l_i)
@@ -222,6 +263,28 @@ def default_config(device: torch.device, head_dim: int, dtype: torch.dtype):
     if major >= 9:  # Hopper, tuned with benchmarks/bench_kernels.py (see NOTES.md)
         return (128, 64, 8, 3) if head_dim <= 64 else (128, 64, 8, 3)
     return (64, 64, 4, 2)
+
+
+def _tma_ok(q, segs, d, d_pad) -> bool:
+    """Hopper bulk-tensor loads need 16-byte aligned bases and row strides."""
+    if q.device.type != "cuda" or TensorDescriptor is None:
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or d != d_pad or d > 256:
+        return False
+    es = q.element_size()
+    for t in segs:
+        if t.stride(3) != 1 or (t.stride(0) * es) % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
+def _descriptor(t, block_n, d):
+    """2-D view [seq, cols] of a [seq, b, h, d] tensor (unit stride on d)."""
+    s, b, h, _ = t.shape
+    cols = (b - 1) * t.stride(1) + (h - 1) * t.stride(2) + d
+    return TensorDescriptor(t, [s, cols], [t.stride(0), 1], [block_n, d])
 
 
 def _check_kv(name, k, v, b, hkv, d):
@@ -274,19 +337,26 @@ def apb_attention_impl(q, k_pass, v_pass, k_anchor, v_anchor, k_block, v_block, 
 
     if config is None:
         config = default_config(q.device, d, q.dtype)
-    block_m, block_n, num_warps, num_stages = config
+    block_m, block_n, num_warps, num_stages = config[:4]
+    want_tma = config[4] if len(config) > 4 else True
     d_pad = max(16, triton.next_power_of_2(d))
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    segs = [kp, vp, ka, va, kb, vb]
+    use_tma = bool(want_tma) and _tma_ok(q, segs, d, d_pad)
+    if use_tma:
+        args = [_descriptor(t, block_n, d) for t in segs]
+    else:
+        args = segs
     grid = (triton.cdiv(sq, block_m), b * hq)
     _apb_attn_fwd[grid](
-        q, kp, vp, ka, va, kb, vb, out, lse,
+        q, *args, out, lse,
         sq, anchor_rows, n_pass, n_anchor, n_block, n_block - n_q_block,
         float(softmax_scale) * _LOG2E,
         hq, hq // hkv,
         *q.stride(), *kp.stride(), *vp.stride(), *ka.stride(), *va.stride(),
         *kb.stride(), *vb.stride(), *out.stride(), *lse.stride(),
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PREC=dot_prec,
-        num_warps=num_warps, num_stages=num_stages,
+        USE_TMA=use_tma, num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
 

@@ -51,12 +51,13 @@ def transformer_config(cfg: RunConfig, *, tensor_parallel_size: int, context_par
     )
 
 
-def build_gpt_model(cfg: RunConfig, *, method: str, device: torch.device) -> GPTModel:
+def build_gpt_model(cfg: RunConfig, *, method: str, device: torch.device, layer_spec=None) -> GPTModel:
     """GPTModel with APB-V (``method="apbv"``) or dense causal (``"dense"``) core attention.
 
     Weights depend only on ``cfg.seed`` and the shape, so both methods built from
     one config hold the same weights. Positions come from :class:`PositionRotaryEmbedding`,
-    so Megatron's own position embedding is off.
+    so Megatron's own position embedding is off. ``layer_spec`` replaces the
+    method's layer spec (single-process, e.g. a reference attention in tests).
     """
     if method == "apbv":
         spec = get_gpt_layer_apbv_spec(window=cfg.apbv.window, overlap=cfg.apbv.setting("overlap"))
@@ -65,6 +66,7 @@ def build_gpt_model(cfg: RunConfig, *, method: str, device: torch.device) -> GPT
         spec, tp, cp = get_gpt_layer_dense_spec(), 1, 1
     else:
         raise ValueError(f"method={method!r}: expected 'apbv' or 'dense'")
+    spec = layer_spec or spec
     torch.manual_seed(cfg.seed)
     model = GPTModel(
         config=transformer_config(cfg, tensor_parallel_size=tp, context_parallel_size=cp),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -10,7 +11,7 @@ import torch.distributed as dist
 from megatron_apbv.attention import APBVMask
 from megatron_apbv.config import ConfigError, RunConfig
 from megatron_apbv.distributed import LaunchEnv
-from megatron_apbv.inputs import synthetic_prompt
+from megatron_apbv.inputs import Prompt, synthetic_prompt
 from megatron_apbv.layout import SequenceLayout
 from megatron_apbv.model import build_gpt_model, build_rope, last_token_logits
 from megatron_apbv.runtime import context_parallel_rank
@@ -31,22 +32,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_prefill(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, compare: str | None = None) -> dict:
-    """Prefill on every rank; returns the result record (complete on rank 0).
+@dataclass
+class Prefill:
+    """One rank's prefill: the last query token's logits and what produced them."""
 
-    ``compare="dense"`` also runs the same weights and prompt densely on one
-    process (rank 0) and adds ``max_abs_logit_diff``, ``top1_agree`` and ``kl``.
-    """
-    if compare not in (None, "dense"):
-        raise ConfigError(f"--compare {compare!r}: only 'dense' is available")
-    if compare == "dense" and cfg.parallel.tensor_parallel_size != 1:
-        raise ConfigError("--compare dense needs parallel.tensor_parallel_size=1 (the dense run holds all weights)")
+    logits: torch.Tensor  # [b, vocab], identical on every rank
+    seconds: float
+    model: torch.nn.Module
+    rope: torch.nn.Module
+    prompt: Prompt  # the whole prompt (every rank builds it from the seed)
+    seq: SequenceLayout
+
+
+def apbv_prefill(cfg: RunConfig, device: torch.device) -> Prefill:
+    """Build the APB-V model and run this rank's ``[A | blocks | Q]`` through it."""
     seq = sequence_layout(cfg)
     layout = seq.rank(context_parallel_rank())
     prompt = synthetic_prompt(cfg)
     local = prompt.local(layout.global_indices)
     mask = APBVMask(layout=layout, passing_lens=cfg.passing_lens())
-
     model = build_gpt_model(cfg, method="apbv", device=device)
     rope = build_rope(cfg, device)
     ids, pos = local.input_ids.to(device), local.position_ids.to(device)
@@ -57,7 +61,21 @@ def run_prefill(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, compare
     logits = last_token_logits(model, rope, ids, pos, mask)
     _sync(device)
     dist.barrier()
-    seconds = time.perf_counter() - start
+    return Prefill(logits, time.perf_counter() - start, model, rope, prompt, seq)
+
+
+def run_prefill(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, compare: str | None = None) -> dict:
+    """Prefill on every rank; returns the result record (complete on rank 0).
+
+    ``compare="dense"`` also runs the same weights and prompt densely on one
+    process (rank 0) and adds ``max_abs_logit_diff``, ``top1_agree`` and ``kl``.
+    """
+    if compare not in (None, "dense"):
+        raise ConfigError(f"--compare {compare!r}: only 'dense' is available")
+    if compare == "dense" and cfg.parallel.tensor_parallel_size != 1:
+        raise ConfigError("--compare dense needs parallel.tensor_parallel_size=1 (the dense run holds all weights)")
+    run = apbv_prefill(cfg, device)
+    logits, seq = run.logits, run.seq
 
     # The query rows are exact on every rank, so every rank must hold the same logits.
     everyone = [torch.empty_like(logits) for _ in range(env.world_size)]
@@ -77,20 +95,21 @@ def run_prefill(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, compare
         "block_lens": [len(s) for s in seq.block_spans],
         "dtype": cfg.dtype,
         "device": device.type,
-        "prefill_seconds": round(seconds, 6),
+        "prefill_seconds": round(run.seconds, 6),
         "next_token_id": logits.argmax(-1).tolist() if logits.shape[0] > 1 else int(logits[0].argmax()),
         "rank_logit_spread": spread,
     }
     if compare == "dense" and env.rank == 0:
-        record.update(_compare_dense(cfg, model, rope, prompt, logits, device))
+        record.update(_compare_dense(cfg, run, device))
     return record
 
 
-def _compare_dense(cfg, apbv_model, rope, prompt, logits, device) -> dict:
+def _compare_dense(cfg: RunConfig, run: Prefill, device: torch.device) -> dict:
     dense = build_gpt_model(cfg, method="dense", device=device)
-    dense.load_state_dict(apbv_model.state_dict())  # same weights by construction; loading makes it certain
+    dense.load_state_dict(run.model.state_dict())  # same weights by construction; loading makes it certain
+    logits, prompt = run.logits, run.prompt
     start = time.perf_counter()
-    ref = last_token_logits(dense, rope, prompt.input_ids.to(device), prompt.position_ids.to(device))
+    ref = last_token_logits(dense, run.rope, prompt.input_ids.to(device), prompt.position_ids.to(device))
     _sync(device)
     seconds = time.perf_counter() - start
     log_p, log_q = torch.log_softmax(ref.double(), -1), torch.log_softmax(logits.double(), -1)

@@ -13,17 +13,18 @@ from megatron_apbv.dense_attention import DenseCoreAttention
 
 def get_gpt_layer_apbv_spec(*, window: int = 5, overlap: bool = True, qk_layernorm: bool = False) -> ModuleSpec:
     """Megatron's local GPT layer spec (RMSNorm) whose core attention is APB-V."""
-    return _with_core_attention(
+    return get_gpt_layer_spec_with(
         ModuleSpec(module=APBVCoreAttention, params={"window": window, "overlap": overlap}), qk_layernorm
     )
 
 
 def get_gpt_layer_dense_spec(*, qk_layernorm: bool = False) -> ModuleSpec:
     """The same layer with dense causal attention: the single-process baseline."""
-    return _with_core_attention(ModuleSpec(module=DenseCoreAttention), qk_layernorm)
+    return get_gpt_layer_spec_with(ModuleSpec(module=DenseCoreAttention), qk_layernorm)
 
 
-def _with_core_attention(core_attention: ModuleSpec, qk_layernorm: bool) -> ModuleSpec:
+def get_gpt_layer_spec_with(core_attention: ModuleSpec, qk_layernorm: bool = False) -> ModuleSpec:
+    """Megatron's local GPT layer spec (RMSNorm) with ``core_attention`` as its core attention."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm"))
     spec.submodules.self_attention.submodules.core_attention = core_attention
     return spec

@@ -1,0 +1,43 @@
+"""Run a function on W CPU ranks over gloo and collect what rank 0 returns."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    try:
+        result = fn(rank, world, *args)
+        if rank == 0:
+            torch.save(result, result_path)
+    except Exception:
+        traceback.print_exc()
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_on_ranks(world: int, fn, *args):
+    """``fn(rank, world, *args)`` on ``world`` processes; returns rank 0's return value."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "result.pt")
+        mp.spawn(_entry, args=(world, free_port(), fn, args, path), nprocs=world, join=True)
+        return torch.load(path, weights_only=False)
