@@ -285,7 +285,7 @@ def main():
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del inp, q, kp, vp, ka, va, kb, vb, outs, lses, qq, sc
+        del inp, q, kp, vp, ka, va, kb, vb, outs, lses, qq, sc, causal, dense
         torch.cuda.empty_cache()
     res["lengths"] = rows
 

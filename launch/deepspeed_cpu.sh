@@ -40,6 +40,8 @@ cmd=("$DEEPSPEED" --num_accelerators "$NPROC" --master_port "$MASTER_PORT"
      --log_level "${DS_LOG_LEVEL:-warning}")
 [[ "${PASS_LOCAL_RANK:-0}" == 1 ]] || cmd+=(--no_local_rank)
 [[ "${BIND_CORES:-0}" == 1 ]] && cmd+=(--bind_cores_to_rank)
-cmd+=(--module "$APBV_MODULE" run "$APBV_CONFIG" "${APBV_ARGS[@]}")
+# device=cpu first (later overrides win): DeepSpeed sets CUDA_VISIBLE_DEVICES=0..NPROC-1
+# in every rank even on the CPU path, so on a GPU host `device: auto` would pick CUDA.
+cmd+=(--module "$APBV_MODULE" run "$APBV_CONFIG" device=cpu "${APBV_ARGS[@]}")
 
 run_or_print "${cmd[@]}"

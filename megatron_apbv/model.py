@@ -75,7 +75,8 @@ def build_gpt_model(cfg: RunConfig, *, method: str, device: torch.device, layer_
         max_sequence_length=cfg.model.max_position_embeddings,
         position_embedding_type="none",
         share_embeddings_and_output_weights=cfg.model.tie_embeddings,
-        parallel_output=False,
+        # Vocab-parallel logits, gathered by last_token_logits: Megatron's own gather allocates on CUDA.
+        parallel_output=True,
     )
     return model.to(device).eval()
 
@@ -99,4 +100,10 @@ def last_token_logits(
     hidden = model.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rope(position_ids))
     weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
     logits, _ = model.output_layer(hidden[-1:], weight=weight)
-    return logits[0].float()
+    logits = logits[0].float()
+    tp_group = model.output_layer.tp_group
+    if tp_group is not None and tp_group.size() > 1:
+        shards = [torch.empty_like(logits) for _ in range(tp_group.size())]
+        torch.distributed.all_gather(shards, logits.contiguous(), group=tp_group)
+        logits = torch.cat(shards, dim=-1)
+    return logits

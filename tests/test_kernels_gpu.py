@@ -114,6 +114,7 @@ CASES = [
     (17, 41, 17, 300, 300, 8, 2, 128, torch.float16, None),       # fp16
     (19, 45, 19, 211, 233, 28, 4, 128, torch.bfloat16, (32, 16, 4, 2)),             # many tiles
     (130, 257, 130, 700, 700, 28, 4, 128, torch.bfloat16, (128, 64, 8, 3, False)),  # pointer path
+    (130, 257, 130, 700, 700, 28, 4, 128, torch.bfloat16, (128, 64, 8, 3, True)),   # BLOCK_N 64
     (0, 0, 0, 1, 2049, 28, 4, 128, torch.bfloat16, None),         # one query row (decode-like)
     (0, 0, 0, 77, 0, 4, 1, 128, torch.bfloat16, None),            # nothing visible
 ]

@@ -63,6 +63,7 @@ def _check_exact(out: dict, world_size: int) -> None:
     assert out["world_size"] == world_size, out
     assert out["top1_agree"] is True, out
     assert out["max_abs_logit_diff"] <= 1e-4, out
+    assert out.get("device", "cpu") == "cpu", out
 
 
 def _start(cmd: list[str], env: dict) -> subprocess.Popen:

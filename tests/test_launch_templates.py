@@ -420,9 +420,9 @@ def test_deepspeed_cpu_dry_run():
     argv = _dry("deepspeed_cpu.sh", {"NPROC": "3", "MASTER_PORT": "29123"}, "--compare", "dense", "a=b")
     assert argv[1:] == ["--num_accelerators", "3", "--master_port", "29123", "--log_level", "warning",
                         "--no_local_rank", "--module", "megatron_apbv", "run",
-                        str(REPO / "configs" / "tiny_cpu.yaml"), "--compare", "dense", "a=b"]
+                        str(REPO / "configs" / "tiny_cpu.yaml"), "device=cpu", "--compare", "dense", "a=b"]
     argv = _dry("deepspeed_cpu.sh", {"PASS_LOCAL_RANK": "1"}, "my.yaml", "x=1 y")
-    assert "--no_local_rank" not in argv and argv[-3:] == ["run", "my.yaml", "x=1 y"]
+    assert "--no_local_rank" not in argv and argv[-4:] == ["run", "my.yaml", "device=cpu", "x=1 y"]
 
 
 def test_deepspeed_gpu_dry_runs(tmp_path):

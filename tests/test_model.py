@@ -86,3 +86,21 @@ def test_approximate_model_equals_oracle_model(world, overrides):
     assert diff <= 1e-4, diff
     # and the approximation is not accidentally exact: the dense logits differ
     assert out["ref"].abs().max() > 0
+
+
+def _logits_worker(rank, world, overrides):
+    cfg = load_config(CONFIG, overrides)
+    env, device = LaunchEnv(rank, world, rank), torch.device("cpu")
+    init_distributed(cfg, env, device)
+    try:
+        return apbv_prefill(cfg, device).logits
+    finally:
+        shutdown()
+
+
+def test_tensor_parallel_gives_the_same_logits():
+    """TP=2 x CP=2 on 4 ranks equals TP=1 x CP=2: CPU init splits the same full weights over TP ranks."""
+    common = ["apbv.passing=3", "parallel.context_parallel_size=2"]
+    tp2 = run_on_ranks(4, _logits_worker, common + ["parallel.tensor_parallel_size=2"])
+    tp1 = run_on_ranks(2, _logits_worker, common)
+    assert (tp2 - tp1).abs().max().item() <= 1e-4
