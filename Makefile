@@ -14,9 +14,10 @@ $(VENV)/.installed: setup.py
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-# The main job on its built-in default: tiny model, synthetic video prompt, $(NPROC) CPU ranks.
+# The main job on its built-in default: tiny model, synthetic video prompt, 2 CPU ranks
+# through the DeepSpeed launcher (launch/README.md has torchrun and SLURM too).
 demo: $(VENV)/.installed
-	$(BIN)/torchrun --nproc_per_node $(NPROC) --master_port 29517 -m megatron_apbv run configs/tiny_cpu.yaml --compare dense
+	NPROC=2 bash launch/deepspeed_cpu.sh configs/tiny_cpu.yaml --compare dense
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q tests

@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         record = run_prefill(cfg, env, device, compare=args.compare)
         if env.rank == 0:
-            print(json.dumps(record), flush=True)
+            # One write: with several ranks on one stdout, print()'s separate newline can interleave.
+            sys.stdout.write(json.dumps(record) + "\n")
+            sys.stdout.flush()
     except ConfigError as err:
         print(f"apbv: rank {env.rank}: {err}", file=sys.stderr)
         return 2
