@@ -123,10 +123,27 @@ def _gather_kernel(
     tl.store(VO + b * s_wb + h * s_wh + rows * s_wt + offs_d[None, :] * s_wd, v, mask=msk)
 
 
+def _tie_break_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered like (score descending, position ascending).
+
+    The fp32 bits are mapped to an int32 with the same order as the floats
+    (negative values get their magnitude bits flipped), shifted into the high
+    word; the low word holds ``L - 1 - t``, so equal scores prefer small ``t``.
+    """
+    L = scores.shape[-1]
+    s = scores.float().contiguous() + 0.0          # -0.0 -> +0.0
+    bits = s.view(torch.int32)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    pos = torch.arange(L - 1, -1, -1, device=scores.device, dtype=torch.int64)
+    return (key.to(torch.int64) << 32) | pos
+
+
 def select_passing(k_block: torch.Tensor, v_block: torch.Tensor, scores: torch.Tensor, p: int):
     """Top-``min(p, L)`` keys per KV head by score; gathered K/V ``[min(p, L), b, hkv, d]``.
 
-    The order inside the selection is unspecified (RoPE is already applied).
+    Ties (frequent after max-pooling) go to the earlier token, as with a stable
+    descending sort, so the selected set is deterministic. The order inside the
+    selection is unspecified (RoPE is already applied).
     """
     L, b, hkv, d = k_block.shape
     if v_block.shape != k_block.shape:
@@ -138,7 +155,7 @@ def select_passing(k_block: torch.Tensor, v_block: torch.Tensor, scores: torch.T
     v_sel = torch.empty((n, b, hkv, d), dtype=v_block.dtype, device=v_block.device)
     if n == 0 or b == 0 or hkv == 0:
         return k_sel, v_sel
-    idx = torch.topk(scores, n, dim=-1, largest=True, sorted=False).indices
+    idx = torch.topk(_tie_break_keys(scores), n, dim=-1, largest=True, sorted=False).indices
     block_p = 32
     d_pad = max(16, triton.next_power_of_2(d))
     grid = (triton.cdiv(n, block_p), b * hkv)

@@ -19,9 +19,10 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_apbv.attend import apb_attention
+from megatron_apbv.decode import DecodeStep, DistributedKVCache, decode_layer_attention
 from megatron_apbv.layout import RankLayout
-from megatron_apbv.merge import merge_partials
-from megatron_apbv.passing import PassingExchange, all_gather_stacked
+from megatron_apbv.merge import MergeAcrossRanks
+from megatron_apbv.passing import PassingExchange
 from megatron_apbv.selection import passing_scores, select_passing
 
 
@@ -36,6 +37,7 @@ class APBVMask:
 
     layout: RankLayout
     passing_lens: tuple[int, ...]  # per layer, already resolved to token counts
+    cache: Optional[DistributedKVCache] = None  # filled with the rank's own K/V when decoding follows
 
     def passing_len(self, layer_number: int) -> int:
         return self.passing_lens[layer_number - 1]
@@ -46,7 +48,8 @@ class APBVCoreAttention(MegatronModule):
 
     Inputs follow Megatron's core-attention contract: query ``[sq, b, np, hn]``,
     key/value ``[sq, b, ng, hn]`` with RoPE applied, ``attention_mask`` an
-    :class:`APBVMask`; output ``[sq, b, np * hn]``. ``window`` is the smoothing
+    :class:`APBVMask` (prefill) or :class:`DecodeStep` (new tokens over the
+    distributed KV cache); output ``[sq, b, np * hn]``. ``window`` is the smoothing
     window of the scores and ``overlap`` overlaps the passing all-gathers with
     attention (both come from the layer spec's params).
     """
@@ -83,13 +86,19 @@ class APBVCoreAttention(MegatronModule):
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if not isinstance(attention_mask, APBVMask):
-            raise TypeError(
-                "APBVCoreAttention needs attention_mask=APBVMask(...) describing the rank's layout; "
-                f"got {type(attention_mask).__name__}. Run the model through megatron_apbv.model.prefill."
-            )
         if attention_bias is not None or packed_seq_params is not None:
             raise NotImplementedError("APB-V attention supports neither attention_bias nor packed sequences")
+        if isinstance(attention_mask, DecodeStep):
+            out = decode_layer_attention(
+                query, key, value, attention_mask.cache, self.layer_number,
+                softmax_scale=self.softmax_scale, group=self.cp_group,
+            )
+            return out.reshape(out.shape[0], out.shape[1], -1)
+        if not isinstance(attention_mask, APBVMask):
+            raise TypeError(
+                "APBVCoreAttention needs attention_mask=APBVMask(...) (prefill) or DecodeStep(...) (decoding); "
+                f"got {type(attention_mask).__name__}. Run the model through megatron_apbv.prefill / generate."
+            )
         layout = attention_mask.layout
         if query.shape[0] != layout.local_len:
             raise ValueError(f"local sequence has {query.shape[0]} tokens, the layout says {layout.local_len}")
@@ -99,6 +108,8 @@ class APBVCoreAttention(MegatronModule):
             window=self.window, overlap=self.overlap,
             softmax_scale=self.softmax_scale, group=self.cp_group,
         )
+        if attention_mask.cache is not None:
+            attention_mask.cache.store_prefill(self.layer_number, key, value)
         return out.reshape(out.shape[0], out.shape[1], -1)
 
 
@@ -131,8 +142,9 @@ def apbv_layer_attention(
         exchange.start(e, *selected)
 
     # 4. Exact query attention: local partial over this rank's share of the keys, merged across ranks.
-    query_partial = _query_partial(q_query, k, v, layout, softmax_scale)
-    query_gather = _start_gather(query_partial, seq.world_size, group, overlap)
+    query_merge = MergeAcrossRanks(
+        *_query_partial(q_query, k, v, layout, softmax_scale), seq.world_size, group, async_op=overlap
+    )
 
     # 5-6. Blocks: the first also carries the anchor rows; passing blocks arrive as needed.
     anchor = slice(0, a)
@@ -147,33 +159,16 @@ def apbv_layer_attention(
         outputs.append(out)
 
     # 7. [out_A | out_B_first | out_B_second | out_Q]
-    outputs.append(_finish_query(query_gather, q_query.dtype))
+    outputs.append(query_merge.result())
     return torch.cat(outputs)
 
 
-def _query_partial(q_query, k, v, layout: RankLayout, softmax_scale: float) -> torch.Tensor:
-    """The query rows over [anchor share | own blocks | Q (tail rank only)], packed as ``[q, b, h, d+1]``."""
+def _query_partial(q_query, k, v, layout: RankLayout, softmax_scale: float):
+    """``(out, lse)`` of the query rows over [anchor share | own blocks | Q (tail rank only)]."""
     blocks = slice(layout.anchor_len, layout.local_query_slice.start)
     share = layout.anchor_share
     tail = layout.local_query_slice if layout.holds_query_keys else slice(0, 0)
-    out, lse = apb_attention(
+    return apb_attention(
         q_query, k[blocks], v[blocks], k[share], v[share], k[tail], v[tail],
         anchor_rows=0, softmax_scale=softmax_scale,
     )
-    # One fp32 buffer carries both, so the merge needs a single collective.
-    return torch.cat([out.float(), lse.permute(2, 0, 1).unsqueeze(-1)], dim=-1)
-
-
-def _start_gather(partial: torch.Tensor, world: int, group, overlap: bool):
-    if world == 1:
-        return partial.unsqueeze(0), None
-    return all_gather_stacked(partial, world, group, async_op=overlap)
-
-
-def _finish_query(gather, dtype) -> torch.Tensor:
-    recv, handle = gather
-    if handle is not None:
-        handle.wait()
-    outs, lses = recv[..., :-1], recv[..., -1].permute(0, 2, 3, 1)
-    out, _ = merge_partials(outs, lses)
-    return out.to(dtype)

@@ -139,11 +139,21 @@ class InputConfig(_Section):
         return self.system_tokens + self.video_frames * self.tokens_per_frame + self.query_tokens
 
 
+class GenerateConfig(_Section):
+    """Decoding after the prefill (``apbv generate``)."""
+
+    max_new_tokens: int = Field(16, ge=1)
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop_ids: list[int] = Field(default_factory=list, description="token ids that end the generation")
+
+
 class RunConfig(_Section):
     model: ModelConfig = ModelConfig()
     apbv: APBVConfig = APBVConfig()
     parallel: ParallelConfig = ParallelConfig()
     input: InputConfig = InputConfig()
+    generate: GenerateConfig = GenerateConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 1234

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_apbv.agreement import agreement_extra, check_ranks_agree
 from megatron_apbv.config import ConfigError, RunConfig
 
 
@@ -82,8 +83,10 @@ def init_distributed(cfg: RunConfig, env: LaunchEnv, device: torch.device) -> No
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=cfg.parallel.tensor_parallel_size,
         context_parallel_size=cfg.parallel.context_parallel_size,
-        distributed_timeout_minutes=max(1, cfg.parallel.timeout_seconds // 60),
+        distributed_timeout_minutes=cfg.parallel.timeout_seconds / 60,  # a float: timedelta(minutes=...) takes it
     )
+    # Every rank must run the same config and code: a mismatch fails on every rank here, not as a hang later.
+    check_ranks_agree(cfg, agreement_extra(cfg, env.world_size))
 
 
 def shutdown() -> None:

@@ -86,20 +86,25 @@ def build_rope(cfg: RunConfig, device: torch.device) -> PositionRotaryEmbedding:
 
 
 @torch.inference_mode()
-def last_token_logits(
+def decoder_hidden(
     model: GPTModel, rope: PositionRotaryEmbedding, input_ids: torch.Tensor, position_ids: torch.Tensor,
     attention_mask=None,
 ) -> torch.Tensor:
-    """Run the decoder on ``input_ids`` ``[b, s]`` at ``position_ids`` and return the last token's logits ``[b, vocab]``.
+    """Embed ``input_ids`` ``[b, s]`` and run the decoder at ``position_ids``; returns ``[s, b, h]``.
 
-    The embedding, decoder and output layer are called directly (rather than
-    ``GPTModel.forward``) to feed RoPE from global positions and to project only
-    the last token onto the vocabulary instead of all ``s`` tokens.
+    The embedding and decoder are called directly (rather than ``GPTModel.forward``)
+    to feed RoPE from global positions and to project only the tokens that need
+    logits onto the vocabulary.
     """
     hidden = model.embedding(input_ids=input_ids, position_ids=None)
-    hidden = model.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rope(position_ids))
+    return model.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rope(position_ids))
+
+
+@torch.inference_mode()
+def vocab_logits(model: GPTModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits ``[b, vocab]`` (fp32) of one token's final hidden state ``[1, b, h]``."""
     weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
-    logits, _ = model.output_layer(hidden[-1:], weight=weight)
+    logits, _ = model.output_layer(hidden, weight=weight)
     logits = logits[0].float()
     tp_group = model.output_layer.tp_group
     if tp_group is not None and tp_group.size() > 1:
@@ -107,3 +112,12 @@ def last_token_logits(
         torch.distributed.all_gather(shards, logits.contiguous(), group=tp_group)
         logits = torch.cat(shards, dim=-1)
     return logits
+
+
+def last_token_logits(
+    model: GPTModel, rope: PositionRotaryEmbedding, input_ids: torch.Tensor, position_ids: torch.Tensor,
+    attention_mask=None,
+) -> torch.Tensor:
+    """Logits ``[b, vocab]`` of the last token of ``input_ids`` ``[b, s]``."""
+    hidden = decoder_hidden(model, rope, input_ids, position_ids, attention_mask)
+    return vocab_logits(model, hidden[-1:])

@@ -9,19 +9,9 @@ by the receiver using the same layout.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from megatron_apbv.collectives import all_gather_stacked
 from megatron_apbv.layout import SequenceLayout
-
-# torch >= 2.13 renamed all_gather_into_tensor; the GPU image still has the old name only.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def all_gather_stacked(tensor: torch.Tensor, world: int, group, *, async_op: bool):
-    """All-gather into a new ``[world, *tensor.shape]`` tensor; returns ``(tensor, handle or None)``."""
-    recv = tensor.new_empty((world * tensor.shape[0],) + tuple(tensor.shape[1:]))
-    handle = _all_gather_single(recv, tensor.contiguous(), group=group, async_op=async_op)
-    return recv.view((world,) + tuple(tensor.shape)), handle if async_op else None
 
 
 class PassingExchange:
@@ -46,12 +36,10 @@ class PassingExchange:
         send[0, : k_sel.shape[0]] = k_sel
         send[1, : v_sel.shape[0]] = v_sel
         world = self.seq.world_size
-        if world == 1 or size == 0:  # nothing to exchange (one rank, or Star attention's p = 0)
+        if size == 0:  # Star attention (p = 0): nothing to exchange
             self._gathered[e] = send.unsqueeze(0).expand((world,) + tuple(send.shape))
-        else:
-            self._gathered[e], self._pending[e] = all_gather_stacked(
-                send, world, self.group, async_op=self.overlap
-            )
+            return
+        self._gathered[e], self._pending[e] = all_gather_stacked(send, world, self.group, async_op=self.overlap)
 
     def passing_for(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of ``P_0 .. P_{block-1}`` concatenated, ``[n_pass, b, hkv, d]``."""

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_apbv.attention import APBVMask
 from megatron_apbv.config import ConfigError, RunConfig
+from megatron_apbv.decode import DistributedKVCache
 from megatron_apbv.distributed import LaunchEnv
 from megatron_apbv.inputs import Prompt, synthetic_prompt
 from megatron_apbv.layout import SequenceLayout
@@ -27,7 +29,7 @@ def sequence_layout(cfg: RunConfig) -> SequenceLayout:
     )
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -42,26 +44,32 @@ class Prefill:
     rope: torch.nn.Module
     prompt: Prompt  # the whole prompt (every rank builds it from the seed)
     seq: SequenceLayout
+    cache: Optional[DistributedKVCache] = None
 
 
-def apbv_prefill(cfg: RunConfig, device: torch.device) -> Prefill:
-    """Build the APB-V model and run this rank's ``[A | blocks | Q]`` through it."""
+def apbv_prefill(cfg: RunConfig, device: torch.device, *, max_new_tokens: int = 0) -> Prefill:
+    """Build the APB-V model and run this rank's ``[A | blocks | Q]`` through it.
+
+    With ``max_new_tokens > 0`` each layer keeps the rank's own K/V in
+    ``Prefill.cache`` for distributed decoding.
+    """
     seq = sequence_layout(cfg)
     layout = seq.rank(context_parallel_rank())
     prompt = synthetic_prompt(cfg)
     local = prompt.local(layout.global_indices)
-    mask = APBVMask(layout=layout, passing_lens=cfg.passing_lens())
+    cache = DistributedKVCache(layout, max_new_tokens) if max_new_tokens else None
+    mask = APBVMask(layout=layout, passing_lens=cfg.passing_lens(), cache=cache)
     model = build_gpt_model(cfg, method="apbv", device=device)
     rope = build_rope(cfg, device)
     ids, pos = local.input_ids.to(device), local.position_ids.to(device)
 
     dist.barrier()
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     logits = last_token_logits(model, rope, ids, pos, mask)
-    _sync(device)
+    sync(device)
     dist.barrier()
-    return Prefill(logits, time.perf_counter() - start, model, rope, prompt, seq)
+    return Prefill(logits, time.perf_counter() - start, model, rope, prompt, seq, cache)
 
 
 def run_prefill(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, compare: str | None = None) -> dict:
@@ -110,7 +118,7 @@ def _compare_dense(cfg: RunConfig, run: Prefill, device: torch.device) -> dict:
     logits, prompt = run.logits, run.prompt
     start = time.perf_counter()
     ref = last_token_logits(dense, run.rope, prompt.input_ids.to(device), prompt.position_ids.to(device))
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     log_p, log_q = torch.log_softmax(ref.double(), -1), torch.log_softmax(logits.double(), -1)
     return {

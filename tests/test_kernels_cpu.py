@@ -345,13 +345,18 @@ def _selected_indices(k_sel, k_block):
     return res
 
 
-@pytest.mark.parametrize("L,p", [(7, 3), (33, 33), (33, 100), (100, 17), (5, 0)])
-def test_select_passing(L, p):
+@pytest.mark.parametrize("L,p,ties", [(7, 3, False), (33, 33, False), (33, 100, False), (100, 17, False),
+                                      (5, 0, False), (100, 17, True), (64, 9, True)])
+def test_select_passing(L, p, ties):
     gen = torch.Generator().manual_seed(L * 31 + p)
     b, hkv, d = 2, 3, 64
     k_block = _rand((L, b, hkv, d), torch.float16, gen)
     v_block = _rand((L, b, hkv, d), torch.float16, gen)
     scores = torch.randn((b, hkv, L), generator=gen)
+    if ties:  # pooled-like scores: many equal values, negatives, -0.0 and +0.0
+        scores = torch.nn.functional.max_pool1d(scores.round(decimals=1), 5, stride=1, padding=2)
+        scores[..., ::7] = -0.0
+        scores[..., 3::7] = 0.0
     k_sel, v_sel = K.select_passing(k_block, v_block, scores, p)
     n = min(p, L)
     assert k_sel.shape == (n, b, hkv, d) and v_sel.shape == (n, b, hkv, d)
@@ -359,7 +364,7 @@ def test_select_passing(L, p):
         return
     got = _selected_indices(k_sel, k_block)
     for (bi, h), idx in got.items():
-        ref = sorted(torch.argsort(scores[bi, h], descending=True)[:n].tolist())
+        ref = sorted(torch.sort(scores[bi, h], descending=True, stable=True).indices[:n].tolist())
         assert idx == ref
         # V rows travel with their K rows
         order = [(k_sel[j, bi, h] == k_block[:, bi, h]).all(-1).float().argmax().item() for j in range(n)]

@@ -1,0 +1,125 @@
+"""Video files and prompts: PyAV round trip, uniform sampling, errors, prompt ids and positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_apbv.rope import video_position_ids
+from megatron_apbv.video import (
+    VideoError,
+    build_video_prompt,
+    load_video,
+    resize_frames,
+    sample_indices,
+    synthetic_video,
+    write_video,
+)
+
+T, H, W = 12, 32, 48
+
+
+def test_synthetic_video_is_deterministic():
+    a = synthetic_video(T, H, W, seed=3)
+    assert a.dtype == torch.uint8 and a.shape == (T, H, W, 3)
+    assert torch.equal(a, synthetic_video(T, H, W, seed=3))
+    assert not torch.equal(a, synthetic_video(T, H, W, seed=4))
+    assert not torch.equal(a[0], a[1])  # it moves
+    assert a.float().std() > 20  # and has content
+
+
+def test_sample_indices_are_uniform():
+    assert sample_indices(12, 5).tolist() == [0, 3, 6, 8, 11]
+    assert sample_indices(10, 1).tolist() == [0]
+    assert sample_indices(1, 3).tolist() == [0, 0, 0]
+    for total, num in [(100, 7), (301, 16), (9, 9), (5, 8)]:
+        idx = sample_indices(total, num)
+        assert idx[0] == 0 and idx[-1] == total - 1 and len(idx) == num
+        steps = idx.diff()
+        assert (steps >= 0).all() and steps.max() - steps.min() <= 1  # evenly spaced up to rounding
+    with pytest.raises(ValueError):
+        sample_indices(0, 3)
+
+
+@pytest.mark.parametrize("suffix,codec", [(".mp4", None), (".mkv", "mpeg4")])
+def test_round_trip(tmp_path, suffix, codec):
+    """Write a real file, decode it back. The .mkv has no frame count in its header: two-pass path."""
+    pytest.importorskip("av")
+    source = synthetic_video(T, H, W, seed=7)
+    path = tmp_path / f"clip{suffix}"
+    write_video(path, source, fps=8, codec=codec)
+    frames = load_video(path, num_frames=T, size=(H, W))
+    assert frames.dtype == torch.uint8 and frames.shape == (T, H, W, 3)
+    err = (frames.float() - source.float()).abs()
+    assert err.mean() < 6, err.mean()
+    # Frame order is kept: each decoded frame is closest to its own source frame.
+    dist = (frames.float()[:, None] - source.float()[None]).abs().mean(dim=(2, 3, 4))
+    assert torch.equal(dist.argmin(dim=1), torch.arange(T))
+
+    # Sampling picks round(linspace) frames; resizing is torch's antialiased bilinear.
+    sub = load_video(path, num_frames=5, size=(16, 24))
+    assert sub.shape == (5, 16, 24, 3)
+    torch.testing.assert_close(sub, resize_frames(frames[sample_indices(T, 5)], (16, 24)), atol=1, rtol=0)
+    want = resize_frames(source[sample_indices(T, 5)], (16, 24))
+    assert (sub.float() - want.float()).abs().mean() < 6
+    up = load_video(path, num_frames=20, size=(H, W))  # more frames than the video has: repeats
+    assert up.shape[0] == 20 and torch.equal(up[-1], frames[-1])
+
+
+def test_missing_file_raises(tmp_path):
+    pytest.importorskip("av")
+    path = tmp_path / "nope.mp4"
+    with pytest.raises(VideoError, match="nope.mp4") as info:
+        load_video(path, num_frames=4, size=(H, W))
+    assert isinstance(info.value, ValueError) and "no such file" in str(info.value)
+    with pytest.raises(VideoError, match="not a regular file"):
+        load_video(tmp_path, num_frames=4, size=(H, W))
+
+
+def test_garbage_file_raises(tmp_path):
+    pytest.importorskip("av")
+    path = tmp_path / "garbage.mp4"
+    path.write_bytes(bytes(range(256)) * 64)
+    with pytest.raises(VideoError, match="garbage.mp4"):
+        load_video(path, num_frames=4, size=(H, W))
+    text = tmp_path / "notes.mkv"
+    text.write_text("not a video at all\n" * 50)
+    with pytest.raises(VideoError, match="notes.mkv"):
+        load_video(text, num_frames=4, size=(H, W))
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_zero_frame_file_raises(tmp_path, suffix):
+    pytest.importorskip("av")
+    path = tmp_path / f"empty{suffix}"
+    write_video(path, synthetic_video(0, H, W, seed=0))
+    assert path.exists()
+    with pytest.raises(VideoError, match=f"empty{suffix}"):
+        load_video(path, num_frames=4, size=(H, W))
+
+
+def test_write_video_rejects_bad_frames(tmp_path):
+    pytest.importorskip("av")
+    with pytest.raises(ValueError, match="even"):
+        write_video(tmp_path / "odd.mp4", synthetic_video(2, 31, 48, seed=0))
+    with pytest.raises(ValueError, match="uint8"):
+        write_video(tmp_path / "f.mp4", synthetic_video(2, H, W, seed=0).float())
+
+
+def test_build_video_prompt():
+    system, question, header = [1, 2, 3], [40, 41, 42, 43], [50, 51]
+    prompt = build_video_prompt(system, (3, 2, 4), question, video_token_id=999, assistant_ids=header)
+    assert prompt.prompt_len == 3 + 24 + 6 and prompt.num_video_tokens == 24
+    assert (prompt.video.start, prompt.video.stop) == (3, 27) and prompt.query_len == 6
+    assert prompt.input_ids[:3].tolist() == system and prompt.input_ids[27:].tolist() == question + header
+    assert (prompt.input_ids[3:27] == 999).all()
+    assert torch.equal(prompt.position_ids, video_position_ids(3, 3, (2, 4), 6))
+    # Positions of video token (f, y, x) are start + (f, y, x); text after resumes past the largest.
+    assert prompt.position_ids[:, 3 + 1 * 8 + 1 * 4 + 2].tolist() == [4, 4, 5]
+    assert prompt.position_ids[:, 27].tolist() == [3 + 4, 3 + 4, 3 + 4]
+
+    empty = build_video_prompt(system, (0, 2, 4), question, video_token_id=999)
+    assert empty.num_video_tokens == 0 and empty.query_len == 4
+    assert torch.equal(empty.position_ids, torch.arange(7).expand(3, -1))
+    with pytest.raises(ValueError):
+        build_video_prompt(system, (2, 0, 4), question, video_token_id=999)
