@@ -25,7 +25,9 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "triton>=3.2"],
+        # numpy < 2.4: Triton 3.6's interpreter (TRITON_INTERPRET=1, the CPU kernel tests) fails on
+        # NumPy 2.4 scalars (triton-lang/triton issue 9171, fixed after 3.6).
+        "test": ["pytest>=8", "hypothesis>=6.100", "triton>=3.2", "numpy<2.4"],
     },
     entry_points={"console_scripts": ["apbv = megatron_apbv.cli:main"]},
 )

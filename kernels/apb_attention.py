@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _triton_compat  # noqa: F401  (interpreter fix, no-op on GPU)
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
