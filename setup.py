@@ -11,6 +11,7 @@ INSTALL_REQUIRES = [
     "pydantic>=2.0",
     "pyyaml>=6.0",
     "numpy",
+    "safetensors>=0.4",
 ]
 
 setup(
@@ -27,7 +28,12 @@ setup(
         "triton": ["triton>=3.2"],
         # numpy < 2.4: Triton 3.6's interpreter (TRITON_INTERPRET=1, the CPU kernel tests) fails on
         # NumPy 2.4 scalars (triton-lang/triton issue 9171, fixed after 3.6).
-        "test": ["pytest>=8", "hypothesis>=6.100", "triton>=3.2", "numpy<2.4"],
+        "video": ["av>=12"],  # decoding real video files
+        "vision": ["transformers>=4.50"],  # the Qwen2.5-VL vision tower
+        "test": [
+            "pytest>=8", "hypothesis>=6.100", "triton>=3.2", "numpy<2.4",
+            "transformers>=4.50", "safetensors>=0.4", "av>=12", "pillow",
+        ],
     },
     entry_points={"console_scripts": ["apbv = megatron_apbv.cli:main"]},
 )

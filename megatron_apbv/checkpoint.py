@@ -320,7 +320,8 @@ def _recipes(model, tp_rank: int, tp_size: int) -> dict[str, _Recipe]:
             v = t.read(f"{pre}v_proj.{kind}", 0, g0 * hd, (g0 + ngl) * hd)
             rest = q.shape[1:]
             # [groups, (q heads | k | v) * hd, ...] -> Megatron's per-group interleaving.
-            fused = torch.cat([q.reshape(ngl, qpg * hd, *rest), v.reshape(ngl, hd, *rest), k.reshape(ngl, hd, *rest)], 1)
+            parts = [q.reshape(ngl, qpg * hd, *rest), k.reshape(ngl, hd, *rest), v.reshape(ngl, hd, *rest)]
+            fused = torch.cat(parts, 1)
             return fused.reshape(ngl * (qpg + 2) * hd, *rest)
 
         return build

@@ -40,6 +40,9 @@ def select_passing(
     sort makes the choice deterministic and identical in the reference oracle.
     Returns ``[min(p, L), b, hkv, d]`` for K and V.
     """
+    kernel = kernel_for("select_passing", k_block)
+    if kernel is not None:
+        return kernel(k_block, v_block, scores, passing_len)
     count = min(passing_len, k_block.shape[0])
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count]
     index = order.permute(2, 0, 1).unsqueeze(-1).expand(-1, -1, -1, k_block.shape[-1])

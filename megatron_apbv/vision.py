@@ -164,7 +164,9 @@ def build_vision_tower(config=None, *, seed: int = 0, dtype=torch.float32, devic
     ``config`` is a ``Qwen2_5_VLVisionConfig``, a dict of its fields, or ``None``
     (the defaults); ``overrides`` update it.
     """
-    from transformers import Qwen2_5_VisionTransformerPretrainedModel, Qwen2_5_VLVisionConfig
+    # Module paths (not the top-level names) exist in every transformers release with Qwen2.5-VL (>= 4.49).
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     if config is None or isinstance(config, dict):
         config = Qwen2_5_VLVisionConfig(**{**(config or {}), **overrides})

@@ -267,6 +267,21 @@ def test_bad_checkpoints_name_the_tensor(megatron_single, tmp_path, damage, word
         assert torch.equal(p, before[name])
 
 
+def test_tied_model_accepts_only_an_equal_lm_head(megatron_single, tmp_path):
+    hf_config = save(hf_causal_lm("qwen2", tie=True), tmp_path / "tied")
+    tensors = load_file(tmp_path / "tied" / "model.safetensors")
+    model = build_gpt_model(run_config(hf_config), method="dense", device=CPU)
+    for head, ok in [(tensors["model.embed_tokens.weight"].clone(), True), (torch.zeros(128, 64), False)]:
+        path = tmp_path / f"head_{ok}"
+        path.mkdir()
+        save_file({**tensors, "lm_head.weight": head}, path / "model.safetensors")
+        if ok:
+            load_hf_checkpoint(model, path)
+        else:
+            with pytest.raises(CheckpointError, match="lm_head.weight"):
+                load_hf_checkpoint(model, path)
+
+
 def test_no_checkpoint_and_wrong_tp(megatron_single, tmp_path):
     hf_config = save(hf_causal_lm("llama", tie=True), tmp_path)
     model = build_gpt_model(run_config(hf_config), method="dense", device=CPU)

@@ -92,12 +92,15 @@ def test_patchify_matches_loop_reference(num_frames):
 
 def test_patchify_matches_hf_image_processor():
     """HF's own Qwen2-VL image processor (PIL backend, no torchvision): each image is a frame tiled over time."""
-    try:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    except ImportError as e:  # Pillow missing: the loop reference above still pins the layout
-        pytest.skip(f"HF Qwen2-VL image processor unavailable: {e}")
+    try:  # transformers 5: the PIL/numpy backend (the default one needs torchvision)
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as Proc
+    except ImportError:
+        try:  # transformers 4.x: the slow (numpy) processor
+            from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor as Proc
+        except ImportError as e:  # e.g. Pillow missing: the loop reference above still pins the layout
+            pytest.skip(f"HF Qwen2-VL image processor unavailable without torchvision/Pillow: {e}")
     frames = frames_of(3, seed=5)
-    proc = Qwen2VLImageProcessorPil(patch_size=PATCH, temporal_patch_size=TP, merge_size=MERGE)
+    proc = Proc(patch_size=PATCH, temporal_patch_size=TP, merge_size=MERGE)
     out = proc(images=[f.numpy() for f in frames], do_resize=False, return_tensors="pt")
     tiled = frames.repeat_interleave(TP, dim=0)  # every frame repeated TP times = one temporal group per image
     patches, grid = patchify(tiled, patch_size=PATCH, temporal_patch_size=TP, merge_size=MERGE)
@@ -206,3 +209,22 @@ def test_scatter_into_local_covers_the_video(world, zigzag):
     assert (seen[: seq.anchor_len - system] == world).all()
     with pytest.raises(ValueError, match="video span"):
         scatter_into_local(emb[:-1], seq.rank(0).global_indices, video)
+
+
+def test_video_to_local_tokens_end_to_end():
+    """synthetic frames -> tower -> prompt with the tower's token grid -> every rank's local video rows."""
+    from megatron_apbv.video import build_video_prompt, synthetic_video
+
+    tower = tiny_tower()
+    frames = synthetic_video(5, HEIGHT, WIDTH, seed=2)
+    emb = encode_frames(tower, frames)
+    grid = vision_grid(tower.config, frames.shape[0], (HEIGHT, WIDTH))
+    prompt = build_video_prompt([1, 2, 3, 4], grid.token_grid, [7, 8, 9], video_token_id=99, assistant_ids=[5, 6])
+    assert prompt.num_video_tokens == emb.shape[0] == grid.num_tokens == 3 * 4 * 6
+    seq = SequenceLayout(prompt.prompt_len, anchor_len=8, query_len=prompt.query_len, world_size=3)
+    full = torch.zeros(prompt.prompt_len, emb.shape[1])
+    for layout in seq.ranks():
+        rows, values = scatter_into_local(emb, layout.global_indices, prompt.video)
+        assert (prompt.input_ids[layout.global_indices[rows]] == 99).all()
+        full[layout.global_indices[rows]] = values
+    torch.testing.assert_close(full[prompt.video.start : prompt.video.stop], emb)
