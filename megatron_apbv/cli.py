@@ -1,16 +1,33 @@
-"""Command line.
+"""Command line: ``apbv COMMAND CONFIG [key=value ...] [options]``.
 
-``apbv run CONFIG [key=value ...] [--compare dense]``: prefill, one JSON line.
-``apbv generate CONFIG [key=value ...]``: prefill and decode, one JSON line.
+Every command loads and validates the YAML config (with ``key=value``
+overrides) on every rank before any collective. A distributed command then
+starts the process groups and runs ``command(args, cfg, env, device)`` of its
+module, whose returned record rank 0 prints as one JSON line; a local command
+runs ``command(args, cfg)`` in one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import os
 import sys
 import warnings
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str  # provides command(...) and, optionally, add_arguments(parser)
+    help: str
+    distributed: bool = True
+
+
+COMMANDS = {
+    "run": Command("megatron_apbv.prefill", "prefill the configured model and prompt across the launched ranks"),
+    "generate": Command("megatron_apbv.generate", "prefill, then decode over the distributed KV cache"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,19 +35,25 @@ def _parser() -> argparse.ArgumentParser:
     # Launchers may append --local_rank / --local-rank; the rank is read from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="prefill the configured model and prompt across the launched ranks")
-    run.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in tiny CPU model)")
-    run.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. apbv.variant=exact")
-    run.add_argument("--compare", choices=["dense"], default=None, help="also run densely on one process")
-    run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    gen = sub.add_parser("generate", help="prefill, then decode over the distributed KV cache")
-    gen.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in tiny CPU model)")
-    gen.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. generate.max_new_tokens=32")
-    gen.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help)
+        p.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in tiny CPU model)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. apbv.variant=exact")
+        p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+        module = importlib.import_module(command.module)
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(p)
     return parser
 
 
+def _emit(record: dict) -> None:
+    # One write: with several ranks on one stdout, print()'s separate newline can interleave.
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", module="megatron")  # Megatron warns at import about missing TE/apex
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     # Overrides may follow options (`run cfg.yaml --compare dense a.b=1`): argparse leaves them in `rest`.
@@ -41,15 +64,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is not None and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides.insert(0, args.config)
         args.config = None
-    warnings.filterwarnings("ignore", module="megatron")  # Megatron warns at import about missing TE/apex
 
     # Everything that can be wrong with the config is checked here, before any collective.
     from megatron_apbv.config import ConfigError, load_config
     from megatron_apbv.distributed import LaunchEnv, init_distributed, select_device, shutdown
     from megatron_apbv.faults import install_fault_hook, report_failure
 
+    command = COMMANDS[args.command]
+    module = importlib.import_module(command.module)
     env = LaunchEnv.from_environ()
     cfg = None
+    if not command.distributed:
+        try:
+            _emit(module.command(args, load_config(args.config, args.overrides)))
+            return 0
+        except ConfigError as err:
+            print(f"apbv: {err}", file=sys.stderr)
+            return 2
     try:
         cfg = load_config(args.config, args.overrides)
         device = select_device(cfg, env)
@@ -64,18 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         shutdown()
         return code
 
-    from megatron_apbv.generate import apbv_generate
-    from megatron_apbv.prefill import run_prefill
-
     try:
-        if args.command == "generate":
-            record = {"world_size": env.world_size, **apbv_generate(cfg, device)}
-        else:
-            record = run_prefill(cfg, env, device, compare=args.compare)
+        record = module.command(args, cfg, env, device)
         if env.rank == 0:
-            # One write: with several ranks on one stdout, print()'s separate newline can interleave.
-            sys.stdout.write(json.dumps(record) + "\n")
-            sys.stdout.flush()
+            _emit(record)
     except ConfigError as err:
         print(f"apbv: rank {env.rank}: {err}", file=sys.stderr)
         return 2

@@ -197,7 +197,8 @@ class RunConfig(_Section):
         """Per-layer passing budgets in tokens ("all" = the longest block: every key is passed)."""
         prompt = self.input.prompt_len
         schedule = self.apbv.passing_schedule or [self.apbv.setting("passing")] * self.model.num_layers
-        return tuple(resolve_budget(b, prompt, "passing") for b in schedule)
+        # A budget beyond the prompt passes every key, exactly like "all": clamp so the counts stay real.
+        return tuple(min(resolve_budget(b, prompt, "passing"), prompt) for b in schedule)
 
     def check_world_size(self, world_size: int) -> None:
         """Raise unless the launched world is exactly CP x TP ranks (called before any collective)."""
@@ -250,6 +251,13 @@ def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
     return "invalid configuration:\n" + "\n".join(dict.fromkeys(lines))
 
 
+def _yaml_problem(err: Exception) -> str:
+    """``line L, column C: problem`` of a YAML error (1-based, as editors count)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """``["apbv.window=7", "parallel.context_parallel_size=3"]`` -> nested dict (values parsed as YAML)."""
     tree: dict = {}
@@ -263,7 +271,10 @@ def parse_overrides(overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is a value, not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {_yaml_problem(err)}") from None
     return tree
 
 
@@ -284,12 +295,15 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     extra = parse_overrides(overrides or [])
     variant = extra.get("apbv", {}).get("variant") if isinstance(extra.get("apbv"), dict) else None
-    if variant in VARIANTS and isinstance(data.get("apbv"), dict):
+    if isinstance(variant, str) and variant in VARIANTS and isinstance(data.get("apbv"), dict):
         # A variant chosen on the command line replaces the file's settings that the variant fixes.
         fixed = set(VARIANTS[variant]) | ({"passing_schedule"} if "passing" in VARIANTS[variant] else set())
         data = {**data, "apbv": {k: v for k, v in data["apbv"].items() if k not in fixed}}

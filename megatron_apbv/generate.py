@@ -81,3 +81,8 @@ def apbv_generate(cfg: RunConfig, device: torch.device) -> dict:
         "decode_tokens_per_second": round((steps - 1) * ids.shape[0] / decode_seconds, 3) if steps > 1 else None,
         "cache_tokens_on_rank0": cache.num_tokens,
     }
+
+
+def command(args, cfg: RunConfig, env, device: torch.device) -> dict:
+    """``apbv generate``: generated ids (no tokenizer is loaded) and timings."""
+    return {"world_size": env.world_size, **apbv_generate(cfg, device)}

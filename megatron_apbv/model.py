@@ -88,15 +88,17 @@ def build_rope(cfg: RunConfig, device: torch.device) -> PositionRotaryEmbedding:
 @torch.inference_mode()
 def decoder_hidden(
     model: GPTModel, rope: PositionRotaryEmbedding, input_ids: torch.Tensor, position_ids: torch.Tensor,
-    attention_mask=None,
+    attention_mask=None, inputs_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Embed ``input_ids`` ``[b, s]`` and run the decoder at ``position_ids``; returns ``[s, b, h]``.
 
-    The embedding and decoder are called directly (rather than ``GPTModel.forward``)
-    to feed RoPE from global positions and to project only the tokens that need
-    logits onto the vocabulary.
+    ``inputs_embeds`` ``[s, b, h]``, when given, replaces the token embedding
+    (e.g. text embeddings with video embeddings scattered in). The embedding and
+    decoder are called directly (rather than ``GPTModel.forward``) to feed RoPE
+    from global positions and to project only the tokens that need logits onto
+    the vocabulary.
     """
-    hidden = model.embedding(input_ids=input_ids, position_ids=None)
+    hidden = inputs_embeds if inputs_embeds is not None else model.embedding(input_ids=input_ids, position_ids=None)
     return model.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rope(position_ids))
 
 

@@ -112,6 +112,15 @@ def run_prefill(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, compare
     return record
 
 
+def add_arguments(parser) -> None:
+    parser.add_argument("--compare", choices=["dense"], default=None, help="also run densely on one process")
+
+
+def command(args, cfg: RunConfig, env: LaunchEnv, device: torch.device) -> dict:
+    """``apbv run``."""
+    return run_prefill(cfg, env, device, compare=args.compare)
+
+
 def _compare_dense(cfg: RunConfig, run: Prefill, device: torch.device) -> dict:
     dense = build_gpt_model(cfg, method="dense", device=device)
     dense.load_state_dict(run.model.state_dict())  # same weights by construction; loading makes it certain
