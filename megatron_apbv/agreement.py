@@ -43,7 +43,7 @@ def agreement_extra(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """What each rank derived from its config: lengths, budgets, world size, code versions."""
     return {
         "world_size": world_size,
-        "prompt_len": cfg.input.prompt_len,
+        "prompt_len": cfg.prompt_len,
         "anchor_len": cfg.anchor_len,
         "query_len": cfg.query_len,
         "passing_lens": list(cfg.passing_lens()),

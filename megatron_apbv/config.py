@@ -55,6 +55,9 @@ class ModelConfig(_Section):
     tie_embeddings: StrictBool = False
     max_position_embeddings: int = Field(1 << 20, ge=1)
     init_std: float = Field(0.02, gt=0, description="std of the random initial weights")
+    checkpoint: Optional[str] = Field(
+        None, description="Hugging Face safetensors checkpoint dir; the shape keys default to its config.json"
+    )
 
     @property
     def head_dim(self) -> int:
@@ -124,19 +127,47 @@ class ParallelConfig(_Section):
     timeout_seconds: int = Field(600, ge=1, description="timeout of every collective")
 
 
-class InputConfig(_Section):
-    """Synthetic prompt: system text, video tokens, question (the query span)."""
+class VisionConfig(_Section):
+    """Qwen2.5-VL vision tower (``input.kind: video``); its output width is ``model.hidden_size``."""
 
-    kind: Literal["synthetic"] = "synthetic"
+    depth: int = Field(2, ge=1)
+    hidden_size: int = Field(64, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(128, ge=1)
+    patch_size: int = Field(14, ge=1)
+    spatial_merge_size: int = Field(2, ge=1)
+    temporal_patch_size: int = Field(2, ge=1)
+    window_size: int = Field(112, ge=1)
+    fullatt_block_indexes: list[int] = Field(default_factory=lambda: [1])
+
+    def tokens_per_group(self, frame_size: tuple[int, int]) -> int:
+        """Video tokens of one temporal group (``temporal_patch_size`` frames)."""
+        unit = self.patch_size * self.spatial_merge_size
+        return (frame_size[0] // unit) * (frame_size[1] // unit)
+
+
+class InputConfig(_Section):
+    """The prompt ``[system | video | question]``; the question (+ assistant header) is the query span.
+
+    ``kind: synthetic`` uses random token ids for everything (``tokens_per_frame``
+    ids per frame); ``kind: video`` encodes frames (``video_path``, or a seeded
+    synthetic video when null) with the vision tower over the APB-V group.
+    """
+
+    kind: Literal["synthetic", "video"] = "synthetic"
     system_tokens: int = Field(16, ge=0)
     video_frames: int = Field(8, ge=0)
-    tokens_per_frame: int = Field(32, ge=1)
+    tokens_per_frame: int = Field(32, ge=1, description="synthetic kind only")
+    video_path: Optional[str] = Field(None, description="video kind: a file PyAV can decode; null = synthetic video")
+    frame_size: tuple[int, int] = Field((56, 56), description="video kind: frames are resized to (H, W)")
     query_tokens: int = Field(16, ge=1, description="question + assistant header: the query span Q")
     batch_size: int = Field(1, ge=1)
 
-    @property
-    def prompt_len(self) -> int:
-        return self.system_tokens + self.video_frames * self.tokens_per_frame + self.query_tokens
+    def video_tokens(self, vision: VisionConfig) -> int:
+        if self.kind == "synthetic":
+            return self.video_frames * self.tokens_per_frame
+        groups = -(-self.video_frames // vision.temporal_patch_size)
+        return groups * vision.tokens_per_group(self.frame_size)
 
 
 class GenerateConfig(_Section):
@@ -153,6 +184,7 @@ class RunConfig(_Section):
     apbv: APBVConfig = APBVConfig()
     parallel: ParallelConfig = ParallelConfig()
     input: InputConfig = InputConfig()
+    vision: VisionConfig = VisionConfig()
     generate: GenerateConfig = GenerateConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -173,7 +205,16 @@ class RunConfig(_Section):
                 f"apbv.passing_schedule has {len(schedule)} entries but model.num_layers={self.model.num_layers}: "
                 "give one budget per layer"
             )
-        prompt = self.input.prompt_len
+        if self.input.kind == "video":
+            unit = self.vision.patch_size * self.vision.spatial_merge_size
+            if any(side % unit for side in self.input.frame_size) or min(self.input.frame_size) < unit:
+                raise ValueError(
+                    f"input.frame_size={list(self.input.frame_size)} must be multiples of vision.patch_size x "
+                    f"vision.spatial_merge_size = {unit}"
+                )
+            if self.input.batch_size != 1:
+                raise ValueError("input.batch_size must be 1 with input.kind=video")
+        prompt = self.prompt_len
         anchor = resolve_budget(self.apbv.anchor, prompt, "anchor")
         if anchor + self.input.query_tokens > prompt:
             raise ValueError(
@@ -186,8 +227,12 @@ class RunConfig(_Section):
     # Resolved quantities -------------------------------------------------------------
 
     @property
+    def prompt_len(self) -> int:
+        return self.input.system_tokens + self.input.video_tokens(self.vision) + self.input.query_tokens
+
+    @property
     def anchor_len(self) -> int:
-        return resolve_budget(self.apbv.anchor, self.input.prompt_len, "anchor")
+        return resolve_budget(self.apbv.anchor, self.prompt_len, "anchor")
 
     @property
     def query_len(self) -> int:
@@ -195,7 +240,7 @@ class RunConfig(_Section):
 
     def passing_lens(self) -> tuple[int, ...]:
         """Per-layer passing budgets in tokens ("all" = the longest block: every key is passed)."""
-        prompt = self.input.prompt_len
+        prompt = self.prompt_len
         schedule = self.apbv.passing_schedule or [self.apbv.setting("passing")] * self.model.num_layers
         # A budget beyond the prompt passes every key, exactly like "all": clamp so the counts stay real.
         return tuple(min(resolve_budget(b, prompt, "passing"), prompt) for b in schedule)
@@ -288,6 +333,26 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _with_checkpoint_shape(data: dict) -> dict:
+    """Fill ``model:`` shape keys from ``model.checkpoint``'s config.json; explicit keys must agree."""
+    model = data.get("model")
+    if not isinstance(model, dict) or not model.get("checkpoint"):
+        return data
+    from megatron_apbv.checkpoint import model_config_from_hf, read_hf_config
+
+    try:
+        derived = model_config_from_hf(read_hf_config(model["checkpoint"]))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.checkpoint={model['checkpoint']!r}: {err}") from None
+    for key, value in derived.items():
+        if key in model and model[key] != value:
+            raise ConfigError(
+                f"model.{key}={model[key]!r} disagrees with the checkpoint's config.json ({value!r}): "
+                f"remove model.{key} to take the checkpoint's value"
+            )
+    return {**data, "model": {**derived, **model}}
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
     """Load a YAML config (or the built-in defaults) and apply ``key=value`` overrides."""
     data: dict = {}
@@ -308,6 +373,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         fixed = set(VARIANTS[variant]) | ({"passing_schedule"} if "passing" in VARIANTS[variant] else set())
         data = {**data, "apbv": {k: v for k, v in data["apbv"].items() if k not in fixed}}
     data = _merge(data, extra)
+    data = _with_checkpoint_shape(data)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:

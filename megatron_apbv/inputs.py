@@ -1,13 +1,15 @@
-"""Synthetic prompt: token ids and global position ids of ``[system | video | question]``."""
+"""The prompt ``[system | video | question]``: token ids, global positions, and the video frames."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 
 from megatron_apbv.config import RunConfig
+from megatron_apbv.layout import Span
 from megatron_apbv.rope import video_position_ids
 
 
@@ -15,10 +17,13 @@ from megatron_apbv.rope import video_position_ids
 class Prompt:
     input_ids: torch.Tensor  # [b, N]
     position_ids: torch.Tensor  # [N] or [3, N] (multimodal RoPE)
+    frames: Optional[torch.Tensor] = None  # [T, H, W, 3] uint8 (input.kind: video)
+    video: Optional[Span] = None  # global span of the video tokens the vision tower fills
 
     def local(self, global_indices: torch.Tensor) -> "Prompt":
-        """The rank's tokens, with their global positions."""
-        return Prompt(self.input_ids[:, global_indices], self.position_ids[..., global_indices])
+        """The rank's tokens, with their global positions (frames and video span stay global)."""
+        return replace(self, input_ids=self.input_ids[:, global_indices],
+                       position_ids=self.position_ids[..., global_indices])
 
 
 def frame_grid(tokens_per_frame: int) -> tuple[int, int]:
@@ -27,15 +32,34 @@ def frame_grid(tokens_per_frame: int) -> tuple[int, int]:
     return h, tokens_per_frame // h
 
 
-def synthetic_prompt(cfg: RunConfig) -> Prompt:
-    """Seeded random token ids; 1-D positions, or Qwen2.5-VL 3-D positions when ``model.mrope_section`` is set."""
+def build_prompt(cfg: RunConfig) -> Prompt:
+    """The configured prompt: seeded random text ids around a synthetic or real video.
+
+    Positions are 1-D, or Qwen2.5-VL 3-D when ``model.mrope_section`` is set.
+    With ``input.kind: video`` the video tokens are placeholders (the last vocab
+    id) that the vision embeddings replace.
+    """
     inp = cfg.input
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    ids = torch.randint(0, cfg.model.vocab_size, (inp.batch_size, inp.prompt_len), generator=generator)
-    if cfg.model.mrope_section is None:
-        positions = torch.arange(inp.prompt_len)
+    ids = torch.randint(0, cfg.model.vocab_size, (inp.batch_size, cfg.prompt_len), generator=generator)
+    if inp.kind == "synthetic":
+        grid = (inp.video_frames,) + frame_grid(inp.tokens_per_frame)
+        frames = video = None
     else:
-        positions = video_position_ids(
-            inp.system_tokens, inp.video_frames, frame_grid(inp.tokens_per_frame), inp.query_tokens
-        )
-    return Prompt(ids, positions)
+        from megatron_apbv.video import load_video, synthetic_video
+
+        height, width = inp.frame_size
+        if inp.video_path is None:
+            frames = synthetic_video(inp.video_frames, height, width, seed=cfg.seed)
+        else:
+            frames = load_video(inp.video_path, num_frames=inp.video_frames, size=(height, width))
+        unit = cfg.vision.patch_size * cfg.vision.spatial_merge_size
+        groups = -(-inp.video_frames // cfg.vision.temporal_patch_size)
+        grid = (groups, height // unit, width // unit)
+        video = Span(inp.system_tokens, inp.system_tokens + inp.video_tokens(cfg.vision))
+        ids[:, video.start : video.stop] = cfg.model.vocab_size - 1  # placeholder id
+    if cfg.model.mrope_section is None:
+        positions = torch.arange(cfg.prompt_len)
+    else:
+        positions = video_position_ids(inp.system_tokens, grid[0], grid[1:], inp.query_tokens)
+    return Prompt(ids, positions, frames, video)

@@ -78,6 +78,11 @@ def build_gpt_model(cfg: RunConfig, *, method: str, device: torch.device, layer_
         # Vocab-parallel logits, gathered by last_token_logits: Megatron's own gather allocates on CUDA.
         parallel_output=True,
     )
+    if cfg.model.checkpoint:
+        from megatron_apbv.checkpoint import load_hf_checkpoint
+
+        tp_group = model.output_layer.tp_group
+        load_hf_checkpoint(model, cfg.model.checkpoint, tp_rank=tp_group.rank() if tp_group else 0, tp_size=tp)
     return model.to(device).eval()
 
 
@@ -118,8 +123,8 @@ def vocab_logits(model: GPTModel, hidden: torch.Tensor) -> torch.Tensor:
 
 def last_token_logits(
     model: GPTModel, rope: PositionRotaryEmbedding, input_ids: torch.Tensor, position_ids: torch.Tensor,
-    attention_mask=None,
+    attention_mask=None, inputs_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits ``[b, vocab]`` of the last token of ``input_ids`` ``[b, s]``."""
-    hidden = decoder_hidden(model, rope, input_ids, position_ids, attention_mask)
+    hidden = decoder_hidden(model, rope, input_ids, position_ids, attention_mask, inputs_embeds)
     return vocab_logits(model, hidden[-1:])

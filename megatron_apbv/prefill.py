@@ -13,15 +13,16 @@ from megatron_apbv.attention import APBVMask
 from megatron_apbv.config import ConfigError, RunConfig
 from megatron_apbv.decode import DistributedKVCache
 from megatron_apbv.distributed import LaunchEnv
-from megatron_apbv.inputs import Prompt, synthetic_prompt
+from megatron_apbv.inputs import Prompt, build_prompt
 from megatron_apbv.layout import SequenceLayout
 from megatron_apbv.model import build_gpt_model, build_rope, last_token_logits
-from megatron_apbv.runtime import context_parallel_rank
+from megatron_apbv.embeddings import build_vision_tower_for, input_embeddings
+from megatron_apbv.runtime import context_parallel_group, context_parallel_rank
 
 
 def sequence_layout(cfg: RunConfig) -> SequenceLayout:
     return SequenceLayout(
-        prompt_len=cfg.input.prompt_len,
+        prompt_len=cfg.prompt_len,
         anchor_len=cfg.anchor_len,
         query_len=cfg.query_len,
         world_size=cfg.parallel.context_parallel_size,
@@ -45,6 +46,7 @@ class Prefill:
     prompt: Prompt  # the whole prompt (every rank builds it from the seed)
     seq: SequenceLayout
     cache: Optional[DistributedKVCache] = None
+    tower: Optional[torch.nn.Module] = None  # the vision tower (input.kind: video)
 
 
 def apbv_prefill(cfg: RunConfig, device: torch.device, *, max_new_tokens: int = 0) -> Prefill:
@@ -55,21 +57,24 @@ def apbv_prefill(cfg: RunConfig, device: torch.device, *, max_new_tokens: int = 
     """
     seq = sequence_layout(cfg)
     layout = seq.rank(context_parallel_rank())
-    prompt = synthetic_prompt(cfg)
+    prompt = build_prompt(cfg)
     local = prompt.local(layout.global_indices)
     cache = DistributedKVCache(layout, max_new_tokens) if max_new_tokens else None
     mask = APBVMask(layout=layout, passing_lens=cfg.passing_lens(), cache=cache)
     model = build_gpt_model(cfg, method="apbv", device=device)
     rope = build_rope(cfg, device)
+    tower = build_vision_tower_for(cfg, device) if prompt.frames is not None else None
     ids, pos = local.input_ids.to(device), local.position_ids.to(device)
 
     dist.barrier()
     sync(device)
     start = time.perf_counter()
-    logits = last_token_logits(model, rope, ids, pos, mask)
+    with torch.inference_mode():
+        embeds = input_embeddings(model, tower, prompt, layout.global_indices, device, group=context_parallel_group())
+    logits = last_token_logits(model, rope, ids, pos, mask, inputs_embeds=embeds)
     sync(device)
     dist.barrier()
-    return Prefill(logits, time.perf_counter() - start, model, rope, prompt, seq, cache)
+    return Prefill(logits, time.perf_counter() - start, model, rope, prompt, seq, cache, tower)
 
 
 def run_prefill(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, compare: str | None = None) -> dict:
@@ -126,7 +131,11 @@ def _compare_dense(cfg: RunConfig, run: Prefill, device: torch.device) -> dict:
     dense.load_state_dict(run.model.state_dict())  # same weights by construction; loading makes it certain
     logits, prompt = run.logits, run.prompt
     start = time.perf_counter()
-    ref = last_token_logits(dense, run.rope, prompt.input_ids.to(device), prompt.position_ids.to(device))
+    with torch.inference_mode():
+        embeds = input_embeddings(dense, run.tower, prompt, torch.arange(prompt.input_ids.shape[1]), device)
+    ref = last_token_logits(
+        dense, run.rope, prompt.input_ids.to(device), prompt.position_ids.to(device), inputs_embeds=embeds
+    )
     sync(device)
     seconds = time.perf_counter() - start
     log_p, log_q = torch.log_softmax(ref.double(), -1), torch.log_softmax(logits.double(), -1)

@@ -12,7 +12,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 def test_shipped_config_loads():
     cfg = load_config(CONFIG)
     assert cfg.parallel.context_parallel_size == 2
-    assert cfg.input.prompt_len == 16 + 12 * 36 + 20
+    assert cfg.prompt_len == 16 + 12 * 36 + 20
     assert cfg.passing_lens() == (8, 8)
     assert cfg.apbv.setting("zigzag") and cfg.apbv.setting("overlap")
 

@@ -9,7 +9,7 @@ from distributed_utils import run_on_ranks
 from megatron_apbv.config import load_config
 from megatron_apbv.distributed import LaunchEnv, init_distributed, shutdown
 from megatron_apbv.generate import Sampler, apbv_generate
-from megatron_apbv.inputs import synthetic_prompt
+from megatron_apbv.inputs import build_prompt
 from megatron_apbv.model import build_gpt_model, build_rope, last_token_logits
 from megatron_apbv.prefill import sequence_layout
 
@@ -30,7 +30,7 @@ def _dense_generation(rank, world, overrides, steps):
     """Greedy decoding by re-running the dense model over the whole growing sequence (one process)."""
     cfg = load_config(CONFIG, overrides + ["parallel.context_parallel_size=1"])
     init_distributed(cfg, LaunchEnv(0, 1, 0), torch.device("cpu"))
-    prompt = synthetic_prompt(cfg)
+    prompt = build_prompt(cfg)
     model = build_gpt_model(cfg, method="dense", device=torch.device("cpu"))
     rope = build_rope(cfg, torch.device("cpu"))
     ids, pos = prompt.input_ids, prompt.position_ids

@@ -1,0 +1,83 @@
+"""The main job on real inputs: a video encoded over the group, and a Hugging Face checkpoint."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed_utils import run_on_ranks
+from megatron_apbv.config import ConfigError, load_config
+from megatron_apbv.distributed import LaunchEnv, init_distributed, shutdown
+from megatron_apbv.inputs import build_prompt
+from megatron_apbv.prefill import run_prefill
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+VIDEO = ["input.kind=video", "input.video_frames=12", "input.frame_size=[56, 112]", "model.mrope_section=[2, 3, 3]"]
+
+
+def _worker(rank, world, overrides):
+    cfg = load_config(CONFIG, overrides + [f"parallel.context_parallel_size={world}"])
+    init_distributed(cfg, LaunchEnv(rank, world, rank), torch.device("cpu"))
+    try:
+        return run_prefill(cfg, LaunchEnv(rank, world, rank), torch.device("cpu"), compare="dense")
+    finally:
+        shutdown()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_video_prompt_exact_mode_equals_dense(world):
+    record = run_on_ranks(world, _worker, VIDEO + ["apbv.variant=exact", "apbv.anchor=8"])
+    assert record["prompt_tokens"] == 16 + 6 * 2 * 4 + 20  # 6 temporal groups of 2x4 merged patches
+    assert record["max_abs_logit_diff"] <= 1e-4 and record["top1_agree"], record
+
+
+def test_video_prompt_layout_and_positions():
+    cfg = load_config(CONFIG, VIDEO)
+    prompt = build_prompt(cfg)
+    assert prompt.frames.shape == (12, 56, 112, 3) and prompt.frames.dtype == torch.uint8
+    assert (prompt.video.start, prompt.video.stop) == (16, 64)
+    assert prompt.position_ids.shape == (3, cfg.prompt_len)
+    assert bool((prompt.input_ids[0, 16:64] == cfg.model.vocab_size - 1).all())
+
+
+def test_bad_frame_size_is_a_config_error():
+    with pytest.raises(ConfigError, match="input.frame_size"):
+        load_config(CONFIG, VIDEO[:1] + ["input.frame_size=[50, 56]"])
+
+
+def test_hf_checkpoint_runs_and_matches_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False, rope_theta=10000.0,
+    )
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    overrides = [f"model.checkpoint={tmp_path}", "apbv.variant=exact"]
+    # the file's shape keys that disagree with config.json must be removed: here init_std etc. stay
+    with pytest.raises(ConfigError, match="disagrees with the checkpoint"):
+        load_config(CONFIG, overrides)
+    base = tmp_path / "base.yaml"
+    base.write_text("apbv: {anchor: 32, passing: 8}\ninput: {system_tokens: 16, video_frames: 4, tokens_per_frame: 36, query_tokens: 20}\n")
+    cfg = load_config(base, overrides)
+    assert cfg.model.num_layers == 2 and cfg.model.rope_theta == 10000.0
+    record = run_on_ranks(2, _ckpt_worker, str(base), overrides)
+    with torch.no_grad():
+        ref = hf(build_prompt(cfg).input_ids).logits[:, -1].float()
+    assert record["max_abs_logit_diff"] <= 1e-4
+    assert (record["logits"] - ref).abs().max().item() <= 1e-4
+
+
+def _ckpt_worker(rank, world, path, overrides):
+    from megatron_apbv.prefill import apbv_prefill
+
+    cfg = load_config(path, overrides + [f"parallel.context_parallel_size={world}"])
+    env = LaunchEnv(rank, world, rank)
+    init_distributed(cfg, env, torch.device("cpu"))
+    try:
+        record = run_prefill(cfg, env, torch.device("cpu"), compare="dense")
+        record["logits"] = apbv_prefill(cfg, torch.device("cpu")).logits
+        return record
+    finally:
+        shutdown()
