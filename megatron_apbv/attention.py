@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
+from torch.profiler import record_function
 from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -135,32 +135,38 @@ def apbv_layer_attention(
     # 1-3. Score and select each owned block, and start its exchange as soon as it is selected.
     exchange = PassingExchange(seq, passing_len, group, overlap=overlap)
     for e, rows in enumerate(block_slices):
-        selected = (k[rows][:0], v[rows][:0])
-        if passing_len > 0 and rows.stop > rows.start:
-            scores = passing_scores(q_query, k[rows], window=window)
-            selected = select_passing(k[rows], v[rows], scores, passing_len)
-        exchange.start(e, *selected)
+        with record_function("apbv/score_select_pass"):
+            selected = (k[rows][:0], v[rows][:0])
+            if passing_len > 0 and rows.stop > rows.start:
+                scores = passing_scores(q_query, k[rows], window=window)
+                selected = select_passing(k[rows], v[rows], scores, passing_len)
+            exchange.start(e, *selected)
 
     # 4. Exact query attention: local partial over this rank's share of the keys, merged across ranks.
-    query_merge = MergeAcrossRanks(
-        *_query_partial(q_query, k, v, layout, softmax_scale), seq.world_size, group, async_op=overlap
-    )
+    with record_function("apbv/query_attention"):
+        query_merge = MergeAcrossRanks(
+            *_query_partial(q_query, k, v, layout, softmax_scale), seq.world_size, group, async_op=overlap
+        )
 
     # 5-6. Blocks: the first also carries the anchor rows; passing blocks arrive as needed.
     anchor = slice(0, a)
     outputs = []
     for e, ((virtual, _), rows) in enumerate(zip(layout.blocks, block_slices)):
-        k_pass, v_pass = exchange.passing_for(virtual)
-        q_rows_block = slice(0, rows.stop) if e == 0 else rows
-        out, _ = apb_attention(
-            q[q_rows_block], k_pass, v_pass, k[anchor], v[anchor], k[rows], v[rows],
-            anchor_rows=a if e == 0 else 0, softmax_scale=softmax_scale,
-        )
+        with record_function("apbv/passing_wait_collect"):
+            k_pass, v_pass = exchange.passing_for(virtual)
+        with record_function("apbv/block_attention"):
+            q_rows_block = slice(0, rows.stop) if e == 0 else rows
+            out, _ = apb_attention(
+                q[q_rows_block], k_pass, v_pass, k[anchor], v[anchor], k[rows], v[rows],
+                anchor_rows=a if e == 0 else 0, softmax_scale=softmax_scale,
+            )
         outputs.append(out)
 
     # 7. [out_A | out_B_first | out_B_second | out_Q]
-    outputs.append(query_merge.result())
-    return torch.cat(outputs)
+    with record_function("apbv/query_merge"):
+        outputs.append(query_merge.result())
+    with record_function("apbv/assemble"):
+        return torch.cat(outputs)
 
 
 def _query_partial(q_query, k, v, layout: RankLayout, softmax_scale: float):

@@ -49,11 +49,33 @@ class Prefill:
     tower: Optional[torch.nn.Module] = None  # the vision tower (input.kind: video)
 
 
-def apbv_prefill(cfg: RunConfig, device: torch.device, *, max_new_tokens: int = 0) -> Prefill:
+def timed(fn, device: torch.device, repeat: int, *, barrier: bool = True):
+    """``fn()``'s result and its seconds: one call, or the median of ``repeat`` calls after a warm-up call.
+
+    The warm-up keeps one-off costs (kernel compilation, autotuning, allocator
+    growth) out of the number when ``repeat > 0``.
+    """
+    times = []
+    for _ in range(1 + repeat):
+        if barrier:
+            dist.barrier()
+        sync(device)
+        start = time.perf_counter()
+        result = fn()
+        sync(device)
+        if barrier:
+            dist.barrier()
+        times.append(time.perf_counter() - start)
+    measured = sorted(times[1:] if repeat else times)
+    return result, measured[len(measured) // 2]
+
+
+def apbv_prefill(cfg: RunConfig, device: torch.device, *, max_new_tokens: int = 0, repeat: int = 0) -> Prefill:
     """Build the APB-V model and run this rank's ``[A | blocks | Q]`` through it.
 
     With ``max_new_tokens > 0`` each layer keeps the rank's own K/V in
-    ``Prefill.cache`` for distributed decoding.
+    ``Prefill.cache`` for distributed decoding. ``repeat`` > 0 times the median
+    of that many prefills after a warm-up one.
     """
     seq = sequence_layout(cfg)
     layout = seq.rank(context_parallel_rank())
@@ -66,18 +88,18 @@ def apbv_prefill(cfg: RunConfig, device: torch.device, *, max_new_tokens: int = 
     tower = build_vision_tower_for(cfg, device) if prompt.frames is not None else None
     ids, pos = local.input_ids.to(device), local.position_ids.to(device)
 
-    dist.barrier()
-    sync(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        embeds = input_embeddings(model, tower, prompt, layout.global_indices, device, group=context_parallel_group())
-    logits = last_token_logits(model, rope, ids, pos, mask, inputs_embeds=embeds)
-    sync(device)
-    dist.barrier()
-    return Prefill(logits, time.perf_counter() - start, model, rope, prompt, seq, cache, tower)
+    def forward():
+        with torch.inference_mode():
+            embeds = input_embeddings(model, tower, prompt, layout.global_indices, device, group=context_parallel_group())
+        return last_token_logits(model, rope, ids, pos, mask, inputs_embeds=embeds)
+
+    logits, seconds = timed(forward, device, repeat)
+    return Prefill(logits, seconds, model, rope, prompt, seq, cache, tower)
 
 
-def run_prefill(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, compare: str | None = None) -> dict:
+def run_prefill(
+    cfg: RunConfig, env: LaunchEnv, device: torch.device, *, compare: str | None = None, repeat: int = 0
+) -> dict:
     """Prefill on every rank; returns the result record (complete on rank 0).
 
     ``compare="dense"`` also runs the same weights and prompt densely on one
@@ -87,7 +109,7 @@ def run_prefill(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, compare
         raise ConfigError(f"--compare {compare!r}: only 'dense' is available")
     if compare == "dense" and cfg.parallel.tensor_parallel_size != 1:
         raise ConfigError("--compare dense needs parallel.tensor_parallel_size=1 (the dense run holds all weights)")
-    run = apbv_prefill(cfg, device)
+    run = apbv_prefill(cfg, device, repeat=repeat)
     logits, seq = run.logits, run.seq
 
     # The query rows are exact on every rank, so every rank must hold the same logits.
@@ -113,31 +135,36 @@ def run_prefill(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, compare
         "rank_logit_spread": spread,
     }
     if compare == "dense" and env.rank == 0:
-        record.update(_compare_dense(cfg, run, device))
+        record.update(_compare_dense(cfg, run, device, repeat))
     return record
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--compare", choices=["dense"], default=None, help="also run densely on one process")
+    parser.add_argument(
+        "--repeat", type=int, default=0, metavar="N",
+        help="report the median of N prefills after a warm-up one (default 0: a single prefill)",
+    )
 
 
 def command(args, cfg: RunConfig, env: LaunchEnv, device: torch.device) -> dict:
     """``apbv run``."""
-    return run_prefill(cfg, env, device, compare=args.compare)
+    return run_prefill(cfg, env, device, compare=args.compare, repeat=args.repeat)
 
 
-def _compare_dense(cfg: RunConfig, run: Prefill, device: torch.device) -> dict:
+def _compare_dense(cfg: RunConfig, run: Prefill, device: torch.device, repeat: int) -> dict:
     dense = build_gpt_model(cfg, method="dense", device=device)
     dense.load_state_dict(run.model.state_dict())  # same weights by construction; loading makes it certain
     logits, prompt = run.logits, run.prompt
-    start = time.perf_counter()
-    with torch.inference_mode():
-        embeds = input_embeddings(dense, run.tower, prompt, torch.arange(prompt.input_ids.shape[1]), device)
-    ref = last_token_logits(
-        dense, run.rope, prompt.input_ids.to(device), prompt.position_ids.to(device), inputs_embeds=embeds
-    )
-    sync(device)
-    seconds = time.perf_counter() - start
+
+    def forward():
+        with torch.inference_mode():
+            embeds = input_embeddings(dense, run.tower, prompt, torch.arange(prompt.input_ids.shape[1]), device)
+        return last_token_logits(
+            dense, run.rope, prompt.input_ids.to(device), prompt.position_ids.to(device), inputs_embeds=embeds
+        )
+
+    ref, seconds = timed(forward, device, repeat, barrier=False)  # rank 0 alone
     log_p, log_q = torch.log_softmax(ref.double(), -1), torch.log_softmax(logits.double(), -1)
     return {
         "dense_seconds": round(seconds, 6),
