@@ -36,11 +36,65 @@ def apb_attention(
     if anchor_rows and anchor_rows != k_anchor.shape[0]:
         raise ValueError(f"anchor_rows={anchor_rows} must equal the anchor length {k_anchor.shape[0]}")
     kernel = kernel_for("apb_attention", q)
-    if kernel is not None:
-        return kernel(
-            q, k_pass, v_pass, k_anchor, v_anchor, k_block, v_block,
-            anchor_rows=anchor_rows, softmax_scale=softmax_scale,
+    if kernel is None:
+        return _torch_apb_attention(
+            q, k_pass, v_pass, k_anchor, v_anchor, k_block, v_block, anchor_rows=anchor_rows,
+            softmax_scale=softmax_scale,
         )
+    if anchor_rows == 0 and q.shape[0] <= FEW_QUERY_ROWS and k_pass.shape[0] + k_anchor.shape[0] >= 2 * KEY_CHUNK:
+        return attend_split_keys(
+            kernel, q, torch.cat([k_pass, k_anchor]), torch.cat([v_pass, v_anchor]), k_block, v_block,
+            softmax_scale=softmax_scale, chunk=KEY_CHUNK,
+        )
+    return kernel(
+        q, k_pass, v_pass, k_anchor, v_anchor, k_block, v_block, anchor_rows=anchor_rows, softmax_scale=softmax_scale
+    )
+
+
+# Query tokens and decoded tokens are few rows over many keys: one kernel launch would
+# then run only (heads x one row tile) programs, far too few for the GPU. Splitting the
+# keys into chunks that ride along the batch dimension fills it (split-K, then LSE merge).
+FEW_QUERY_ROWS = 128
+KEY_CHUNK = 4096
+
+
+def attend_split_keys(
+    attend, q, k_visible, v_visible, k_block, v_block, *, softmax_scale: float, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``apb_attention`` of block rows (no anchor rows) with the fully visible keys split into chunks.
+
+    ``attend`` is an implementation of :func:`apb_attention`. Whole chunks of
+    ``k_visible`` run as one call with the chunks stacked on the batch dimension;
+    the remainder and the causal ``k_block`` run as a second call; the partials
+    are merged by log-sum-exp. Same result as one call over all keys.
+    """
+    from megatron_apbv.merge import merge_partials
+
+    sq, b, hq, d = q.shape
+    n, _, hkv, _ = k_visible.shape
+    splits = n // chunk
+    whole = splits * chunk
+    empty = k_visible[:0]
+
+    def stacked(t):  # [splits * chunk, b, h, d] -> [chunk, splits * b, h, d]
+        return t[:whole].view(splits, chunk, b, hkv, d).transpose(0, 1).reshape(chunk, splits * b, hkv, d)
+
+    q_stacked = q.unsqueeze(1).expand(sq, splits, b, hq, d).reshape(sq, splits * b, hq, d)
+    none = k_visible.new_empty((0, splits * b, hkv, d))
+    out, lse = attend(
+        q_stacked, stacked(k_visible), stacked(v_visible), none, none, none, none, anchor_rows=0,
+        softmax_scale=softmax_scale,
+    )
+    rest_out, rest_lse = attend(
+        q, k_visible[whole:], v_visible[whole:], empty, empty, k_block, v_block, anchor_rows=0,
+        softmax_scale=softmax_scale,
+    )
+    outs = torch.cat([out.view(sq, splits, b, hq, d).permute(1, 0, 2, 3, 4), rest_out.unsqueeze(0)])
+    lses = torch.cat([lse.view(splits, b, hq, sq), rest_lse.unsqueeze(0)])
+    return merge_partials(outs, lses)
+
+
+def _torch_apb_attention(q, k_pass, v_pass, k_anchor, v_anchor, k_block, v_block, *, anchor_rows, softmax_scale):
     mask = apb_mask(anchor_rows, q.shape[0] - anchor_rows, k_pass.shape[0], k_anchor.shape[0], k_block.shape[0])
     k = torch.cat([k_pass, k_anchor, k_block])
     v = torch.cat([v_pass, v_anchor, v_block])

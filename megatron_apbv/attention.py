@@ -7,18 +7,15 @@ second block) -> merge (exact query attention by log-sum-exp).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch.profiler import record_function
-from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_apbv.attend import apb_attention
+from megatron_apbv.core_attention import CoreAttentionBase
 from megatron_apbv.decode import DecodeStep, DistributedKVCache, decode_layer_attention
 from megatron_apbv.layout import RankLayout
 from megatron_apbv.merge import MergeAcrossRanks
@@ -43,7 +40,7 @@ class APBVMask:
         return self.passing_lens[layer_number - 1]
 
 
-class APBVCoreAttention(MegatronModule):
+class APBVCoreAttention(CoreAttentionBase):
     """Distributed APB-V attention over Megatron's context-parallel group.
 
     Inputs follow Megatron's core-attention contract: query ``[sq, b, np, hn]``,
@@ -54,27 +51,10 @@ class APBVCoreAttention(MegatronModule):
     attention (both come from the layer spec's params).
     """
 
-    def __init__(
-        self,
-        config: TransformerConfig,
-        layer_number: int,
-        attn_mask_type: AttnMaskType,
-        attention_type: str,
-        attention_dropout: Optional[float] = None,
-        softmax_scale: Optional[float] = None,
-        cp_comm_type: Optional[str] = None,
-        pg_collection=None,
-        *,
-        window: int = 5,
-        overlap: bool = True,
-    ):
-        super().__init__(config=config)
-        self.layer_number = max(1, layer_number)
+    def __init__(self, *args, window: int = 5, overlap: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
         self.window = window
         self.overlap = overlap
-        self.softmax_scale = softmax_scale or config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
-        cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-        self.cp_group = cp if cp is not None else parallel_state.get_context_parallel_group()
 
     def forward(
         self,

@@ -27,10 +27,13 @@ class Command:
 COMMANDS = {
     "run": Command("megatron_apbv.prefill", "prefill the configured model and prompt across the launched ranks"),
     "generate": Command("megatron_apbv.generate", "prefill, then decode over the distributed KV cache"),
+    "bench": Command("megatron_apbv.bench", "time dense, ring, Ulysses, Star, APB-like and APB-V side by side"),
+    "plan": Command("megatron_apbv.plan", "predict prefill time per method and pick APB-V budgets (cost model)", distributed=False),
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(selected: str | None) -> argparse.ArgumentParser:
+    """The parser; only the ``selected`` command's module is imported (for its own options)."""
     parser = argparse.ArgumentParser(prog="apbv", description="APB-V long-context inference on Megatron-core")
     # Launchers may append --local_rank / --local-rank; the rank is read from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -40,9 +43,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in tiny CPU model)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. apbv.variant=exact")
         p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-        module = importlib.import_module(command.module)
-        if hasattr(module, "add_arguments"):
-            module.add_arguments(p)
+        if name == selected:
+            module = importlib.import_module(command.module)
+            if hasattr(module, "add_arguments"):
+                module.add_arguments(p)
     return parser
 
 
@@ -54,7 +58,8 @@ def _emit(record: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="megatron")  # Megatron warns at import about missing TE/apex
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser(next((a for a in argv if a in COMMANDS), None))
     args, rest = parser.parse_known_args(argv)
     # Overrides may follow options (`run cfg.yaml --compare dense a.b=1`): argparse leaves them in `rest`.
     unknown = [item for item in rest if "=" not in item or item.startswith("-")]

@@ -41,20 +41,20 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Qwen2/Llama-style decoder: RMSNorm, SwiGLU, GQA, RoPE."""
 
-    num_layers: int = Field(2, ge=1)
+    num_layers: int = Field(2, ge=1, le=100_000)  # bounded: one passing budget is resolved per layer
     hidden_size: int = Field(64, ge=1)
     num_attention_heads: int = Field(4, ge=1)
     num_query_groups: int = Field(2, ge=1, description="KV heads (GQA groups)")
     kv_channels: Optional[int] = Field(None, ge=1, description="head dim; default hidden_size / heads")
     ffn_hidden_size: int = Field(128, ge=1)
     vocab_size: int = Field(256, ge=2)
-    rope_theta: float = Field(1_000_000.0, gt=0)
+    rope_theta: float = Field(1_000_000.0, gt=0, allow_inf_nan=False)
     mrope_section: Optional[list[int]] = Field(None, description="Qwen2.5-VL 3-D RoPE sections (t, h, w)")
-    norm_epsilon: float = Field(1e-6, gt=0)
+    norm_epsilon: float = Field(1e-6, gt=0, allow_inf_nan=False)
     qkv_bias: StrictBool = True
     tie_embeddings: StrictBool = False
     max_position_embeddings: int = Field(1 << 20, ge=1)
-    init_std: float = Field(0.02, gt=0, description="std of the random initial weights")
+    init_std: float = Field(0.02, gt=0, allow_inf_nan=False, description="std of the random initial weights")
     checkpoint: Optional[str] = Field(
         None, description="Hugging Face safetensors checkpoint dir; the shape keys default to its config.json"
     )
@@ -154,7 +154,7 @@ class InputConfig(_Section):
     synthetic video when null) with the vision tower over the APB-V group.
     """
 
-    kind: Literal["synthetic", "video"] = "synthetic"
+    kind: Literal["synthetic", "video", "needle"] = "synthetic"
     system_tokens: int = Field(16, ge=0)
     video_frames: int = Field(8, ge=0)
     tokens_per_frame: int = Field(32, ge=1, description="synthetic kind only")
@@ -164,10 +164,24 @@ class InputConfig(_Section):
     batch_size: int = Field(1, ge=1)
 
     def video_tokens(self, vision: VisionConfig) -> int:
-        if self.kind == "synthetic":
+        if self.kind != "video":  # synthetic and needle: tokens_per_frame tokens per frame
             return self.video_frames * self.tokens_per_frame
         groups = -(-self.video_frames // vision.temporal_patch_size)
         return groups * vision.tokens_per_group(self.frame_size)
+
+
+class NeedleConfig(_Section):
+    """Video-needle benchmark (``input.kind: needle``, ``apbv eval``); see megatron_apbv/eval/needle.py."""
+
+    frame_size: tuple[int, int] = Field((16, 24), description="frame (H, W) in pixels")
+    patch_size: int = Field(4, ge=1, description="patch side; tokens_per_frame = (H/patch) * (W/patch)")
+    cards: tuple[int, int] = Field((2, 5), description="min, max scene cards per video")
+    distractor_rate: float = Field(0.25, ge=0.0, le=1.0, description="fraction of frames with a distractor")
+    checkpoint: Optional[str] = Field("checkpoints/needle/needle.safetensors", description="trained weights")
+    eval_examples: int = Field(64, ge=1, description="held-out examples apbv eval scores")
+    eval_batch: int = Field(8, ge=1)
+    budgets: list[Ratio] = Field(default_factory=lambda: [1 / 256, 1 / 128, 1 / 64], description="p / N")
+    demo_index: int = Field(0, ge=0, description="held-out example of apbv eval --demo")
 
 
 class GenerateConfig(_Section):
@@ -186,6 +200,7 @@ class RunConfig(_Section):
     input: InputConfig = InputConfig()
     vision: VisionConfig = VisionConfig()
     generate: GenerateConfig = GenerateConfig()
+    needle: NeedleConfig = NeedleConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 1234
@@ -342,7 +357,7 @@ def _with_checkpoint_shape(data: dict) -> dict:
 
     try:
         derived = model_config_from_hf(read_hf_config(model["checkpoint"]))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError) as err:  # TypeError: not a path (model.checkpoint=1)
         raise ConfigError(f"model.checkpoint={model['checkpoint']!r}: {err}") from None
     for key, value in derived.items():
         if key in model and model[key] != value:

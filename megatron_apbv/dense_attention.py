@@ -7,32 +7,14 @@ serve as the CPU baseline; this module runs PyTorch's scaled_dot_product_attenti
 
 from __future__ import annotations
 
-import math
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
-from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_apbv.core_attention import CoreAttentionBase
 
 
-class DenseCoreAttention(MegatronModule):
+class DenseCoreAttention(CoreAttentionBase):
     """Causal attention over the local sequence (``attention_mask`` must be None)."""
-
-    def __init__(
-        self,
-        config: TransformerConfig,
-        layer_number: int,
-        attn_mask_type: AttnMaskType,
-        attention_type: str,
-        attention_dropout: Optional[float] = None,
-        softmax_scale: Optional[float] = None,
-        cp_comm_type: Optional[str] = None,
-        pg_collection=None,
-    ):
-        super().__init__(config=config)
-        self.softmax_scale = softmax_scale or config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None) -> torch.Tensor:
