@@ -44,3 +44,23 @@ def test_layer_on_gpu_matches_cpu_torch_path(group, n, a, q, hq, hkv, p, dtype):
     assert torch.isfinite(gpu).all()
     rel = ((gpu - cpu).norm() / cpu.norm()).item()
     assert rel < 1e-2, rel
+
+
+@pytest.mark.parametrize("rows, keys, block", [(1, 70000, 1), (64, 50000, 64), (37, 9100, 0)])
+def test_split_keys_path_matches_one_kernel_call(rows, keys, block):
+    """Few query rows over many keys take the split-keys path; it must equal one kernel call."""
+    from megatron_apbv.attend import KEY_CHUNK, apb_attention
+    from megatron_apbv.kernels_dispatch import kernel_for
+
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    q = torch.randn(rows, 1, 28, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    kv = torch.randn(2, keys, 1, 4, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    kb = torch.randn(2, block, 1, 4, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    anchor = kv[:, :100]
+    assert keys >= 2 * KEY_CHUNK  # the dispatch splits these
+    split = apb_attention(q, kv[0, 100:], kv[1, 100:], anchor[0], anchor[1], kb[0], kb[1], anchor_rows=0,
+                          softmax_scale=128 ** -0.5)
+    whole = kernel_for("apb_attention", q)(q, kv[0, 100:], kv[1, 100:], anchor[0], anchor[1], kb[0], kb[1],
+                                           anchor_rows=0, softmax_scale=128 ** -0.5)
+    assert ((split[0].float() - whole[0].float()).norm() / whole[0].float().norm()).item() < 1e-2
+    assert (split[1] - whole[1]).abs().max().item() < 1e-2

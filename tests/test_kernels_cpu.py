@@ -374,3 +374,20 @@ def test_select_passing(L, p, ties):
 if not _IN_INTERP:  # outer process: only the subprocess entry is collected
     for _name in [n for n in list(globals()) if n.startswith("test_") and n != "test_cpu_kernels_under_interpreter"]:
         del globals()[_name]
+
+
+@pytest.mark.skipif(not _IN_INTERP, reason="runs inside the interpreter subprocess")
+@pytest.mark.parametrize("rows, keys, block, b", [(1, 100, 1, 1), (3, 70, 3, 2), (5, 64, 0, 1)])
+def test_split_keys_path_with_the_kernel(rows, keys, block, b):
+    """megatron_apbv.attend's split-keys path (chunks on the batch dimension) driving the real kernel."""
+    from megatron_apbv.attend import attend_split_keys
+
+    g = torch.Generator().manual_seed(rows * keys)
+    q = torch.randn(rows, b, 8, 64, generator=g)
+    kv = torch.randn(2, keys, b, 2, 64, generator=g)
+    kb = torch.randn(2, block, b, 2, 64, generator=g)
+    none = kv[0, :0]
+    whole = K.apb_attention(q, kv[0], kv[1], none, none, kb[0], kb[1], anchor_rows=0, softmax_scale=0.125)
+    split = attend_split_keys(K.apb_attention, q, kv[0], kv[1], kb[0], kb[1], softmax_scale=0.125, chunk=16)
+    assert torch.allclose(split[0], whole[0], atol=1e-4)
+    assert torch.allclose(split[1], whole[1], atol=1e-4)
