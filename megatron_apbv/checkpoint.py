@@ -454,3 +454,55 @@ def load_hf_checkpoint(model, path: str | Path, *, tp_rank: int = 0, tp_size: in
                 # One parameter at a time: peak memory is one shard, not a second copy of the model.
                 params[name].copy_(recipe.build(tensors))  # in place, cast to the parameter's dtype and device
     return LoadReport(files=[str(f) for f in files], parameters=list(recipes), ignored=tensors.ignored)
+
+
+# ----------------------------------------------------------------------------------------------
+# the vision tower of Qwen2.5-VL
+# ----------------------------------------------------------------------------------------------
+
+_VISION_KEYS = (
+    "depth", "hidden_size", "num_heads", "intermediate_size", "patch_size", "spatial_merge_size",
+    "temporal_patch_size", "window_size", "fullatt_block_indexes",
+)
+_VISION_PREFIXES = ("model.visual.", "visual.")
+
+
+def vision_config_from_hf(hf_config: dict) -> Optional[dict]:
+    """Our ``vision:`` section for a Qwen2.5-VL ``config.json`` (``None`` when it has no vision tower)."""
+    vision = hf_config.get("vision_config")
+    if not isinstance(vision, dict):
+        return None
+    return {key: vision[key] for key in _VISION_KEYS if key in vision}
+
+
+def load_vision_weights(tower, path: str | Path) -> int:
+    """Copy the checkpoint's ``visual.*`` tensors into a Qwen2.5-VL vision tower; returns how many.
+
+    Every tower parameter must come from the checkpoint with the right shape, and
+    every visual tensor must have a place in the tower: a :class:`CheckpointError`
+    names the first tensors that do not.
+    """
+    state = tower.state_dict()
+    found: dict[str, torch.Tensor] = {}
+    for file in _checkpoint_files(Path(path)):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                prefix = next((p for p in _VISION_PREFIXES if name.startswith(p)), None)
+                if prefix is not None:
+                    found[name[len(prefix):]] = f.get_tensor(name)
+    missing = sorted(set(state) - set(found))
+    unexpected = sorted(set(found) - set(state))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: vision tower mismatch: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    for name, tensor in found.items():
+        if tensor.shape != state[name].shape:
+            raise CheckpointError(
+                f"{path}: visual.{name}: expected shape {tuple(state[name].shape)}, found {tuple(tensor.shape)}"
+            )
+    with torch.no_grad():
+        for name, tensor in found.items():
+            state[name].copy_(tensor)
+    return len(found)

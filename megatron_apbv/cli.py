@@ -27,6 +27,7 @@ class Command:
 COMMANDS = {
     "run": Command("megatron_apbv.prefill", "prefill the configured model and prompt across the launched ranks"),
     "generate": Command("megatron_apbv.generate", "prefill, then decode over the distributed KV cache"),
+    "eval": Command("megatron_apbv.eval.evaluate", "needle benchmark: dense vs exact, APB-V, APB-like, Star accuracy"),
     "bench": Command("megatron_apbv.bench", "time dense, ring, Ulysses, Star, APB-like and APB-V side by side"),
     "plan": Command("megatron_apbv.plan", "predict prefill time per method and pick APB-V budgets (cost model)", distributed=False),
 }
@@ -100,11 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         shutdown()
         return code
 
+    from megatron_apbv.checkpoint import CheckpointError
+    from megatron_apbv.video import VideoError
+
     try:
         record = module.command(args, cfg, env, device)
         if env.rank == 0:
             _emit(record)
-    except ConfigError as err:
+    except (ConfigError, CheckpointError, VideoError) as err:  # bad input, found the same way on every rank
         print(f"apbv: rank {env.rank}: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # a peer rank exited or hung mid-run: one line, non-zero exit, no hang

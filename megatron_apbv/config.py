@@ -349,23 +349,33 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def _with_checkpoint_shape(data: dict) -> dict:
-    """Fill ``model:`` shape keys from ``model.checkpoint``'s config.json; explicit keys must agree."""
+    """Fill ``model:`` (and, for Qwen2.5-VL, ``vision:``) shape keys from ``model.checkpoint``'s config.json.
+
+    Keys given explicitly must agree with the checkpoint.
+    """
     model = data.get("model")
     if not isinstance(model, dict) or not model.get("checkpoint"):
         return data
-    from megatron_apbv.checkpoint import model_config_from_hf, read_hf_config
+    from megatron_apbv.checkpoint import model_config_from_hf, read_hf_config, vision_config_from_hf
 
     try:
-        derived = model_config_from_hf(read_hf_config(model["checkpoint"]))
+        hf = read_hf_config(model["checkpoint"])
+        derived = {"model": model_config_from_hf(hf), "vision": vision_config_from_hf(hf) or {}}
     except (OSError, ValueError, TypeError) as err:  # TypeError: not a path (model.checkpoint=1)
         raise ConfigError(f"model.checkpoint={model['checkpoint']!r}: {err}") from None
-    for key, value in derived.items():
-        if key in model and model[key] != value:
-            raise ConfigError(
-                f"model.{key}={model[key]!r} disagrees with the checkpoint's config.json ({value!r}): "
-                f"remove model.{key} to take the checkpoint's value"
-            )
-    return {**data, "model": {**derived, **model}}
+    out = dict(data)
+    for section, values in derived.items():
+        given = data.get(section) or {}
+        if not isinstance(given, dict):
+            continue  # pydantic reports the wrong type
+        for key, value in values.items():
+            if key in given and given[key] != value:
+                raise ConfigError(
+                    f"{section}.{key}={given[key]!r} disagrees with the checkpoint's config.json ({value!r}): "
+                    f"remove {section}.{key} to take the checkpoint's value"
+                )
+        out[section] = {**values, **given}
+    return out
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:

@@ -13,7 +13,12 @@ from megatron_apbv.model import DTYPES
 
 
 def build_vision_tower_for(cfg: RunConfig, device: torch.device):
-    """The Qwen2.5-VL tower of ``cfg.vision`` with output width ``model.hidden_size`` (seeded random weights)."""
+    """The Qwen2.5-VL tower of ``cfg.vision`` with output width ``model.hidden_size``.
+
+    Weights come from ``model.checkpoint`` when it holds ``visual.*`` tensors,
+    else they are seeded random ones.
+    """
+    from megatron_apbv.checkpoint import load_vision_weights, read_hf_config, vision_config_from_hf
     from megatron_apbv.vision import build_vision_tower
 
     v = cfg.vision
@@ -23,7 +28,10 @@ def build_vision_tower_for(cfg: RunConfig, device: torch.device):
         window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_block_indexes),
         out_hidden_size=cfg.model.hidden_size, in_channels=3,
     )
-    return build_vision_tower(settings, seed=cfg.seed, dtype=DTYPES[cfg.dtype], device=device)
+    tower = build_vision_tower(settings, seed=cfg.seed, dtype=torch.float32)
+    if cfg.model.checkpoint and vision_config_from_hf(read_hf_config(cfg.model.checkpoint)) is not None:
+        load_vision_weights(tower, cfg.model.checkpoint)
+    return tower.to(device=device, dtype=DTYPES[cfg.dtype])
 
 
 def input_embeddings(

@@ -84,5 +84,20 @@ def apbv_generate(cfg: RunConfig, device: torch.device) -> dict:
 
 
 def command(args, cfg: RunConfig, env, device: torch.device) -> dict:
-    """``apbv generate``: generated ids (no tokenizer is loaded) and timings."""
-    return {"world_size": env.world_size, **apbv_generate(cfg, device)}
+    """``apbv generate``: generated ids (and text, when ``model.checkpoint`` has a tokenizer) and timings."""
+    record = {"world_size": env.world_size, **apbv_generate(cfg, device)}
+    tokenizer = _tokenizer(cfg.model.checkpoint)
+    if tokenizer is not None:
+        record["generated_text"] = [tokenizer.decode(ids, skip_special_tokens=True) for ids in record["generated_ids"]]
+    return record
+
+
+def _tokenizer(checkpoint):
+    """The checkpoint directory's own tokenizer, if it has one (local files only)."""
+    from pathlib import Path
+
+    if not checkpoint or not any((Path(checkpoint) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)

@@ -41,7 +41,8 @@ def build_prompt(cfg: RunConfig) -> Prompt:
     """
     inp = cfg.input
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    ids = torch.randint(0, cfg.model.vocab_size, (inp.batch_size, cfg.prompt_len), generator=generator)
+    # the last id is reserved for video placeholders, so text never looks like video
+    ids = torch.randint(0, cfg.model.vocab_size - 1, (inp.batch_size, cfg.prompt_len), generator=generator)
     if inp.kind == "synthetic":
         grid = (inp.video_frames,) + frame_grid(inp.tokens_per_frame)
         frames = video = None

@@ -39,3 +39,14 @@ def test_every_rank_reports_and_nobody_hangs(nproc, args, message):
         assert f"apbv: rank {rank}: " in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.count(message) == nproc, proc.stderr[-2000:]
     assert seconds < 90
+
+
+def test_undecodable_video_fails_every_rank(tmp_path):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"not a video at all" * 100)
+    proc, seconds = _torchrun(2, "input.kind=video", f"input.video_path={bad}")
+    assert proc.returncode != 0
+    for rank in range(2):
+        assert f"apbv: rank {rank}: " in proc.stderr and str(bad) in proc.stderr, proc.stderr[-2000:]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    assert seconds < 90

@@ -81,3 +81,49 @@ def _ckpt_worker(rank, world, path, overrides):
         return record
     finally:
         shutdown()
+
+
+def test_qwen2_5_vl_checkpoint_video_matches_transformers(tmp_path):
+    """Language model and vision tower from one Qwen2.5-VL checkpoint; APB-V exact mode on 2 ranks
+    gives the logits of transformers' own Qwen2.5-VL on the same frames and prompt."""
+    transformers = pytest.importorskip("transformers")
+    vocab = 256
+    hf_cfg = transformers.Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1], out_hidden_size=64,
+        ),
+        video_token_id=vocab - 1, image_token_id=vocab - 2, vision_start_token_id=vocab - 3,
+        vision_end_token_id=vocab - 4, bos_token_id=0, eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    hf = transformers.Qwen2_5_VLForConditionalGeneration(hf_cfg).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    base = tmp_path / "run.yaml"
+    base.write_text(
+        f"model: {{checkpoint: {str(tmp_path)!r}}}\n"
+        "apbv: {variant: exact, anchor: 8}\n"
+        "input: {kind: video, system_tokens: 6, video_frames: 6, frame_size: [56, 84], query_tokens: 5}\n"
+    )
+    cfg = load_config(base)
+    assert cfg.vision.hidden_size == 32 and cfg.model.mrope_section == [2, 3, 3]
+    record = run_on_ranks(2, _ckpt_worker, str(base), [])
+    assert record["max_abs_logit_diff"] <= 1e-4
+
+    from megatron_apbv.vision import patchify_for
+
+    prompt = build_prompt(cfg)
+    patches, grid = patchify_for(hf.config.vision_config, prompt.frames)
+    with torch.no_grad():
+        ref = hf(
+            input_ids=prompt.input_ids, pixel_values_videos=patches,
+            video_grid_thw=torch.tensor([[grid.groups, grid.height, grid.width]]),
+            # our 3-D positions (one temporal group = one step of t); transformers would derive them
+            # from vision-start markers, which the tokenizer-free prompt does not have
+            position_ids=prompt.position_ids[:, None, :],
+        ).logits[:, -1].float()
+    assert (record["logits"] - ref).abs().max().item() <= 1e-4
