@@ -30,9 +30,10 @@ setup(
         # NumPy 2.4 scalars (triton-lang/triton issue 9171, fixed after 3.6).
         "video": ["av>=12"],  # decoding real video files
         "vision": ["transformers>=4.50"],  # the Qwen2.5-VL vision tower
+        "bench": ["matplotlib>=3.7", "tqdm"],  # apbv bench: the PNG plot and the progress bar
         "test": [
             "pytest>=8", "hypothesis>=6.100", "triton>=3.2", "numpy<2.4",
-            "transformers>=4.50", "safetensors>=0.4", "av>=12", "pillow",
+            "transformers>=4.50", "safetensors>=0.4", "av>=12", "pillow", "matplotlib>=3.7", "tqdm",
         ],
     },
     entry_points={"console_scripts": ["apbv = megatron_apbv.cli:main"]},

@@ -9,7 +9,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_apbv.config import RunConfig
 from megatron_apbv.rope import PositionRotaryEmbedding
-from megatron_apbv.spec import get_gpt_layer_apbv_spec, get_gpt_layer_dense_spec
+from megatron_apbv.spec import get_gpt_layer_apbv_spec, get_gpt_layer_baseline_spec, get_gpt_layer_dense_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,7 +52,7 @@ def transformer_config(cfg: RunConfig, *, tensor_parallel_size: int, context_par
 
 
 def build_gpt_model(cfg: RunConfig, *, method: str, device: torch.device, layer_spec=None) -> GPTModel:
-    """GPTModel with APB-V (``method="apbv"``) or dense causal (``"dense"``) core attention.
+    """GPTModel with APB-V (``method="apbv"``), dense causal (``"dense"``), or ring / Ulysses core attention.
 
     Weights depend only on ``cfg.seed`` and the shape, so both methods built from
     one config hold the same weights. Positions come from :class:`PositionRotaryEmbedding`,
@@ -64,8 +64,11 @@ def build_gpt_model(cfg: RunConfig, *, method: str, device: torch.device, layer_
         tp, cp = cfg.parallel.tensor_parallel_size, cfg.parallel.context_parallel_size
     elif method == "dense":
         spec, tp, cp = get_gpt_layer_dense_spec(), 1, 1
+    elif method in ("ring", "ulysses"):  # benchmark baselines over the same CP group
+        spec = get_gpt_layer_baseline_spec(method)
+        tp, cp = cfg.parallel.tensor_parallel_size, cfg.parallel.context_parallel_size
     else:
-        raise ValueError(f"method={method!r}: expected 'apbv' or 'dense'")
+        raise ValueError(f"method={method!r}: expected 'apbv', 'dense', 'ring' or 'ulysses'")
     spec = layer_spec or spec
     torch.manual_seed(cfg.seed)
     model = GPTModel(

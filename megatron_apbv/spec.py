@@ -23,6 +23,17 @@ def get_gpt_layer_dense_spec(*, qk_layernorm: bool = False) -> ModuleSpec:
     return get_gpt_layer_spec_with(ModuleSpec(module=DenseCoreAttention), qk_layernorm)
 
 
+def get_gpt_layer_baseline_spec(method: str, *, qk_layernorm: bool = False) -> ModuleSpec:
+    """The same layer with a sequence-parallel baseline: zigzag ``"ring"`` or all-to-all ``"ulysses"`` attention."""
+    if method == "ring":
+        from megatron_apbv.ring_attention import RingCoreAttention as core
+    elif method == "ulysses":
+        from megatron_apbv.ulysses_attention import UlyssesCoreAttention as core  # imports DeepSpeed: only on demand
+    else:
+        raise ValueError(f"baseline method={method!r}: expected 'ring' or 'ulysses'")
+    return get_gpt_layer_spec_with(ModuleSpec(module=core), qk_layernorm)
+
+
 def get_gpt_layer_spec_with(core_attention: ModuleSpec, qk_layernorm: bool = False) -> ModuleSpec:
     """Megatron's local GPT layer spec (RMSNorm) with ``core_attention`` as its core attention."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm"))
