@@ -462,7 +462,7 @@ def load_hf_checkpoint(model, path: str | Path, *, tp_rank: int = 0, tp_size: in
 
 _VISION_KEYS = (
     "depth", "hidden_size", "num_heads", "intermediate_size", "patch_size", "spatial_merge_size",
-    "temporal_patch_size", "window_size", "fullatt_block_indexes",
+    "temporal_patch_size", "window_size", "fullatt_block_indexes", "tokens_per_second",
 )
 _VISION_PREFIXES = ("model.visual.", "visual.")
 

@@ -139,6 +139,7 @@ class VisionConfig(_Section):
     temporal_patch_size: int = Field(2, ge=1)
     window_size: int = Field(112, ge=1)
     fullatt_block_indexes: list[int] = Field(default_factory=lambda: [1])
+    tokens_per_second: float = Field(4.0, gt=0, allow_inf_nan=False, description="temporal RoPE steps per second")
 
     def tokens_per_group(self, frame_size: tuple[int, int]) -> int:
         """Video tokens of one temporal group (``temporal_patch_size`` frames)."""
@@ -160,6 +161,10 @@ class InputConfig(_Section):
     tokens_per_frame: int = Field(32, ge=1, description="synthetic kind only")
     video_path: Optional[str] = Field(None, description="video kind: a file PyAV can decode; null = synthetic video")
     frame_size: tuple[int, int] = Field((56, 56), description="video kind: frames are resized to (H, W)")
+    seconds_per_frame: Optional[float] = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="time between sampled frames; sets the temporal RoPE step (null: one step per temporal group)",
+    )
     query_tokens: int = Field(16, ge=1, description="question + assistant header: the query span Q")
     batch_size: int = Field(1, ge=1)
 

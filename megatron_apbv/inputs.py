@@ -62,5 +62,9 @@ def build_prompt(cfg: RunConfig) -> Prompt:
     if cfg.model.mrope_section is None:
         positions = torch.arange(cfg.prompt_len)
     else:
-        positions = video_position_ids(inp.system_tokens, grid[0], grid[1:], inp.query_tokens)
+        interval = 1.0
+        if inp.kind == "video" and inp.seconds_per_frame is not None:
+            group_seconds = cfg.vision.temporal_patch_size * inp.seconds_per_frame
+            interval = cfg.vision.tokens_per_second * group_seconds
+        positions = video_position_ids(inp.system_tokens, grid[0], grid[1:], inp.query_tokens, interval)
     return Prompt(ids, positions, frames, video)

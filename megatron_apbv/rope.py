@@ -58,16 +58,21 @@ class PositionRotaryEmbedding(torch.nn.Module):
         return torch.cat([angles, angles], dim=-1)[:, None, None, :]
 
 
-def video_position_ids(text_before: int, frames: int, grid: tuple[int, int], text_after: int) -> torch.Tensor:
+def video_position_ids(
+    text_before: int, frames: int, grid: tuple[int, int], text_after: int, time_interval: float = 1.0
+) -> torch.Tensor:
     """Qwen2.5-VL style 3-D positions ``[3, s]`` of ``text | video | text``.
 
-    Text tokens advance all three axes together; video token ``(f, y, x)`` sits at
-    ``start + (f, y, x)``; text after the video resumes at one past the largest
-    position used.
+    Text tokens advance all three axes together; video token ``(f, y, x)`` of
+    temporal group ``f`` sits at ``start + (floor(f * time_interval), y, x)``, where
+    Qwen2.5-VL's ``time_interval`` is ``tokens_per_second`` x the seconds one
+    temporal group spans; text after the video resumes at one past the largest
+    position used (the original Qwen2.5-VL rule).
     """
     gh, gw = grid
     before = torch.arange(text_before).expand(3, -1)
-    f, y, x = torch.meshgrid(torch.arange(frames), torch.arange(gh), torch.arange(gw), indexing="ij")
+    t = (torch.arange(frames, dtype=torch.float64) * time_interval).long()
+    f, y, x = torch.meshgrid(t, torch.arange(gh), torch.arange(gw), indexing="ij")
     video = torch.stack([f.flatten(), y.flatten(), x.flatten()]) + text_before
     nxt = int(video.max()) + 1 if frames else text_before
     after = (torch.arange(text_after) + nxt).expand(3, -1)

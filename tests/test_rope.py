@@ -52,3 +52,10 @@ def test_video_position_ids():
     assert pos[:, 2].tolist() == [2, 2, 2]  # frame 0, row 0, col 0
     assert pos[:, 2 + 6 + 5].tolist() == [3, 3, 4]  # frame 1, row 1, col 2
     assert pos[:, -2].tolist() == [5, 5, 5]  # text resumes after the largest position
+
+
+def test_video_time_interval_spaces_temporal_positions():
+    pos = video_position_ids(1, 3, (1, 2), 1, time_interval=2.5)
+    assert pos[0, 1:7].tolist() == [1, 1, 3, 3, 6, 6]  # floor(f * 2.5) + start
+    assert pos[1, 1:7].tolist() == [1] * 6 and pos[2, 1:7].tolist() == [1, 2] * 3
+    assert pos[:, -1].tolist() == [7, 7, 7]  # one past the largest position
