@@ -1,0 +1,1 @@
+"""Quality evaluation: the video-needle benchmark, its trained model and ``apbv eval``."""
