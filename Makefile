@@ -14,10 +14,12 @@ $(VENV)/.installed: setup.py
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-# The main job on its built-in default: tiny model, synthetic video prompt, 2 CPU ranks
-# through the DeepSpeed launcher (launch/README.md has torchrun and SLURM too).
+# The main job on its built-in default: tiny model, synthetic video prompt, 2 CPU ranks through the
+# DeepSpeed launcher (launch/README.md has torchrun and SLURM too); then the project's trained needle
+# model answers one held-out video question with APB-V across the ranks, next to dense's answer and the truth.
 demo: $(VENV)/.installed
-	NPROC=2 bash launch/deepspeed_cpu.sh configs/tiny_cpu.yaml --compare dense
+	NPROC=2 MASTER_PORT=29517 bash launch/deepspeed_cpu.sh configs/tiny_cpu.yaml --compare dense
+	NPROC=2 MASTER_PORT=29518 APBV_COMMAND=eval bash launch/deepspeed_cpu.sh configs/needle_demo.yaml --demo
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q tests

@@ -24,6 +24,8 @@ export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 # Module the ranks run (`python -m $APBV_MODULE`); only tests change it.
 APBV_MODULE="${APBV_MODULE:-megatron_apbv}"
+# The apbv command every rank runs: run (default), generate, bench or eval.
+APBV_COMMAND="${APBV_COMMAND:-run}"
 
 # apbv_tool NAME: path of a console script, preferring the repo venv.
 apbv_tool() {

@@ -5,6 +5,7 @@
 #
 # CONFIG defaults to configs/tiny_cpu.yaml. Environment knobs:
 #   NPROC=2              ranks to start (passed as --num_accelerators)
+#   APBV_COMMAND=run     the apbv command: run, generate, bench or eval
 #   MASTER_PORT=29500    rendezvous port on 127.0.0.1
 #   PASS_LOCAL_RANK=0    1: let DeepSpeed append --local_rank=N to the program argv
 #   BIND_CORES=0         1: --bind_cores_to_rank (needs `numactl`; sets OMP_NUM_THREADS)
@@ -42,6 +43,6 @@ cmd=("$DEEPSPEED" --num_accelerators "$NPROC" --master_port "$MASTER_PORT"
 [[ "${BIND_CORES:-0}" == 1 ]] && cmd+=(--bind_cores_to_rank)
 # device=cpu first (later overrides win): DeepSpeed sets CUDA_VISIBLE_DEVICES=0..NPROC-1
 # in every rank even on the CPU path, so on a GPU host `device: auto` would pick CUDA.
-cmd+=(--module "$APBV_MODULE" run "$APBV_CONFIG" device=cpu "${APBV_ARGS[@]}")
+cmd+=(--module "$APBV_MODULE" "$APBV_COMMAND" "$APBV_CONFIG" device=cpu "${APBV_ARGS[@]}")
 
 run_or_print "${cmd[@]}"

@@ -97,6 +97,6 @@ else
   [[ "${PASS_LOCAL_RANK:-0}" == 1 ]] || cmd+=(--no_local_rank)
   cmd+=(--module "$APBV_MODULE")
 fi
-cmd+=(run "$APBV_CONFIG" "${APBV_ARGS[@]}")
+cmd+=("$APBV_COMMAND" "$APBV_CONFIG" "${APBV_ARGS[@]}")
 
 run_or_print "${cmd[@]}"

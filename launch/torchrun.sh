@@ -44,6 +44,6 @@ cmd=("$TORCHRUN" --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE"
      --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "${RDZV_ID:-apbv}"
      --max_restarts 0)
 [[ -n "${NODE_RANK:-}" ]] && cmd+=(--node_rank "$NODE_RANK")
-cmd+=(-m "$APBV_MODULE" run "$APBV_CONFIG" "${APBV_ARGS[@]}")
+cmd+=(-m "$APBV_MODULE" "$APBV_COMMAND" "$APBV_CONFIG" "${APBV_ARGS[@]}")
 
 run_or_print "${cmd[@]}"

@@ -96,8 +96,9 @@ def _dense_worker(rank, world, count):
 def test_checkpoint_loads_and_dense_accuracy_matches_the_report():
     reported = json.loads(TRAIN_LOG.read_text())["heldout_dense"]["accuracy"]
     acc = run_on_ranks(1, _dense_worker, 32)
-    # 32 examples against the 512 of the report: a binomial standard error of about 0.085
-    assert abs(acc - reported) <= 0.25, (acc, reported)
+    # 32 examples on the CPU against the 512 of the report (GPU, bf16): the trained model is near-perfect,
+    # so a small sample must be too
+    assert reported >= 0.95 and acc >= reported - 0.1, (acc, reported)
 
 
 def _exact_worker(rank, world):
