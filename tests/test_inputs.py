@@ -127,3 +127,43 @@ def test_qwen2_5_vl_checkpoint_video_matches_transformers(tmp_path):
             position_ids=prompt.position_ids[:, None, :],
         ).logits[:, -1].float()
     assert (record["logits"] - ref).abs().max().item() <= 1e-4
+
+
+def test_generate_prints_text_with_the_checkpoints_tokenizer(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {f"w{i}": i for i in range(256)}
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    )
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0,
+    )
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(hf_cfg).save_pretrained(tmp_path, safe_serialization=True)
+    tok.save_pretrained(tmp_path)
+    base = tmp_path / "gen.yaml"
+    base.write_text(
+        f"model: {{checkpoint: {str(tmp_path)!r}}}\napbv: {{anchor: 16, passing: 4}}\n"
+        "input: {system_tokens: 8, video_frames: 4, tokens_per_frame: 16, query_tokens: 8}\n"
+        "generate: {max_new_tokens: 5}\n"
+    )
+    record = run_on_ranks(2, _generate_worker, str(base))
+    ids = record["generated_ids"][0]
+    assert len(ids) == 5
+    assert record["generated_text"][0] == "".join(f"w{i}" for i in ids)  # a WordLevel decoder joins tokens
+
+
+def _generate_worker(rank, world, path):
+    from argparse import Namespace
+
+    from megatron_apbv.generate import command
+
+    cfg = load_config(path, [f"parallel.context_parallel_size={world}"])
+    env = LaunchEnv(rank, world, rank)
+    init_distributed(cfg, env, torch.device("cpu"))
+    try:
+        return command(Namespace(), cfg, env, torch.device("cpu"))
+    finally:
+        shutdown()
