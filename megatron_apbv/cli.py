@@ -94,11 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         init_distributed(cfg, env, device)
     except ConfigError as err:
         print(f"apbv: rank {env.rank}: {err}", file=sys.stderr)
-        shutdown()  # the ranks-agree check fails after the process group started
+        shutdown(wait_for_peers=False)  # the ranks-agree check fails after the process group started
         return 2
     except Exception as err:  # a peer exited, hung or never joined: one line, non-zero exit, no hang
         code = report_failure(err, env.rank, cfg.parallel.timeout_seconds if cfg else None)
-        shutdown()
+        shutdown(wait_for_peers=False)
         return code
 
     from megatron_apbv.checkpoint import CheckpointError
@@ -108,13 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         record = module.command(args, cfg, env, device)
         if env.rank == 0:
             _emit(record)
+        shutdown()
     except (ConfigError, CheckpointError, VideoError) as err:  # bad input, found the same way on every rank
         print(f"apbv: rank {env.rank}: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # a peer rank exited or hung mid-run: one line, non-zero exit, no hang
         return report_failure(err, env.rank, cfg.parallel.timeout_seconds)
     finally:
-        shutdown()
+        shutdown(wait_for_peers=False)  # after a failure a peer may be gone: no barrier
     return 0
 
 

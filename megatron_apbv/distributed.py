@@ -89,7 +89,15 @@ def init_distributed(cfg: RunConfig, env: LaunchEnv, device: torch.device) -> No
     check_ranks_agree(cfg, agreement_extra(cfg, env.world_size))
 
 
-def shutdown() -> None:
+def shutdown(*, wait_for_peers: bool = True) -> None:
+    """Tear down Megatron's groups and torch.distributed (a no-op when they are not running).
+
+    ``wait_for_peers`` first meets the other ranks at a barrier: a rank tearing gloo
+    down while a peer still talks to it can abort ("terminate called without an
+    active exception"). After a failure, when a peer may be gone, pass False.
+    """
+    if dist.is_initialized() and wait_for_peers:
+        dist.barrier()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

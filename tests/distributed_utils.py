@@ -27,6 +27,10 @@ def _entry(rank, world, port, fn, args, result_path):
         result = fn(rank, world, *args)
         if rank == 0:
             torch.save(result, result_path)
+        if dist.is_initialized():
+            # Leave together: a rank tearing gloo down while a peer still talks to it can abort the
+            # process ("terminate called without an active exception").
+            dist.barrier()
     except Exception:
         traceback.print_exc()
         raise
