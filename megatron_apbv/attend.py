@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from megatron_apbv.kernels_dispatch import kernel_for
+from megatron_apbv.merge import merge_partials
 
 
 def apb_attention(
@@ -68,8 +69,6 @@ def attend_split_keys(
     the remainder and the causal ``k_block`` run as a second call; the partials
     are merged by log-sum-exp. Same result as one call over all keys.
     """
-    from megatron_apbv.merge import merge_partials
-
     sq, b, hq, d = q.shape
     n, _, hkv, _ = k_visible.shape
     splits = n // chunk

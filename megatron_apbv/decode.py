@@ -10,6 +10,7 @@ cached.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -50,6 +51,7 @@ class DistributedKVCache:
     def is_tail(self) -> bool:
         return self.layout.holds_query_keys
 
+    @cached_property
     def cached_rows(self) -> torch.Tensor:
         """Local rows this rank keeps after the prefill: anchor share, blocks, and Q on the tail."""
         lay = self.layout
@@ -61,7 +63,7 @@ class DistributedKVCache:
         return torch.cat(parts)
 
     def store_prefill(self, layer_number: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        rows = self.cached_rows().to(k.device)
+        rows = self.cached_rows.to(k.device)
         capacity = len(rows) + (self.max_new_tokens if self.is_tail else 0)
         self.layers[layer_number] = LayerCache(k[rows], v[rows], capacity)
 

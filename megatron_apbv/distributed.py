@@ -64,7 +64,7 @@ def init_distributed(cfg: RunConfig, env: LaunchEnv, device: torch.device) -> No
     rank before any rank waits on a rendezvous or a collective.
     """
     cfg.check_world_size(env.world_size)
-    if cfg.dtype != "float32" and device.type == "cpu" and cfg.dtype == "float16":
+    if device.type == "cpu" and cfg.dtype == "float16":
         raise ConfigError("dtype=float16 is not supported on the CPU: use float32 or bfloat16")
     backend = cfg.parallel.backend
     if backend == "auto":

@@ -61,7 +61,7 @@ def test_caches_partition_the_sequence_and_only_the_tail_grows():
     rows = []
     for layout in seq.ranks():
         cache = DistributedKVCache(layout, max_new_tokens=5)
-        rows.append(layout.global_indices[cache.cached_rows()])
+        rows.append(layout.global_indices[cache.cached_rows])
     owned = torch.cat(rows).sort().values
     assert torch.equal(owned, torch.arange(seq.prompt_len))  # every prompt token cached exactly once
     assert [DistributedKVCache(r, 5).is_tail for r in seq.ranks()] == [r.rank == seq.tail_rank for r in seq.ranks()]
