@@ -58,6 +58,9 @@ class ModelConfig(_Section):
     checkpoint: Optional[str] = Field(
         None, description="Hugging Face safetensors checkpoint dir; the shape keys default to its config.json"
     )
+    tokenizer: Optional[str] = Field(
+        None, description="tokenizer dir for input.question (default: model.checkpoint)"
+    )
 
     @property
     def head_dim(self) -> int:
@@ -156,7 +159,9 @@ class InputConfig(_Section):
     """
 
     kind: Literal["synthetic", "video", "needle"] = "synthetic"
-    system_tokens: int = Field(16, ge=0)
+    system_tokens: int = Field(
+        16, ge=0, description="random ids before the video (set by the text with input.question)"
+    )
     video_frames: int = Field(8, ge=0)
     tokens_per_frame: int = Field(32, ge=1, description="synthetic kind only")
     video_path: Optional[str] = Field(None, description="video kind: a file PyAV can decode; null = synthetic video")
@@ -165,8 +170,14 @@ class InputConfig(_Section):
         None, gt=0, allow_inf_nan=False,
         description="time between sampled frames; sets the temporal RoPE step (null: one step per temporal group)",
     )
-    query_tokens: int = Field(16, ge=1, description="question + assistant header: the query span Q")
+    query_tokens: int = Field(
+        16, ge=1, description="question + assistant header: the query span Q (set by the text with input.question)"
+    )
     batch_size: int = Field(1, ge=1)
+    # Real text instead of random ids: rendered by model.tokenizer's chat template, which then sets
+    # system_tokens and query_tokens (megatron_apbv/chat_prompt.py).
+    system_prompt: Optional[str] = Field(None, description="system turn text (with input.question)")
+    question: Optional[str] = Field(None, min_length=1, description="the user's question after the video")
 
     def video_tokens(self, vision: VisionConfig) -> int:
         if self.kind != "video":  # synthetic and needle: tokens_per_frame tokens per frame
@@ -323,8 +334,15 @@ def _yaml_problem(err: Exception) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
+_TEXT_KEYS = frozenset({"input.question", "input.system_prompt"})
+
+
 def parse_overrides(overrides: list[str]) -> dict:
-    """``["apbv.window=7", "parallel.context_parallel_size=3"]`` -> nested dict (values parsed as YAML)."""
+    """``["apbv.window=7", "parallel.context_parallel_size=3"]`` -> nested dict.
+
+    Values are parsed as YAML, except the free-text keys (``input.question``, ``input.system_prompt``),
+    which keep the text as typed (``null`` still unsets them).
+    """
     tree: dict = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -336,6 +354,9 @@ def parse_overrides(overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+        if key in _TEXT_KEYS and raw != "null":
+            node[parts[-1]] = raw  # free text: "yes" or "Answer: A" must stay the words typed
+            continue
         try:
             node[parts[-1]] = yaml.safe_load(raw)
         except yaml.YAMLError as err:
@@ -383,6 +404,38 @@ def _with_checkpoint_shape(data: dict) -> dict:
     return out
 
 
+def _with_chat_lengths(data: dict) -> dict:
+    """Set ``input.system_tokens`` / ``input.query_tokens`` from the tokenized text of ``input.question``."""
+    inp, model = data.get("input"), data.get("model") or {}
+    if not isinstance(inp, dict) or not isinstance(model, dict) or inp.get("question") is None:
+        return data
+    if inp.get("kind") == "needle":
+        raise ConfigError("input.question cannot be used with input.kind=needle (its questions are built in)")
+    question, system = inp["question"], inp.get("system_prompt")
+    if not isinstance(question, str) or not question or not isinstance(system, (str, type(None))):
+        return data  # pydantic reports the wrong type
+    path = model.get("tokenizer") or model.get("checkpoint")
+    if not path:
+        raise ConfigError("input.question needs a tokenizer: set model.tokenizer (or model.checkpoint) to its dir")
+    from megatron_apbv.chat_prompt import TokenizerError, chat_text
+
+    try:
+        text = chat_text(str(path), system, question)
+    except TokenizerError as err:
+        raise ConfigError(f"model.tokenizer: {err}") from None
+    vocab = model.get("vocab_size", ModelConfig.model_fields["vocab_size"].default)
+    ids = text.before + text.after + ((text.video_token_id,) if text.video_token_id is not None else ())
+    if isinstance(vocab, int) and max(ids) >= vocab:
+        raise ConfigError(
+            f"model.tokenizer={str(path)!r} gives token id {max(ids)} but model.vocab_size={vocab}: the tokenizer "
+            "does not belong to this model (point model.tokenizer at the checkpoint's)"
+        )
+    # The text's lengths replace the counts a file gives for random-id prompts (e.g. tiny_cpu.yaml's),
+    # so a question can be added on the command line; the run's JSON reports the lengths used.
+    derived = {"system_tokens": len(text.before), "query_tokens": len(text.after)}
+    return {**data, "input": {**inp, **derived}}
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
     """Load a YAML config (or the built-in defaults) and apply ``key=value`` overrides."""
     data: dict = {}
@@ -404,6 +457,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         data = {**data, "apbv": {k: v for k, v in data["apbv"].items() if k not in fixed}}
     data = _merge(data, extra)
     data = _with_checkpoint_shape(data)
+    data = _with_chat_lengths(data)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:

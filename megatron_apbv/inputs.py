@@ -33,11 +33,13 @@ def frame_grid(tokens_per_frame: int) -> tuple[int, int]:
 
 
 def build_prompt(cfg: RunConfig) -> Prompt:
-    """The configured prompt: seeded random text ids around a synthetic or real video.
+    """The configured prompt: text around a synthetic or real video.
 
-    Positions are 1-D, or Qwen2.5-VL 3-D when ``model.mrope_section`` is set.
-    With ``input.kind: video`` the video tokens are placeholders (the last vocab
-    id) that the vision embeddings replace.
+    The text is ``input.system_prompt`` / ``input.question`` in the tokenizer's chat
+    template when a question is set, else seeded random ids. Positions are 1-D, or
+    Qwen2.5-VL 3-D when ``model.mrope_section`` is set. With ``input.kind: video``
+    the video tokens are placeholders (the tokenizer's ``<|video_pad|>``, else the
+    last vocab id) that the vision embeddings replace.
     """
     inp = cfg.input
     generator = torch.Generator().manual_seed(cfg.seed + 1)
@@ -59,6 +61,8 @@ def build_prompt(cfg: RunConfig) -> Prompt:
         grid = (groups, height // unit, width // unit)
         video = Span(inp.system_tokens, inp.system_tokens + inp.video_tokens(cfg.vision))
         ids[:, video.start : video.stop] = cfg.model.vocab_size - 1  # placeholder id
+    if inp.question is not None:
+        ids = _with_chat_text(cfg, ids, video)
     if cfg.model.mrope_section is None:
         positions = torch.arange(cfg.prompt_len)
     else:
@@ -68,3 +72,20 @@ def build_prompt(cfg: RunConfig) -> Prompt:
             interval = cfg.vision.tokens_per_second * group_seconds
         positions = video_position_ids(inp.system_tokens, grid[0], grid[1:], inp.query_tokens, interval)
     return Prompt(ids, positions, frames, video)
+
+
+def _with_chat_text(cfg: RunConfig, ids: torch.Tensor, video: Optional[Span]) -> torch.Tensor:
+    """``ids`` with the chat text before and after the video (every batch row the same)."""
+    from megatron_apbv.chat_prompt import chat_text
+
+    inp = cfg.input
+    text = chat_text(cfg.model.tokenizer or cfg.model.checkpoint, inp.system_prompt, inp.question)
+    # load_config set the lengths from this same text; a mismatch is a bug, not bad input
+    assert (len(text.before), len(text.after)) == (inp.system_tokens, inp.query_tokens)
+    ids = ids.clone()
+    n = cfg.prompt_len
+    ids[:, : inp.system_tokens] = torch.tensor(text.before, dtype=torch.long)
+    ids[:, n - inp.query_tokens :] = torch.tensor(text.after, dtype=torch.long)
+    if video is not None and text.video_token_id is not None:
+        ids[:, video.start : video.stop] = text.video_token_id
+    return ids
