@@ -207,6 +207,9 @@ class GenerateConfig(_Section):
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop_ids: list[int] = Field(default_factory=list, description="token ids that end the generation")
+    stop_at_eos: StrictBool = Field(
+        True, description="also stop at model.checkpoint's end-of-sequence ids (generation_config.json, config.json)"
+    )
 
 
 class RunConfig(_Section):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from megatron_apbv.chat_prompt import load_tokenizer
 from megatron_apbv.config import GenerateConfig, RunConfig
 from megatron_apbv.decode import DecodeStep
 from megatron_apbv.model import decoder_hidden, vocab_logits
@@ -43,12 +46,13 @@ def apbv_generate(cfg: RunConfig, device: torch.device) -> dict:
     vocabulary and samples, and the id is broadcast to the group.
     """
     settings = cfg.generate
+    stop_ids = stop_token_ids(cfg)  # a broken generation_config.json fails here, on every rank, before collectives
     run = apbv_prefill(cfg, device, max_new_tokens=settings.max_new_tokens)
     cache, seq = run.cache, run.seq
     group = context_parallel_group()
     tail = dist.get_global_rank(group, seq.tail_rank) if dist.get_world_size(group) > 1 else dist.get_rank()
     sampler = Sampler(settings, cfg.seed)
-    stop = torch.tensor(settings.stop_ids, dtype=torch.long, device=device)
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
 
     def broadcast(ids):
         dist.broadcast(ids, src=tail, group=group)
@@ -80,24 +84,41 @@ def apbv_generate(cfg: RunConfig, device: torch.device) -> dict:
         "decode_seconds": round(decode_seconds, 6),
         "decode_tokens_per_second": round((steps - 1) * ids.shape[0] / decode_seconds, 3) if steps > 1 else None,
         "cache_tokens_on_rank0": cache.num_tokens,
+        "stop_ids": stop_ids,
     }
 
 
+def stop_token_ids(cfg: RunConfig) -> list[int]:
+    """``generate.stop_ids`` plus, with ``generate.stop_at_eos``, the checkpoint's end-of-sequence ids.
+
+    As transformers does, ``generation_config.json`` wins over ``config.json`` (whose
+    ``text_config`` holds them for Qwen2.5-VL).
+    """
+    ids = list(cfg.generate.stop_ids)
+    folder = cfg.model.checkpoint
+    if cfg.generate.stop_at_eos and folder:
+        eos = None
+        for name in ("generation_config.json", "config.json"):
+            path = Path(folder) / name
+            if path.is_file():
+                try:
+                    data = json.loads(path.read_text())
+                except ValueError as err:
+                    raise ValueError(
+                        f"{path}: not valid JSON ({err}); fix it or set generate.stop_at_eos=false"
+                    ) from None
+                eos = data.get("eos_token_id", (data.get("text_config") or {}).get("eos_token_id"))
+                if eos is not None:
+                    break
+        ids += [eos] if isinstance(eos, int) else list(eos or [])
+    return sorted(set(int(i) for i in ids))
+
+
 def command(args, cfg: RunConfig, env, device: torch.device) -> dict:
-    """``apbv generate``: generated ids (and text, when ``model.checkpoint`` has a tokenizer) and timings."""
+    """``apbv generate``: generated ids (and text, when there is a tokenizer) and timings."""
     record = {"world_size": env.world_size, **apbv_generate(cfg, device)}
-    tokenizer = _tokenizer(cfg.model.checkpoint)
-    if tokenizer is not None:
+    folder = cfg.model.tokenizer or cfg.model.checkpoint
+    if folder and any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = load_tokenizer(folder)
         record["generated_text"] = [tokenizer.decode(ids, skip_special_tokens=True) for ids in record["generated_ids"]]
     return record
-
-
-def _tokenizer(checkpoint):
-    """The checkpoint directory's own tokenizer, if it has one (local files only)."""
-    from pathlib import Path
-
-    if not checkpoint or not any((Path(checkpoint) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)

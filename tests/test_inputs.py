@@ -149,10 +149,15 @@ def test_generate_prints_text_with_the_checkpoints_tokenizer(tmp_path):
         "input: {system_tokens: 8, video_frames: 4, tokens_per_frame: 16, query_tokens: 8}\n"
         "generate: {max_new_tokens: 5}\n"
     )
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 255}')  # a token it does not emit here
     record = run_on_ranks(2, _generate_worker, str(base))
     ids = record["generated_ids"][0]
-    assert len(ids) == 5
+    assert len(ids) == 5 and 255 not in ids and record["stop_ids"] == [255]
     assert record["generated_text"][0] == "".join(f"w{i}" for i in ids)  # a WordLevel decoder joins tokens
+    # the checkpoint's end-of-sequence id ends the generation (generation_config.json, as transformers reads it)
+    (tmp_path / "generation_config.json").write_text(f'{{"eos_token_id": [{ids[2]}, 254]}}')
+    stopped = run_on_ranks(2, _generate_worker, str(base))
+    assert stopped["generated_ids"][0] == ids[: ids.index(ids[2]) + 1] and stopped["stop_ids"] == sorted({ids[2], 254})
 
 
 def _generate_worker(rank, world, path):
