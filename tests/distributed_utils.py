@@ -45,3 +45,20 @@ def run_on_ranks(world: int, fn, *args):
         path = os.path.join(tmp, "result.pt")
         mp.spawn(_entry, args=(world, free_port(), fn, args, path), nprocs=world, join=True)
         return torch.load(path, weights_only=False)
+
+
+def prefill_logits_worker(rank, world, config_path, overrides=()):
+    """``run_prefill --compare dense`` of a config on ``world`` ranks, plus the APB-V logits themselves."""
+    from megatron_apbv.config import load_config
+    from megatron_apbv.distributed import LaunchEnv, init_distributed, shutdown
+    from megatron_apbv.prefill import apbv_prefill, run_prefill
+
+    cfg = load_config(config_path, list(overrides) + [f"parallel.context_parallel_size={world}"])
+    env = LaunchEnv(rank, world, rank)
+    init_distributed(cfg, env, torch.device("cpu"))
+    try:
+        record = run_prefill(cfg, env, torch.device("cpu"), compare="dense")
+        record["logits"] = apbv_prefill(cfg, torch.device("cpu")).logits
+        return record
+    finally:
+        shutdown()

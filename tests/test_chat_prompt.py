@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from distributed_utils import run_on_ranks
+from distributed_utils import prefill_logits_worker, run_on_ranks
 from megatron_apbv.config import ConfigError, load_config
-from megatron_apbv.distributed import LaunchEnv, init_distributed, shutdown
 from megatron_apbv.inputs import build_prompt
 
 transformers = pytest.importorskip("transformers")
@@ -125,7 +124,7 @@ def test_qwen2_5_vl_chat_prompt_matches_transformers(tmp_path):
     assert int((prompt.input_ids == ids["<|video_pad|>"]).sum()) == len(prompt.video) == 3 * 2 * 3
     assert int(prompt.input_ids[0, prompt.video.start - 1]) == ids["<|vision_start|>"]
     assert int(prompt.input_ids[0, prompt.video.stop]) == ids["<|vision_end|>"]
-    record = run_on_ranks(2, _worker, str(base))
+    record = run_on_ranks(2, prefill_logits_worker, str(base))
     assert record["prompt_tokens"] == cfg.prompt_len and record["query_len"] == cfg.query_len
     assert record["max_abs_logit_diff"] <= 1e-4
 
@@ -140,16 +139,3 @@ def test_qwen2_5_vl_chat_prompt_matches_transformers(tmp_path):
         ).logits[:, -1].float()
     assert (record["logits"] - ref).abs().max().item() <= 1e-4
 
-
-def _worker(rank, world, path):
-    from megatron_apbv.prefill import apbv_prefill, run_prefill
-
-    cfg = load_config(path, [f"parallel.context_parallel_size={world}"])
-    env = LaunchEnv(rank, world, rank)
-    init_distributed(cfg, env, torch.device("cpu"))
-    try:
-        record = run_prefill(cfg, env, torch.device("cpu"), compare="dense")
-        record["logits"] = apbv_prefill(cfg, torch.device("cpu")).logits
-        return record
-    finally:
-        shutdown()

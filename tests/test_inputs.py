@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed_utils import run_on_ranks
+from distributed_utils import prefill_logits_worker, run_on_ranks
 from megatron_apbv.config import ConfigError, load_config
 from megatron_apbv.distributed import LaunchEnv, init_distributed, shutdown
 from megatron_apbv.inputs import build_prompt
@@ -62,25 +62,11 @@ def test_hf_checkpoint_runs_and_matches_transformers(tmp_path):
     base.write_text("apbv: {anchor: 32, passing: 8}\ninput: {system_tokens: 16, video_frames: 4, tokens_per_frame: 36, query_tokens: 20}\n")
     cfg = load_config(base, overrides)
     assert cfg.model.num_layers == 2 and cfg.model.rope_theta == 10000.0
-    record = run_on_ranks(2, _ckpt_worker, str(base), overrides)
+    record = run_on_ranks(2, prefill_logits_worker, str(base), overrides)
     with torch.no_grad():
         ref = hf(build_prompt(cfg).input_ids).logits[:, -1].float()
     assert record["max_abs_logit_diff"] <= 1e-4
     assert (record["logits"] - ref).abs().max().item() <= 1e-4
-
-
-def _ckpt_worker(rank, world, path, overrides):
-    from megatron_apbv.prefill import apbv_prefill
-
-    cfg = load_config(path, overrides + [f"parallel.context_parallel_size={world}"])
-    env = LaunchEnv(rank, world, rank)
-    init_distributed(cfg, env, torch.device("cpu"))
-    try:
-        record = run_prefill(cfg, env, torch.device("cpu"), compare="dense")
-        record["logits"] = apbv_prefill(cfg, torch.device("cpu")).logits
-        return record
-    finally:
-        shutdown()
 
 
 def test_qwen2_5_vl_checkpoint_video_matches_transformers(tmp_path):
@@ -111,7 +97,7 @@ def test_qwen2_5_vl_checkpoint_video_matches_transformers(tmp_path):
     )
     cfg = load_config(base)
     assert cfg.vision.hidden_size == 32 and cfg.model.mrope_section == [2, 3, 3]
-    record = run_on_ranks(2, _ckpt_worker, str(base), [])
+    record = run_on_ranks(2, prefill_logits_worker, str(base), [])
     assert record["max_abs_logit_diff"] <= 1e-4
 
     from megatron_apbv.vision import patchify_for
