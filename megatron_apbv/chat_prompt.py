@@ -76,7 +76,7 @@ def render_chat(tokenizer, system_prompt: Optional[str], question: str) -> ChatT
         raise TokenizerError("the tokenizer's chat template does not keep the user's text: cannot place the video")
     before, after = text.split(_VIDEO_MARK)
     video = _token_id(tokenizer, VIDEO_PAD)
-    if video is not None and _token_id(tokenizer, VISION_START) is not None and _token_id(tokenizer, VISION_END):
+    if all(_token_id(tokenizer, t) is not None for t in (VIDEO_PAD, VISION_START, VISION_END)):
         before, after = before + VISION_START, VISION_END + after
     encode = lambda s: tuple(tokenizer(s, add_special_tokens=False)["input_ids"]) if s else ()  # noqa: E731
     return ChatText(before=encode(before), after=encode(after), video_token_id=video)
