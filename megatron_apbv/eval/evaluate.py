@@ -334,7 +334,7 @@ def plot(records: list[dict], path) -> None:
         ax.set_ylabel("held-out accuracy")
         ax.set_ylim(0, 1.02)
         ax.set_title(f"needle: W={rec['world_size']}, N={rec['prompt_tokens']}, {rec['examples']} examples")
-        ax.legend(fontsize=7, loc="upper right", ncol=2)
+        ax.legend(fontsize=7, loc="center", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
