@@ -34,11 +34,16 @@ class TokenizerError(ValueError):
     """The tokenizer cannot be loaded or cannot render the prompt."""
 
 
+def has_tokenizer(path) -> bool:
+    """True when the directory holds a Hugging Face tokenizer's files."""
+    return any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
 @lru_cache(maxsize=4)
 def load_tokenizer(path: str):
     """A Hugging Face tokenizer from a local directory (never downloads)."""
     folder = Path(path)
-    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+    if not has_tokenizer(folder):
         raise TokenizerError(
             f"{path!r} has no tokenizer.json or tokenizer_config.json: point model.tokenizer at the "
             "checkpoint's tokenizer files"
@@ -82,6 +87,8 @@ def render_chat(tokenizer, system_prompt: Optional[str], question: str) -> ChatT
     return ChatText(before=encode(before), after=encode(after), video_token_id=video)
 
 
+@lru_cache(maxsize=4)
 def chat_text(tokenizer_path: str, system_prompt: Optional[str], question: str) -> ChatText:
-    """:func:`render_chat` with the tokenizer of ``tokenizer_path``."""
+    """:func:`render_chat` with the tokenizer of ``tokenizer_path`` (cached: config load and every
+    :func:`~megatron_apbv.inputs.build_prompt` of a run ask for the same text)."""
     return render_chat(load_tokenizer(tokenizer_path), system_prompt, question)

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_apbv.chat_prompt import load_tokenizer
+from megatron_apbv.chat_prompt import has_tokenizer, load_tokenizer
+from megatron_apbv.checkpoint import read_hf_config
 from megatron_apbv.config import GenerateConfig, RunConfig
 from megatron_apbv.decode import DecodeStep
 from megatron_apbv.model import decoder_hidden, vocab_logits
@@ -95,30 +96,32 @@ def stop_token_ids(cfg: RunConfig) -> list[int]:
     ``text_config`` holds them for Qwen2.5-VL).
     """
     ids = list(cfg.generate.stop_ids)
-    folder = cfg.model.checkpoint
-    if cfg.generate.stop_at_eos and folder:
-        eos = None
-        for name in ("generation_config.json", "config.json"):
-            path = Path(folder) / name
-            if path.is_file():
-                try:
-                    data = json.loads(path.read_text())
-                except ValueError as err:
-                    raise ValueError(
-                        f"{path}: not valid JSON ({err}); fix it or set generate.stop_at_eos=false"
-                    ) from None
-                eos = data.get("eos_token_id", (data.get("text_config") or {}).get("eos_token_id"))
-                if eos is not None:
-                    break
-        ids += [eos] if isinstance(eos, int) else list(eos or [])
+    if cfg.generate.stop_at_eos and cfg.model.checkpoint:
+        ids += _checkpoint_eos_ids(cfg.model.checkpoint)
     return sorted(set(int(i) for i in ids))
+
+
+def _checkpoint_eos_ids(folder: str) -> list[int]:
+    eos = None
+    generation = Path(folder) / "generation_config.json"
+    if generation.is_file():
+        try:
+            eos = json.loads(generation.read_text()).get("eos_token_id")
+        except ValueError as err:
+            raise ValueError(
+                f"{generation}: not valid JSON ({err}); fix it or set generate.stop_at_eos=false"
+            ) from None
+    if eos is None:  # load_config already read this config.json: it exists and parses
+        hf = read_hf_config(folder)
+        eos = hf.get("eos_token_id", (hf.get("text_config") or {}).get("eos_token_id"))
+    return [eos] if isinstance(eos, int) else list(eos or [])
 
 
 def command(args, cfg: RunConfig, env, device: torch.device) -> dict:
     """``apbv generate``: generated ids (and text, when there is a tokenizer) and timings."""
     record = {"world_size": env.world_size, **apbv_generate(cfg, device)}
     folder = cfg.model.tokenizer or cfg.model.checkpoint
-    if folder and any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if folder and has_tokenizer(folder):
         tokenizer = load_tokenizer(folder)
         record["generated_text"] = [tokenizer.decode(ids, skip_special_tokens=True) for ids in record["generated_ids"]]
     return record
