@@ -66,8 +66,7 @@ class APBVCoreAttention(CoreAttentionBase):
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if attention_bias is not None or packed_seq_params is not None:
-            raise NotImplementedError("APB-V attention supports neither attention_bias nor packed sequences")
+        self.reject_bias_and_packing("APB-V attention", attention_bias, packed_seq_params)
         if isinstance(attention_mask, DecodeStep):
             out = decode_layer_attention(
                 query, key, value, attention_mask.cache, self.layer_number,

@@ -32,3 +32,8 @@ class CoreAttentionBase(MegatronModule):
         self.softmax_scale = softmax_scale or config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
         self.cp_group = cp if cp is not None else parallel_state.get_context_parallel_group()
+
+    def reject_bias_and_packing(self, name: str, attention_bias, packed_seq_params) -> None:
+        """Megatron may pass an attention bias or packed-sequence parameters; no core attention here uses them."""
+        if attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError(f"{name} supports neither attention_bias nor packed sequences")

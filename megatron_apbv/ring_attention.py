@@ -155,8 +155,7 @@ class RingCoreAttention(CoreAttentionBase):
 
     def forward(self, query, key, value, attention_mask: RingMask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None) -> torch.Tensor:
-        if attention_bias is not None or packed_seq_params is not None:
-            raise NotImplementedError("ring attention supports neither attention_bias nor packed sequences")
+        self.reject_bias_and_packing("ring attention", attention_bias, packed_seq_params)
         if not isinstance(attention_mask, RingMask):
             raise TypeError(
                 f"RingCoreAttention needs attention_mask=RingMask(layout); got {type(attention_mask).__name__}"

@@ -147,8 +147,7 @@ class UlyssesCoreAttention(CoreAttentionBase):
 
     def forward(self, query, key, value, attention_mask: UlyssesMask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None) -> torch.Tensor:
-        if attention_bias is not None or packed_seq_params is not None:
-            raise NotImplementedError("Ulysses attention supports neither attention_bias nor packed sequences")
+        self.reject_bias_and_packing("Ulysses attention", attention_bias, packed_seq_params)
         if not isinstance(attention_mask, UlyssesMask):
             raise TypeError(
                 f"UlyssesCoreAttention needs attention_mask=UlyssesMask(...); got {type(attention_mask).__name__}"
