@@ -86,7 +86,10 @@ def build_gpt_model(cfg: RunConfig, *, method: str, device: torch.device, layer_
 
         tp_group = model.output_layer.tp_group
         load_hf_checkpoint(model, cfg.model.checkpoint, tp_rank=tp_group.rank() if tp_group else 0, tp_size=tp)
-    return model.to(device).eval()
+    # Megatron's torch RMSNorm ignores params_dtype and keeps fp32 weights; next to bf16 activations
+    # torch.rms_norm then falls back to an unfused path. Every parameter takes the run's dtype, as
+    # Megatron's Float16Module does for half-precision models.
+    return model.to(device=device, dtype=DTYPES[cfg.dtype]).eval()
 
 
 def build_rope(cfg: RunConfig, device: torch.device) -> PositionRotaryEmbedding:
