@@ -66,6 +66,11 @@ class ModelConfig(_Section):
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
+    @property
+    def tokenizer_dir(self) -> Optional[str]:
+        """Where the tokenizer files are: ``tokenizer``, else the checkpoint's own directory."""
+        return self.tokenizer or self.checkpoint
+
     @model_validator(mode="after")
     def _check_shape(self):
         if self.num_attention_heads % self.num_query_groups:
@@ -417,7 +422,7 @@ def _with_chat_lengths(data: dict) -> dict:
     question, system = inp["question"], inp.get("system_prompt")
     if not isinstance(question, str) or not question or not isinstance(system, (str, type(None))):
         return data  # pydantic reports the wrong type
-    path = model.get("tokenizer") or model.get("checkpoint")
+    path = model.get("tokenizer") or model.get("checkpoint")  # ModelConfig.tokenizer_dir, before validation
     if not path:
         raise ConfigError("input.question needs a tokenizer: set model.tokenizer (or model.checkpoint) to its dir")
     from megatron_apbv.chat_prompt import TokenizerError, chat_text

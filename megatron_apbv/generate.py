@@ -120,7 +120,7 @@ def _checkpoint_eos_ids(folder: str) -> list[int]:
 def command(args, cfg: RunConfig, env, device: torch.device) -> dict:
     """``apbv generate``: generated ids (and text, when there is a tokenizer) and timings."""
     record = {"world_size": env.world_size, **apbv_generate(cfg, device)}
-    folder = cfg.model.tokenizer or cfg.model.checkpoint
+    folder = cfg.model.tokenizer_dir
     if folder and has_tokenizer(folder):
         tokenizer = load_tokenizer(folder)
         record["generated_text"] = [tokenizer.decode(ids, skip_special_tokens=True) for ids in record["generated_ids"]]

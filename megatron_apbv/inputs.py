@@ -79,7 +79,7 @@ def _with_chat_text(cfg: RunConfig, ids: torch.Tensor, video: Optional[Span]) ->
     from megatron_apbv.chat_prompt import chat_text
 
     inp = cfg.input
-    text = chat_text(cfg.model.tokenizer or cfg.model.checkpoint, inp.system_prompt, inp.question)
+    text = chat_text(cfg.model.tokenizer_dir, inp.system_prompt, inp.question)
     # load_config set the lengths from this same text; a mismatch is a bug, not bad input
     assert (len(text.before), len(text.after)) == (inp.system_tokens, inp.query_tokens)
     ids = ids.clone()
