@@ -21,7 +21,11 @@ setup(
     python_requires=">=3.11",
     # The Triton kernels live in the top-level kernels/ folder and install as megatron_apbv.kernels,
     # so no generic top-level `kernels` module lands in site-packages.
-    packages=["megatron_apbv", "megatron_apbv.kernels"],
+    packages=[
+        "megatron_apbv", "megatron_apbv.apbv", "megatron_apbv.baselines", "megatron_apbv.bench",
+        "megatron_apbv.costmodel", "megatron_apbv.eval", "megatron_apbv.inference", "megatron_apbv.models",
+        "megatron_apbv.runtime", "megatron_apbv.kernels",
+    ],
     package_dir={"megatron_apbv": "megatron_apbv", "megatron_apbv.kernels": "kernels"},
     install_requires=INSTALL_REQUIRES,
     extras_require={

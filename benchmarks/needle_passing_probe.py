@@ -37,17 +37,35 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    from megatron_apbv.config import load_config
-    from megatron_apbv.distributed import LaunchEnv, init_distributed, shutdown
-    from megatron_apbv.eval.frontend import build_frontend, load_checkpoint, prompt_embeddings
-    from megatron_apbv.eval.needle import NeedleGeometry, collate, evidence_is_local, heldout_set, needle_token_span
     from megatron.core.transformer.spec_utils import ModuleSpec
 
+    from megatron_apbv.apbv.layout import Span
+    from megatron_apbv.apbv.reference import (
+        apbv_block_bounds_reference,
+        apbv_mask_reference,
+    )
+    from megatron_apbv.apbv.spec import get_gpt_layer_spec_with
+    from megatron_apbv.eval.frontend import (
+        build_frontend,
+        load_checkpoint,
+        prompt_embeddings,
+    )
+    from megatron_apbv.eval.needle import (
+        NeedleGeometry,
+        collate,
+        evidence_is_local,
+        heldout_set,
+        needle_token_span,
+    )
     from megatron_apbv.eval.oracle import MaskedOracleAttention
-    from megatron_apbv.layout import Span
-    from megatron_apbv.model import build_gpt_model, build_rope, decoder_hidden, vocab_logits
-    from megatron_apbv.reference import apbv_block_bounds_reference, apbv_mask_reference
-    from megatron_apbv.spec import get_gpt_layer_spec_with
+    from megatron_apbv.models.gpt import (
+        build_gpt_model,
+        build_rope,
+        decoder_hidden,
+        vocab_logits,
+    )
+    from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
+    from megatron_apbv.runtime.loading import load_config
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29653")

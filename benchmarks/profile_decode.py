@@ -24,9 +24,14 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    from megatron_apbv.config import load_config
-    from megatron_apbv.distributed import LaunchEnv, init_distributed, select_device, shutdown
-    from megatron_apbv.generate import apbv_generate
+    from megatron_apbv.inference.generate import apbv_generate
+    from megatron_apbv.runtime.distributed import (
+        LaunchEnv,
+        init_distributed,
+        select_device,
+        shutdown,
+    )
+    from megatron_apbv.runtime.loading import load_config
 
     cfg = load_config(args.config, args.overrides)
     env = LaunchEnv.from_environ()

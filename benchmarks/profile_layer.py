@@ -41,8 +41,8 @@ def main():
     parser.add_argument("--block", type=int, default=32768)
     args = parser.parse_args()
 
-    from megatron_apbv.attention import apbv_layer_attention
-    from megatron_apbv.layout import SequenceLayout
+    from megatron_apbv.apbv.attention import apbv_layer_attention
+    from megatron_apbv.apbv.layout import SequenceLayout
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

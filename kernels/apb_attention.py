@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover

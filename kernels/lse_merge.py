@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _merge_kernel(
     OUTS, LSES, O, LSE,

@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def _score_pool_kernel(
     K, QBAR, OUT,

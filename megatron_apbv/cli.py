@@ -25,11 +25,11 @@ class Command:
 
 
 COMMANDS = {
-    "run": Command("megatron_apbv.prefill", "prefill the configured model and prompt across the launched ranks"),
-    "generate": Command("megatron_apbv.generate", "prefill, then decode over the distributed KV cache"),
+    "run": Command("megatron_apbv.inference.prefill", "prefill the configured model and prompt across the launched ranks"),
+    "generate": Command("megatron_apbv.inference.generate", "prefill, then decode over the distributed KV cache"),
     "eval": Command("megatron_apbv.eval.evaluate", "needle benchmark: dense vs exact, APB-V, APB-like, Star accuracy"),
-    "bench": Command("megatron_apbv.bench", "time dense, ring, Ulysses, Star, APB-like and APB-V side by side"),
-    "plan": Command("megatron_apbv.plan", "predict prefill time per method and pick APB-V budgets (cost model)", distributed=False),
+    "bench": Command("megatron_apbv.bench.benchmark", "time dense, ring, Ulysses, Star, APB-like and APB-V side by side"),
+    "plan": Command("megatron_apbv.costmodel.plan", "predict prefill time per method and pick APB-V budgets (cost model)", distributed=False),
 }
 
 
@@ -72,9 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
 
     # Everything that can be wrong with the config is checked here, before any collective.
-    from megatron_apbv.config import ConfigError, load_config
-    from megatron_apbv.distributed import LaunchEnv, init_distributed, select_device, shutdown
-    from megatron_apbv.faults import install_fault_hook, report_failure
+    from megatron_apbv.runtime.config import ConfigError
+    from megatron_apbv.runtime.distributed import (
+        LaunchEnv,
+        init_distributed,
+        select_device,
+        shutdown,
+    )
+    from megatron_apbv.runtime.faults import install_fault_hook, report_failure
+    from megatron_apbv.runtime.loading import load_config
 
     command = COMMANDS[args.command]
     module = importlib.import_module(command.module)
@@ -101,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         shutdown(wait_for_peers=False)
         return code
 
-    from megatron_apbv.checkpoint import CheckpointError
-    from megatron_apbv.video import VideoError
+    from megatron_apbv.models.checkpoint import CheckpointError
+    from megatron_apbv.models.video import VideoError
 
     try:
         record = module.command(args, cfg, env, device)

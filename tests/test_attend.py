@@ -2,7 +2,7 @@
 
 import torch
 
-from megatron_apbv.attend import _torch_apb_attention, apb_mask, attend_split_keys
+from megatron_apbv.apbv.attend import _torch_apb_attention, apb_mask, attend_split_keys
 
 
 def test_mask_rows():

@@ -5,11 +5,14 @@ import itertools
 import pytest
 import torch
 import torch.distributed as dist
-
 from distributed_utils import run_on_ranks
-from megatron_apbv.attention import apbv_layer_attention
-from megatron_apbv.layout import SequenceLayout
-from megatron_apbv.reference import apbv_attention_reference, dense_attention_reference
+
+from megatron_apbv.apbv.attention import apbv_layer_attention
+from megatron_apbv.apbv.layout import SequenceLayout
+from megatron_apbv.apbv.reference import (
+    apbv_attention_reference,
+    dense_attention_reference,
+)
 
 # (N, anchor, query): lengths divisible by neither 128 nor W; the last has a context shorter than 2W.
 LENGTHS = [(103, 9, 5), (61, 0, 4), (14, 3, 3)]

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-
 from distributed_utils import run_on_ranks
-from megatron_apbv.reference import dense_attention_reference
-from megatron_apbv.ring_attention import ring_layout
-from megatron_apbv.ulysses_attention import ContiguousLayout, kv_repeat_factor
+
+from megatron_apbv.apbv.reference import dense_attention_reference
+from megatron_apbv.baselines.ring import ring_layout
+from megatron_apbv.baselines.ulysses import ContiguousLayout, kv_repeat_factor
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 SCALE = 0.3
@@ -52,7 +52,7 @@ RING_CASES = [(37, 1, 4, 4, 8), (50, 2, 8, 2, 16), (5, 1, 8, 2, 8), (1, 1, 4, 4,
 
 def _ring_errors(rank, world, cases):
     """Relative error of each case (rank 0; None elsewhere). W = 1 needs no process group."""
-    from megatron_apbv.ring_attention import ring_attention
+    from megatron_apbv.baselines.ring import ring_attention
 
     errors = []
     for n, b, hq, hkv, d in cases:
@@ -79,7 +79,10 @@ ULYSSES_CASES = {
 
 
 def _ulysses_errors(rank, world, cases):
-    from megatron_apbv.ulysses_attention import ulysses_attention, ulysses_attention_module
+    from megatron_apbv.baselines.ulysses import (
+        ulysses_attention,
+        ulysses_attention_module,
+    )
 
     errors = []
     for n, b, hq, hkv, d, kernel in cases:
@@ -125,11 +128,11 @@ MODEL_CASES = [
 
 def _model_diffs(rank, world, cases):
     """Whole-model check (after the plain attention checks, in the same processes)."""
-    from megatron_apbv.bench import method_inputs, method_logits
-    from megatron_apbv.config import load_config
-    from megatron_apbv.distributed import LaunchEnv, init_distributed, shutdown
-    from megatron_apbv.inputs import build_prompt
-    from megatron_apbv.model import build_gpt_model, build_rope, last_token_logits
+    from megatron_apbv.bench.benchmark import method_inputs, method_logits
+    from megatron_apbv.models.gpt import build_gpt_model, build_rope, last_token_logits
+    from megatron_apbv.models.inputs import build_prompt
+    from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
+    from megatron_apbv.runtime.loading import load_config
 
     env, device = LaunchEnv(rank, world, rank), torch.device("cpu")
     init_distributed(load_config(CONFIG, [f"parallel.context_parallel_size={world}"]), env, device)

@@ -17,8 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from megatron_apbv.bench import LEVELS, METHODS, add_arguments, format_table, method_config
-from megatron_apbv.config import ConfigError, load_config
+from megatron_apbv.bench.benchmark import (
+    LEVELS,
+    METHODS,
+    add_arguments,
+    format_table,
+    method_config,
+)
+from megatron_apbv.runtime.config import ConfigError
+from megatron_apbv.runtime.loading import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "benchmarks" / "tiny_cpu.yaml"

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-
 from distributed_utils import prefill_logits_worker, run_on_ranks
-from megatron_apbv.config import ConfigError, load_config
-from megatron_apbv.inputs import build_prompt
+
+from megatron_apbv.models.inputs import build_prompt
+from megatron_apbv.runtime.config import ConfigError
+from megatron_apbv.runtime.loading import load_config
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -59,7 +60,7 @@ def test_chat_ids_equal_the_whole_rendered_text_tokenized(tmp_path):
 
 def test_without_chat_template_or_system_prompt():
     tok = byte_tokenizer(chat_template=None, special=[])
-    from megatron_apbv.chat_prompt import render_chat
+    from megatron_apbv.models.chat_prompt import render_chat
 
     text = render_chat(tok, None, "Why?")
     assert text.before == () and text.video_token_id is None
@@ -70,7 +71,7 @@ def test_without_chat_template_or_system_prompt():
 
 
 def test_text_overrides_keep_the_words_typed():
-    from megatron_apbv.config import parse_overrides
+    from megatron_apbv.runtime.loading import parse_overrides
 
     tree = parse_overrides(["input.question=Answer: yes or no?", "input.system_prompt=yes", "input.kind=video"])
     assert tree == {"input": {"question": "Answer: yes or no?", "system_prompt": "yes", "kind": "video"}}
@@ -128,7 +129,7 @@ def test_qwen2_5_vl_chat_prompt_matches_transformers(tmp_path):
     assert record["prompt_tokens"] == cfg.prompt_len and record["query_len"] == cfg.query_len
     assert record["max_abs_logit_diff"] <= 1e-4
 
-    from megatron_apbv.vision import patchify_for
+    from megatron_apbv.models.vision import patchify_for
 
     patches, grid = patchify_for(hf.config.vision_config, prompt.frames)
     with torch.no_grad():

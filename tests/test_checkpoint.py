@@ -18,11 +18,16 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 from distributed_utils import free_port, run_on_ranks  # noqa: E402
-from megatron_apbv.checkpoint import CheckpointError, load_hf_checkpoint, model_config_from_hf  # noqa: E402
-from megatron_apbv.config import RunConfig  # noqa: E402
-from megatron_apbv.distributed import LaunchEnv, init_distributed, shutdown  # noqa: E402
-from megatron_apbv.model import build_gpt_model, build_rope, last_token_logits  # noqa: E402
-from megatron_apbv.spec import get_gpt_layer_dense_spec  # noqa: E402
+
+from megatron_apbv.apbv.spec import get_gpt_layer_dense_spec  # noqa: E402
+from megatron_apbv.models.checkpoint import (  # noqa: E402
+    CheckpointError,
+    load_hf_checkpoint,
+    model_config_from_hf,
+)
+from megatron_apbv.models.gpt import build_gpt_model, build_rope, last_token_logits  # noqa: E402
+from megatron_apbv.runtime.config import RunConfig  # noqa: E402
+from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown  # noqa: E402
 
 CPU = torch.device("cpu")
 SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

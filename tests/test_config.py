@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_apbv.config import ConfigError, load_config, parse_overrides, resolve_budget
+from megatron_apbv.runtime.config import ConfigError, resolve_budget
+from megatron_apbv.runtime.loading import load_config, parse_overrides
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 

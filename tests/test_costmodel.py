@@ -11,12 +11,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_apbv.costmodel import (
-    METHODS, ModelShape, Point, Profiles, _apb_attention, _fit_scalar, apbv_pairs, calibrate, causal_pairs,
-    predict, ring_pair_matrix,
+from megatron_apbv.apbv.layout import SequenceLayout
+from megatron_apbv.apbv.reference import apbv_mask_reference
+from megatron_apbv.costmodel.model import (
+    METHODS,
+    ModelShape,
+    Point,
+    Profiles,
+    _apb_attention,
+    _fit_scalar,
+    apbv_pairs,
+    calibrate,
+    causal_pairs,
+    predict,
+    ring_pair_matrix,
 )
-from megatron_apbv.layout import SequenceLayout
-from megatron_apbv.reference import apbv_mask_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN = ModelShape(layers=28, hidden=3584, heads=28, kv_heads=4, head_dim=128, ffn=18944, vocab=152064)

@@ -4,14 +4,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_utils import run_on_ranks
-from megatron_apbv.config import load_config
-from megatron_apbv.distributed import LaunchEnv, init_distributed, shutdown
-from megatron_apbv.generate import Sampler, apbv_generate
-from megatron_apbv.inputs import build_prompt
-from megatron_apbv.model import build_gpt_model, build_rope, last_token_logits
-from megatron_apbv.prefill import sequence_layout
+
+from megatron_apbv.inference.generate import Sampler, apbv_generate
+from megatron_apbv.inference.prefill import sequence_layout
+from megatron_apbv.models.gpt import build_gpt_model, build_rope, last_token_logits
+from megatron_apbv.models.inputs import build_prompt
+from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
+from megatron_apbv.runtime.loading import load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 
@@ -54,7 +54,7 @@ def test_exact_mode_generation_equals_dense(world):
 
 
 def test_caches_partition_the_sequence_and_only_the_tail_grows():
-    from megatron_apbv.decode import DistributedKVCache
+    from megatron_apbv.apbv.decode import DistributedKVCache
 
     cfg = load_config(CONFIG, ["parallel.context_parallel_size=3"])
     seq = sequence_layout(cfg)

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from distributed_utils import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

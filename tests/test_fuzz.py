@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from megatron_apbv.config import ConfigError, RunConfig, load_config
-from megatron_apbv.layout import SequenceLayout
+from megatron_apbv.apbv.layout import SequenceLayout
+from megatron_apbv.runtime.config import ConfigError, RunConfig
+from megatron_apbv.runtime.loading import load_config
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

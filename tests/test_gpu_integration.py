@@ -29,9 +29,9 @@ def group():
 @pytest.mark.parametrize("n, a, q, hq, hkv, p", [(5000, 128, 37, 28, 4, 64), (3001, 0, 5, 8, 8, 3), (777, 77, 7, 7, 1, 1000)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_layer_on_gpu_matches_cpu_torch_path(group, n, a, q, hq, hkv, p, dtype):
-    from megatron_apbv.attention import apbv_layer_attention
-    from megatron_apbv.kernels_dispatch import kernel_for
-    from megatron_apbv.layout import SequenceLayout
+    from megatron_apbv.apbv.attention import apbv_layer_attention
+    from megatron_apbv.apbv.kernels_dispatch import kernel_for
+    from megatron_apbv.apbv.layout import SequenceLayout
 
     layout = SequenceLayout(n, a, q, 1, zigzag=True).rank(0)
     g = torch.Generator().manual_seed(n)
@@ -49,8 +49,8 @@ def test_layer_on_gpu_matches_cpu_torch_path(group, n, a, q, hq, hkv, p, dtype):
 @pytest.mark.parametrize("rows, keys, block", [(1, 70000, 1), (64, 50000, 64), (37, 9100, 0)])
 def test_split_keys_path_matches_one_kernel_call(rows, keys, block):
     """Few query rows over many keys take the split-keys path; it must equal one kernel call."""
-    from megatron_apbv.attend import KEY_CHUNK, apb_attention
-    from megatron_apbv.kernels_dispatch import kernel_for
+    from megatron_apbv.apbv.attend import KEY_CHUNK, apb_attention
+    from megatron_apbv.apbv.kernels_dispatch import kernel_for
 
     g = torch.Generator(device="cuda").manual_seed(rows)
     q = torch.randn(rows, 1, 28, 128, device="cuda", dtype=torch.bfloat16, generator=g)

@@ -4,12 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_utils import prefill_logits_worker, run_on_ranks
-from megatron_apbv.config import ConfigError, load_config
-from megatron_apbv.distributed import LaunchEnv, init_distributed, shutdown
-from megatron_apbv.inputs import build_prompt
-from megatron_apbv.prefill import run_prefill
+
+from megatron_apbv.inference.prefill import run_prefill
+from megatron_apbv.models.inputs import build_prompt
+from megatron_apbv.runtime.config import ConfigError
+from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
+from megatron_apbv.runtime.loading import load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 VIDEO = ["input.kind=video", "input.video_frames=12", "input.frame_size=[56, 112]", "model.mrope_section=[2, 3, 3]"]
@@ -100,7 +101,7 @@ def test_qwen2_5_vl_checkpoint_video_matches_transformers(tmp_path):
     record = run_on_ranks(2, prefill_logits_worker, str(base), [])
     assert record["max_abs_logit_diff"] <= 1e-4
 
-    from megatron_apbv.vision import patchify_for
+    from megatron_apbv.models.vision import patchify_for
 
     prompt = build_prompt(cfg)
     patches, grid = patchify_for(hf.config.vision_config, prompt.frames)
@@ -149,7 +150,7 @@ def test_generate_prints_text_with_the_checkpoints_tokenizer(tmp_path):
 def _generate_worker(rank, world, path):
     from argparse import Namespace
 
-    from megatron_apbv.generate import command
+    from megatron_apbv.inference.generate import command
 
     cfg = load_config(path, [f"parallel.context_parallel_size={world}"])
     env = LaunchEnv(rank, world, rank)

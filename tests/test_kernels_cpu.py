@@ -379,8 +379,8 @@ if not _IN_INTERP:  # outer process: only the subprocess entry is collected
 @pytest.mark.skipif(not _IN_INTERP, reason="runs inside the interpreter subprocess")
 @pytest.mark.parametrize("rows, keys, block, b", [(1, 100, 1, 1), (3, 70, 3, 2), (5, 64, 0, 1)])
 def test_split_keys_path_with_the_kernel(rows, keys, block, b):
-    """megatron_apbv.attend's split-keys path (chunks on the batch dimension) driving the real kernel."""
-    from megatron_apbv.attend import attend_split_keys
+    """megatron_apbv.apbv.attend's split-keys path (chunks on the batch dimension) driving the real kernel."""
+    from megatron_apbv.apbv.attend import attend_split_keys
 
     g = torch.Generator().manual_seed(rows * keys)
     q = torch.randn(rows, b, 8, 64, generator=g)

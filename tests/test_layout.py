@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_apbv.layout import SequenceLayout
+from megatron_apbv.apbv.layout import SequenceLayout
 
 
 @st.composite

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed_utils import run_on_ranks
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from distributed_utils import run_on_ranks
-from megatron_apbv.config import load_config
-from megatron_apbv.distributed import LaunchEnv, init_distributed, shutdown
-from megatron_apbv.model import build_gpt_model, last_token_logits
-from megatron_apbv.prefill import apbv_prefill, run_prefill
-from megatron_apbv.reference import apbv_attention_reference
-from megatron_apbv.spec import get_gpt_layer_spec_with
+from megatron_apbv.apbv.reference import apbv_attention_reference
+from megatron_apbv.apbv.spec import get_gpt_layer_spec_with
+from megatron_apbv.inference.prefill import apbv_prefill, run_prefill
+from megatron_apbv.models.gpt import build_gpt_model, last_token_logits
+from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
+from megatron_apbv.runtime.loading import load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 

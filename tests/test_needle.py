@@ -11,13 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_utils import run_on_ranks
-from megatron_apbv.config import load_config
+
 from megatron_apbv.eval import needle
 from megatron_apbv.eval.needle import (
-    COLOUR_BASE, PALETTE, SPLIT_SIZE, SPLITS, NeedleGeometry, example_seed, heldout_set, make_example,
+    COLOUR_BASE,
+    PALETTE,
+    SPLIT_SIZE,
+    SPLITS,
+    NeedleGeometry,
+    example_seed,
+    heldout_set,
+    make_example,
 )
+from megatron_apbv.runtime.loading import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "needle.yaml"
@@ -75,9 +82,9 @@ def test_answers_follow_the_rules(geo):
 
 
 def _dense_worker(rank, world, count):
-    from megatron_apbv.distributed import LaunchEnv, init_distributed, shutdown
     from megatron_apbv.eval.evaluate import NeedleRunner
     from megatron_apbv.eval.needle import collate
+    from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
 
     cfg = load_config(CONFIG, ["parallel.context_parallel_size=1"])
     init_distributed(cfg, LaunchEnv(rank, world, rank), torch.device("cpu"))
@@ -102,8 +109,8 @@ def test_checkpoint_loads_and_dense_accuracy_matches_the_report():
 
 
 def _exact_worker(rank, world):
-    from megatron_apbv.distributed import LaunchEnv, init_distributed, shutdown
     from megatron_apbv.eval.evaluate import run_eval
+    from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
 
     cfg = load_config(CONFIG, [f"parallel.context_parallel_size={world}", "needle.eval_batch=3"])
     init_distributed(cfg, LaunchEnv(rank, world, rank), torch.device("cpu"))

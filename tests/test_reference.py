@@ -1,13 +1,13 @@
-"""Tests of the single-process APB-V reference oracle (megatron_apbv/reference.py)."""
+"""Tests of the single-process APB-V reference oracle (megatron_apbv/apbv/reference.py)."""
 
 import math
 
 import pytest
 import torch
-from hypothesis import given, settings, HealthCheck
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from megatron_apbv.reference import (
+from megatron_apbv.apbv.reference import (
     apbv_attention_reference,
     apbv_block_bounds_reference,
     apbv_mask_reference,

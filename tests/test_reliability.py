@@ -24,12 +24,22 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-
 from distributed_utils import free_port, run_on_ranks
-from megatron_apbv.agreement import agreement_extra, canonical_json, check_ranks_agree, fingerprint
-from megatron_apbv.atomic import atomic_open, atomic_save_safetensors, atomic_write_bytes, atomic_write_text
-from megatron_apbv.config import ConfigError, load_config
-from megatron_apbv.faults import (
+
+from megatron_apbv.runtime.agreement import (
+    agreement_extra,
+    canonical_json,
+    check_ranks_agree,
+    fingerprint,
+)
+from megatron_apbv.runtime.atomic import (
+    atomic_open,
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    atomic_write_text,
+)
+from megatron_apbv.runtime.config import ConfigError
+from megatron_apbv.runtime.faults import (
     FAULT_ENV,
     FaultSpec,
     failure_message,
@@ -37,6 +47,7 @@ from megatron_apbv.faults import (
     maybe_inject_fault,
     parse_fault_spec,
 )
+from megatron_apbv.runtime.loading import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs/tiny_cpu.yaml")
@@ -289,7 +300,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypa
                 assert _leftovers(tmp_path), "the data should be going to a temp file"
                 raise Boom()
     else:
-        import megatron_apbv.atomic as atomic
+        import megatron_apbv.runtime.atomic as atomic
 
         def boom(*args, **kwargs):
             raise Boom()

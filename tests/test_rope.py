@@ -3,7 +3,7 @@
 import torch
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
-from megatron_apbv.rope import PositionRotaryEmbedding, video_position_ids
+from megatron_apbv.models.rope import PositionRotaryEmbedding, video_position_ids
 
 
 def _rotate_reference(x, positions, base):

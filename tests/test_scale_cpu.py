@@ -7,14 +7,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from distributed_utils import run_on_ranks
-from megatron_apbv.attention import apbv_layer_attention
-from megatron_apbv.config import load_config
-from megatron_apbv.distributed import LaunchEnv, init_distributed, shutdown
-from megatron_apbv.layout import SequenceLayout
-from megatron_apbv.prefill import run_prefill
-from megatron_apbv.reference import apbv_attention_reference, dense_attention_reference
+
+from megatron_apbv.apbv.attention import apbv_layer_attention
+from megatron_apbv.apbv.layout import SequenceLayout
+from megatron_apbv.apbv.reference import (
+    apbv_attention_reference,
+    dense_attention_reference,
+)
+from megatron_apbv.inference.prefill import run_prefill
+from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
+from megatron_apbv.runtime.loading import load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 WORLD = 8

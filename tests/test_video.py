@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_apbv.rope import video_position_ids
-from megatron_apbv.video import (
+from megatron_apbv.models.rope import video_position_ids
+from megatron_apbv.models.video import (
     VideoError,
     build_video_prompt,
     load_video,

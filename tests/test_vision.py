@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
 pytest.importorskip("transformers")
 
-from megatron_apbv.layout import SequenceLayout, Span  # noqa: E402
-from megatron_apbv.vision import (  # noqa: E402
+from megatron_apbv.apbv.layout import SequenceLayout, Span  # noqa: E402
+from megatron_apbv.models.vision import (  # noqa: E402
     CLIP_MEAN,
     CLIP_STD,
     build_vision_tower,
@@ -93,10 +92,14 @@ def test_patchify_matches_loop_reference(num_frames):
 def test_patchify_matches_hf_image_processor():
     """HF's own Qwen2-VL image processor (PIL backend, no torchvision): each image is a frame tiled over time."""
     try:  # transformers 5: the PIL/numpy backend (the default one needs torchvision)
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as Proc
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil as Proc,
+        )
     except ImportError:
         try:  # transformers 4.x: the slow (numpy) processor
-            from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor as Proc
+            from transformers.models.qwen2_vl.image_processing_qwen2_vl import (
+                Qwen2VLImageProcessor as Proc,
+            )
         except ImportError as e:  # e.g. Pillow missing: the loop reference above still pins the layout
             pytest.skip(f"HF Qwen2-VL image processor unavailable without torchvision/Pillow: {e}")
     frames = frames_of(3, seed=5)
@@ -213,7 +216,7 @@ def test_scatter_into_local_covers_the_video(world, zigzag):
 
 def test_video_to_local_tokens_end_to_end():
     """synthetic frames -> tower -> prompt with the tower's token grid -> every rank's local video rows."""
-    from megatron_apbv.video import build_video_prompt, synthetic_video
+    from megatron_apbv.models.video import build_video_prompt, synthetic_video
 
     tower = tiny_tower()
     frames = synthetic_video(5, HEIGHT, WIDTH, seed=2)

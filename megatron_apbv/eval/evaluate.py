@@ -2,7 +2,7 @@
 
 Launched on W ranks (W = ``parallel.context_parallel_size``), every rank loads the
 trained needle model (``needle.checkpoint``) and runs each setting through the real
-distributed code (Megatron GPT with :class:`~megatron_apbv.attention.APBVCoreAttention`
+distributed code (Megatron GPT with :class:`~megatron_apbv.apbv.attention.APBVCoreAttention`
 over the context-parallel group); rank 0 also runs the same weights densely on one
 process. Settings: ``exact`` (p = all), ``apbv`` and ``apb_like`` at every budget of
 ``needle.budgets`` (fractions of the prompt, p = ceil(f * N)), and ``star`` (p = 0).
@@ -31,17 +31,32 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_apbv.attention import APBVCoreAttention, APBVMask
-from megatron_apbv.config import ConfigError, RunConfig
-from megatron_apbv.distributed import LaunchEnv
-from megatron_apbv.eval.frontend import build_frontend, load_checkpoint, prompt_embeddings
+from megatron_apbv.apbv.attention import APBVCoreAttention, APBVMask
+from megatron_apbv.apbv.layout import SequenceLayout
+from megatron_apbv.eval.frontend import (
+    build_frontend,
+    load_checkpoint,
+    prompt_embeddings,
+)
 from megatron_apbv.eval.needle import (
-    QUESTION_TEXT, QUESTION_TYPES, NeedleGeometry, answer_name, collate, evidence_is_local, heldout_set,
+    QUESTION_TEXT,
+    QUESTION_TYPES,
+    NeedleGeometry,
+    answer_name,
+    collate,
+    evidence_is_local,
+    heldout_set,
     make_example,
 )
-from megatron_apbv.layout import SequenceLayout
-from megatron_apbv.model import build_gpt_model, build_rope, decoder_hidden, vocab_logits
-from megatron_apbv.runtime import context_parallel_rank
+from megatron_apbv.models.gpt import (
+    build_gpt_model,
+    build_rope,
+    decoder_hidden,
+    vocab_logits,
+)
+from megatron_apbv.runtime.config import ConfigError, RunConfig
+from megatron_apbv.runtime.distributed import LaunchEnv
+from megatron_apbv.runtime.groups import context_parallel_rank
 
 
 def add_arguments(parser) -> None:

@@ -89,7 +89,7 @@ def state_tensors(model, frontend: PatchFrontEnd) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path, model, frontend: PatchFrontEnd, metadata: dict) -> None:
     try:
-        from megatron_apbv.atomic import atomic_save_safetensors
+        from megatron_apbv.runtime.atomic import atomic_save_safetensors
     except ImportError:  # pragma: no cover - older trees
         atomic_save_safetensors = None
     tensors = state_tensors(model, frontend)

@@ -38,7 +38,7 @@ from typing import Sequence
 
 import torch
 
-from megatron_apbv.config import ConfigError, RunConfig
+from megatron_apbv.runtime.config import ConfigError, RunConfig
 
 # --------------------------------------------------------------------------- vocabulary
 
@@ -207,7 +207,7 @@ def _checker(colour: torch.Tensor, size: int) -> torch.Tensor:
 def structured_noise(frames: int, h: int, w: int, gen: torch.Generator, keyframe_every: int = 8) -> torch.Tensor:
     """Smooth random colour fields drifting between random keyframes, ``float32 [F, H, W, 3]`` in [0, 0.8].
 
-    The same kind of structured noise as :func:`megatron_apbv.video.synthetic_video`
+    The same kind of structured noise as :func:`megatron_apbv.models.video.synthetic_video`
     (coarse control points upsampled in space and interpolated in time), in float32
     and without the moving wave, so that examples are cheap to draw while training.
     """

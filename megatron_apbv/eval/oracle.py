@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_apbv.reference import apbv_mask_reference
-from megatron_apbv.spec import get_gpt_layer_spec_with
+from megatron_apbv.apbv.reference import apbv_mask_reference
+from megatron_apbv.apbv.spec import get_gpt_layer_spec_with
 
 
 class MaskedOracleAttention(MegatronModule):

@@ -27,11 +27,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from megatron_apbv.config import load_config
-from megatron_apbv.eval.frontend import build_frontend, decoder_logits, prompt_embeddings, save_checkpoint
-from megatron_apbv.eval.needle import (
-    QUESTION_TYPES, NeedleGeometry, collate, evidence_is_local, heldout_set, make_example,
+from megatron_apbv.eval.frontend import (
+    build_frontend,
+    decoder_logits,
+    prompt_embeddings,
+    save_checkpoint,
 )
+from megatron_apbv.eval.needle import (
+    QUESTION_TYPES,
+    NeedleGeometry,
+    collate,
+    evidence_is_local,
+    heldout_set,
+    make_example,
+)
+from megatron_apbv.runtime.loading import load_config
 
 
 class TrainStream(torch.utils.data.IterableDataset):
@@ -129,10 +139,10 @@ def summarize(examples, preds) -> dict:
 @torch.no_grad()
 def oracle_check(cfg, model, frontend, geo, examples, device, worlds=(2, 4)) -> dict:
     """Single-process APB-V / Star answers through the reference mask (a quick look, not the benchmark)."""
+    from megatron_apbv.apbv.layout import Span
+    from megatron_apbv.apbv.reference import apbv_block_bounds_reference
     from megatron_apbv.eval.oracle import oracle_spec
-    from megatron_apbv.model import build_gpt_model, build_rope
-    from megatron_apbv.reference import apbv_block_bounds_reference
-    from megatron_apbv.layout import Span
+    from megatron_apbv.models.gpt import build_gpt_model, build_rope
 
     settings: dict = {}
     om = build_gpt_model(cfg, method="dense", device=device, layer_spec=oracle_spec(settings))
@@ -183,8 +193,8 @@ def main(argv=None) -> int:
                     help="shorter videos first: FRAMES:UNTIL_STEP,... e.g. 16:300,32:600,64:900")
     args = ap.parse_args(argv)
 
-    from megatron_apbv.distributed import LaunchEnv, init_distributed, shutdown
-    from megatron_apbv.model import build_gpt_model, build_rope
+    from megatron_apbv.models.gpt import build_gpt_model, build_rope
+    from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
 
     cfg = load_config(args.config, args.overrides + ["parallel.context_parallel_size=1"])
     geo = NeedleGeometry.from_config(cfg)

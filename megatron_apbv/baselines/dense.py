@@ -1,0 +1,29 @@
+"""Dense causal core attention: the single-process baseline, same model and inputs as APB-V.
+
+Megatron's own ``DotProductAttention`` allocates its buffers on CUDA, so it cannot
+serve as the CPU baseline; this module runs PyTorch's scaled_dot_product_attention
+(flash on GPUs) over the whole local sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_apbv.apbv.core_attention import CoreAttentionBase
+
+
+class DenseCoreAttention(CoreAttentionBase):
+    """Causal attention over the local sequence (``attention_mask`` must be None)."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None) -> torch.Tensor:
+        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError("dense baseline attention is causal only: pass attention_mask=None")
+        sq, b, hq, d = query.shape
+        # SDPA wants [b, h, s, d]; GQA without repeating K/V.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=hq != key.shape[2]
+        )
+        return out.permute(2, 0, 1, 3).reshape(sq, b, hq * d)

@@ -1,0 +1,148 @@
+"""The main job: APB-V prefill of the configured model and input across the launched ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_apbv.apbv.attention import APBVMask
+from megatron_apbv.apbv.decode import DistributedKVCache
+from megatron_apbv.apbv.layout import SequenceLayout
+from megatron_apbv.models.embeddings import build_vision_tower_for, input_embeddings
+from megatron_apbv.models.gpt import build_gpt_model, build_rope, last_token_logits
+from megatron_apbv.models.inputs import Prompt, build_prompt
+from megatron_apbv.runtime.config import ConfigError, RunConfig
+from megatron_apbv.runtime.distributed import LaunchEnv
+from megatron_apbv.runtime.groups import context_parallel_group, context_parallel_rank
+from megatron_apbv.runtime.timing import timed
+
+
+def sequence_layout(cfg: RunConfig) -> SequenceLayout:
+    return SequenceLayout(
+        prompt_len=cfg.prompt_len,
+        anchor_len=cfg.anchor_len,
+        query_len=cfg.query_len,
+        world_size=cfg.parallel.context_parallel_size,
+        zigzag=cfg.apbv.setting("zigzag"),
+    )
+
+
+@dataclass
+class Prefill:
+    """One rank's prefill: the last query token's logits and what produced them."""
+
+    logits: torch.Tensor  # [b, vocab], identical on every rank
+    seconds: float
+    model: torch.nn.Module
+    rope: torch.nn.Module
+    prompt: Prompt  # the whole prompt (every rank builds it from the seed)
+    seq: SequenceLayout
+    cache: Optional[DistributedKVCache] = None
+    tower: Optional[torch.nn.Module] = None  # the vision tower (input.kind: video)
+
+
+def apbv_prefill(cfg: RunConfig, device: torch.device, *, max_new_tokens: int = 0, repeat: int = 0) -> Prefill:
+    """Build the APB-V model and run this rank's ``[A | blocks | Q]`` through it.
+
+    With ``max_new_tokens > 0`` each layer keeps the rank's own K/V in
+    ``Prefill.cache`` for distributed decoding. ``repeat`` > 0 times the median
+    of that many prefills after a warm-up one.
+    """
+    seq = sequence_layout(cfg)
+    layout = seq.rank(context_parallel_rank())
+    prompt = build_prompt(cfg)
+    local = prompt.local(layout.global_indices)
+    cache = DistributedKVCache(layout, max_new_tokens) if max_new_tokens else None
+    mask = APBVMask(layout=layout, passing_lens=cfg.passing_lens(), cache=cache)
+    model = build_gpt_model(cfg, method="apbv", device=device)
+    rope = build_rope(cfg, device)
+    tower = build_vision_tower_for(cfg, device) if prompt.frames is not None else None
+    ids, pos = local.input_ids.to(device), local.position_ids.to(device)
+
+    def forward():
+        with torch.inference_mode():
+            embeds = input_embeddings(model, tower, prompt, layout.global_indices, device, group=context_parallel_group())
+        return last_token_logits(model, rope, ids, pos, mask, inputs_embeds=embeds)
+
+    logits, seconds = timed(forward, device, repeat)
+    return Prefill(logits, seconds, model, rope, prompt, seq, cache, tower)
+
+
+def run_prefill(
+    cfg: RunConfig, env: LaunchEnv, device: torch.device, *, compare: str | None = None, repeat: int = 0
+) -> dict:
+    """Prefill on every rank; returns the result record (complete on rank 0).
+
+    ``compare="dense"`` also runs the same weights and prompt densely on one
+    process (rank 0) and adds ``max_abs_logit_diff``, ``top1_agree`` and ``kl``.
+    """
+    if compare not in (None, "dense"):
+        raise ConfigError(f"--compare {compare!r}: only 'dense' is available")
+    if compare == "dense" and cfg.parallel.tensor_parallel_size != 1:
+        raise ConfigError("--compare dense needs parallel.tensor_parallel_size=1 (the dense run holds all weights)")
+    run = apbv_prefill(cfg, device, repeat=repeat)
+    logits, seq = run.logits, run.seq
+
+    # The query rows are exact on every rank, so every rank must hold the same logits.
+    everyone = [torch.empty_like(logits) for _ in range(env.world_size)]
+    dist.all_gather(everyone, logits)
+    spread = max((t - logits).abs().max().item() for t in everyone)
+
+    record = {
+        "world_size": env.world_size,
+        "context_parallel_size": cfg.parallel.context_parallel_size,
+        "tensor_parallel_size": cfg.parallel.tensor_parallel_size,
+        "variant": cfg.apbv.variant,
+        "prompt_tokens": seq.prompt_len,
+        "anchor_len": seq.anchor_len,
+        "passing_len": max(cfg.passing_lens()),
+        "passing_lens": list(cfg.passing_lens()),
+        "query_len": seq.query_len,
+        "block_lens": [len(s) for s in seq.block_spans],
+        "dtype": cfg.dtype,
+        "device": device.type,
+        "prefill_seconds": round(run.seconds, 6),
+        "next_token_id": logits.argmax(-1).tolist() if logits.shape[0] > 1 else int(logits[0].argmax()),
+        "rank_logit_spread": spread,
+    }
+    if compare == "dense" and env.rank == 0:
+        record.update(_compare_dense(cfg, run, device, repeat))
+    return record
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--compare", choices=["dense"], default=None, help="also run densely on one process")
+    parser.add_argument(
+        "--repeat", type=int, default=0, metavar="N",
+        help="report the median of N prefills after a warm-up one (default 0: a single prefill)",
+    )
+
+
+def command(args, cfg: RunConfig, env: LaunchEnv, device: torch.device) -> dict:
+    """``apbv run``."""
+    return run_prefill(cfg, env, device, compare=args.compare, repeat=args.repeat)
+
+
+def _compare_dense(cfg: RunConfig, run: Prefill, device: torch.device, repeat: int) -> dict:
+    dense = build_gpt_model(cfg, method="dense", device=device)
+    dense.load_state_dict(run.model.state_dict())  # same weights by construction; loading makes it certain
+    logits, prompt = run.logits, run.prompt
+
+    def forward():
+        with torch.inference_mode():
+            embeds = input_embeddings(dense, run.tower, prompt, torch.arange(prompt.input_ids.shape[1]), device)
+        return last_token_logits(
+            dense, run.rope, prompt.input_ids.to(device), prompt.position_ids.to(device), inputs_embeds=embeds
+        )
+
+    ref, seconds = timed(forward, device, repeat, barrier=False)  # rank 0 alone
+    log_p, log_q = torch.log_softmax(ref.double(), -1), torch.log_softmax(logits.double(), -1)
+    return {
+        "dense_seconds": round(seconds, 6),
+        "max_abs_logit_diff": (logits - ref).abs().max().item(),
+        "top1_agree": bool((logits.argmax(-1) == ref.argmax(-1)).all()),
+        "kl": (log_p.exp() * (log_p - log_q)).sum(-1).mean().item(),
+    }

@@ -1,0 +1,140 @@
+"""Model spec -> Megatron-core GPTModel, and its forward on one rank's local sequence."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_apbv.apbv.spec import (
+    get_gpt_layer_apbv_spec,
+    get_gpt_layer_baseline_spec,
+    get_gpt_layer_dense_spec,
+)
+from megatron_apbv.models.rope import PositionRotaryEmbedding
+from megatron_apbv.runtime.config import RunConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def transformer_config(cfg: RunConfig, *, tensor_parallel_size: int, context_parallel_size: int) -> TransformerConfig:
+    """Megatron ``TransformerConfig`` of a Qwen2/Llama-style decoder (RMSNorm, SwiGLU, GQA)."""
+    m, dtype = cfg.model, DTYPES[cfg.dtype]
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=m.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_std,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # CPU initialisation draws the full weight from the seeded generator before
+        # splitting it over tensor-parallel ranks: every rank agrees on the weights.
+        use_cpu_initialization=True,
+        tensor_model_parallel_size=tensor_parallel_size,
+        context_parallel_size=context_parallel_size,
+        apply_rope_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def build_gpt_model(cfg: RunConfig, *, method: str, device: torch.device, layer_spec=None) -> GPTModel:
+    """GPTModel with APB-V (``method="apbv"``), dense causal (``"dense"``), or ring / Ulysses core attention.
+
+    Weights depend only on ``cfg.seed`` and the shape, so both methods built from
+    one config hold the same weights. Positions come from :class:`PositionRotaryEmbedding`,
+    so Megatron's own position embedding is off. ``layer_spec`` replaces the
+    method's layer spec (single-process, e.g. a reference attention in tests).
+    """
+    if method == "apbv":
+        spec = get_gpt_layer_apbv_spec(window=cfg.apbv.window, overlap=cfg.apbv.setting("overlap"))
+        tp, cp = cfg.parallel.tensor_parallel_size, cfg.parallel.context_parallel_size
+    elif method == "dense":
+        spec, tp, cp = get_gpt_layer_dense_spec(), 1, 1
+    elif method in ("ring", "ulysses"):  # benchmark baselines over the same CP group
+        spec = get_gpt_layer_baseline_spec(method)
+        tp, cp = cfg.parallel.tensor_parallel_size, cfg.parallel.context_parallel_size
+    else:
+        raise ValueError(f"method={method!r}: expected 'apbv', 'dense', 'ring' or 'ulysses'")
+    spec = layer_spec or spec
+    torch.manual_seed(cfg.seed)
+    model = GPTModel(
+        config=transformer_config(cfg, tensor_parallel_size=tp, context_parallel_size=cp),
+        transformer_layer_spec=spec,
+        vocab_size=cfg.model.vocab_size,
+        max_sequence_length=cfg.model.max_position_embeddings,
+        position_embedding_type="none",
+        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+        # Vocab-parallel logits, gathered by last_token_logits: Megatron's own gather allocates on CUDA.
+        parallel_output=True,
+    )
+    if cfg.model.checkpoint:
+        from megatron_apbv.models.checkpoint import load_hf_checkpoint
+
+        tp_group = model.output_layer.tp_group
+        load_hf_checkpoint(model, cfg.model.checkpoint, tp_rank=tp_group.rank() if tp_group else 0, tp_size=tp)
+    # Megatron's torch RMSNorm ignores params_dtype and keeps fp32 weights; next to bf16 activations
+    # torch.rms_norm then falls back to an unfused path. Every parameter takes the run's dtype, as
+    # Megatron's Float16Module does for half-precision models.
+    return model.to(device=device, dtype=DTYPES[cfg.dtype]).eval()
+
+
+def build_rope(cfg: RunConfig, device: torch.device) -> PositionRotaryEmbedding:
+    return PositionRotaryEmbedding(cfg.model.head_dim, cfg.model.rope_theta, cfg.model.mrope_section).to(device)
+
+
+@torch.inference_mode()
+def decoder_hidden(
+    model: GPTModel, rope: PositionRotaryEmbedding, input_ids: torch.Tensor, position_ids: torch.Tensor,
+    attention_mask=None, inputs_embeds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Embed ``input_ids`` ``[b, s]`` and run the decoder at ``position_ids``; returns ``[s, b, h]``.
+
+    ``inputs_embeds`` ``[s, b, h]``, when given, replaces the token embedding
+    (e.g. text embeddings with video embeddings scattered in). The embedding and
+    decoder are called directly (rather than ``GPTModel.forward``) to feed RoPE
+    from global positions and to project only the tokens that need logits onto
+    the vocabulary.
+    """
+    hidden = inputs_embeds if inputs_embeds is not None else model.embedding(input_ids=input_ids, position_ids=None)
+    return model.decoder(hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rope(position_ids))
+
+
+@torch.inference_mode()
+def vocab_logits(model: GPTModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits ``[b, vocab]`` (fp32) of one token's final hidden state ``[1, b, h]``."""
+    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+    logits, _ = model.output_layer(hidden, weight=weight)
+    logits = logits[0].float()
+    tp_group = model.output_layer.tp_group
+    if tp_group is not None and tp_group.size() > 1:
+        shards = [torch.empty_like(logits) for _ in range(tp_group.size())]
+        torch.distributed.all_gather(shards, logits.contiguous(), group=tp_group)
+        logits = torch.cat(shards, dim=-1)
+    return logits
+
+
+def last_token_logits(
+    model: GPTModel, rope: PositionRotaryEmbedding, input_ids: torch.Tensor, position_ids: torch.Tensor,
+    attention_mask=None, inputs_embeds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits ``[b, vocab]`` of the last token of ``input_ids`` ``[b, s]``."""
+    hidden = decoder_hidden(model, rope, input_ids, position_ids, attention_mask, inputs_embeds)
+    return vocab_logits(model, hidden[-1:])

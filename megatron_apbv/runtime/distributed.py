@@ -1,0 +1,104 @@
+"""Process groups: read the launcher's environment, start torch.distributed, build Megatron's groups.
+
+Works with whatever started the ranks: the DeepSpeed launcher, torchrun (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or plain ``srun`` (SLURM_PROCID,
+SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR/PORT from the batch script). A process
+started by none of them runs as a group of one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_apbv.runtime.agreement import agreement_extra, check_ranks_agree
+from megatron_apbv.runtime.config import ConfigError, RunConfig
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @classmethod
+    def from_environ(cls, environ=os.environ) -> "LaunchEnv":
+        def pick(*names: str, default: int) -> int:
+            for name in names:
+                if environ.get(name, "") != "":
+                    return int(environ[name])
+            return default
+
+        return cls(
+            rank=pick("RANK", "SLURM_PROCID", default=0),
+            world_size=pick("WORLD_SIZE", "SLURM_NTASKS", default=1),
+            local_rank=pick("LOCAL_RANK", "SLURM_LOCALID", default=0),
+        )
+
+
+def select_device(cfg: RunConfig, env: LaunchEnv) -> torch.device:
+    """cuda:LOCAL_RANK when a GPU is wanted and present, else the CPU."""
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if not want_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible: set device=cpu or run on a GPU node")
+    if env.local_rank >= torch.cuda.device_count():
+        raise ConfigError(
+            f"LOCAL_RANK={env.local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
+            "launch at most one rank per GPU on each node"
+        )
+    torch.cuda.set_device(env.local_rank)
+    return torch.device("cuda", env.local_rank)
+
+
+def init_distributed(cfg: RunConfig, env: LaunchEnv, device: torch.device) -> None:
+    """Start torch.distributed and Megatron's TP x CP groups (CP = the APB-V group).
+
+    The world size is checked against the config first, so a mismatch fails on every
+    rank before any rank waits on a rendezvous or a collective.
+    """
+    cfg.check_world_size(env.world_size)
+    if device.type == "cpu" and cfg.dtype == "float16":
+        raise ConfigError("dtype=float16 is not supported on the CPU: use float32 or bfloat16")
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("parallel.backend=nccl needs GPUs: use parallel.backend=gloo (or auto) on the CPU")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(seconds=cfg.parallel.timeout_seconds),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.parallel.tensor_parallel_size,
+        context_parallel_size=cfg.parallel.context_parallel_size,
+        distributed_timeout_minutes=cfg.parallel.timeout_seconds / 60,  # a float: timedelta(minutes=...) takes it
+    )
+    # Every rank must run the same config and code: a mismatch fails on every rank here, not as a hang later.
+    check_ranks_agree(cfg, agreement_extra(cfg, env.world_size))
+
+
+def shutdown(*, wait_for_peers: bool = True) -> None:
+    """Tear down Megatron's groups and torch.distributed (a no-op when they are not running).
+
+    ``wait_for_peers`` first meets the other ranks at a barrier: a rank tearing gloo
+    down while a peer still talks to it can abort ("terminate called without an
+    active exception"). After a failure, when a peer may be gone, pass False.
+    """
+    if dist.is_initialized() and wait_for_peers:
+        dist.barrier()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

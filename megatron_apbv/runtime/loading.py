@@ -1,0 +1,178 @@
+"""YAML file + ``key=value`` overrides -> validated :class:`~megatron_apbv.runtime.config.RunConfig`.
+
+Shape keys may come from ``model.checkpoint``'s config.json and the prompt lengths
+from the tokenized text of ``input.question``; both are derived here, before
+validation, so every error names a field of the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from megatron_apbv.runtime.config import (
+    VARIANTS,
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    without_variant_settings,
+)
+
+
+def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-after", "literal[", "union[")))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            section = model
+            for part in e["loc"][:-1]:
+                section = section.model_fields[part].annotation
+            allowed = ", ".join(section.model_fields)
+            msg = f"unknown key; allowed keys here: {allowed}"
+        got = "" if e["type"] in ("extra_forbidden", "value_error") else f" (got {e.get('input')!r})"
+        lines.append(f"  {where or '<config>'}: {msg}{got}")
+    return "invalid configuration:\n" + "\n".join(dict.fromkeys(lines))
+
+
+def _yaml_problem(err: Exception) -> str:
+    """``line L, column C: problem`` of a YAML error (1-based, as editors count)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
+_TEXT_KEYS = frozenset({"input.question", "input.system_prompt"})
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["apbv.window=7", "parallel.context_parallel_size=3"]`` -> nested dict.
+
+    Values are parsed as YAML, except the free-text keys (``input.question``, ``input.system_prompt``),
+    which keep the text as typed (``null`` still unsets them).
+    """
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. apbv.window=7)")
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+        if key in _TEXT_KEYS and raw != "null":
+            node[parts[-1]] = raw  # free text: "yes" or "Answer: A" must stay the words typed
+            continue
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {_yaml_problem(err)}") from None
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _with_checkpoint_shape(data: dict) -> dict:
+    """Fill ``model:`` (and, for Qwen2.5-VL, ``vision:``) shape keys from ``model.checkpoint``'s config.json.
+
+    Keys given explicitly must agree with the checkpoint.
+    """
+    model = data.get("model")
+    if not isinstance(model, dict) or not model.get("checkpoint"):
+        return data
+    from megatron_apbv.models.checkpoint import (
+        model_config_from_hf,
+        read_hf_config,
+        vision_config_from_hf,
+    )
+
+    try:
+        hf = read_hf_config(model["checkpoint"])
+        derived = {"model": model_config_from_hf(hf), "vision": vision_config_from_hf(hf) or {}}
+    except (OSError, ValueError, TypeError) as err:  # TypeError: not a path (model.checkpoint=1)
+        raise ConfigError(f"model.checkpoint={model['checkpoint']!r}: {err}") from None
+    out = dict(data)
+    for section, values in derived.items():
+        given = data.get(section) or {}
+        if not isinstance(given, dict):
+            continue  # pydantic reports the wrong type
+        for key, value in values.items():
+            if key in given and given[key] != value:
+                raise ConfigError(
+                    f"{section}.{key}={given[key]!r} disagrees with the checkpoint's config.json ({value!r}): "
+                    f"remove {section}.{key} to take the checkpoint's value"
+                )
+        out[section] = {**values, **given}
+    return out
+
+
+def _with_chat_lengths(data: dict) -> dict:
+    """Set ``input.system_tokens`` / ``input.query_tokens`` from the tokenized text of ``input.question``."""
+    inp, model = data.get("input"), data.get("model") or {}
+    if not isinstance(inp, dict) or not isinstance(model, dict) or inp.get("question") is None:
+        return data
+    if inp.get("kind") == "needle":
+        raise ConfigError("input.question cannot be used with input.kind=needle (its questions are built in)")
+    question, system = inp["question"], inp.get("system_prompt")
+    if not isinstance(question, str) or not question or not isinstance(system, (str, type(None))):
+        return data  # pydantic reports the wrong type
+    path = model.get("tokenizer") or model.get("checkpoint")  # ModelConfig.tokenizer_dir, before validation
+    if not path:
+        raise ConfigError("input.question needs a tokenizer: set model.tokenizer (or model.checkpoint) to its dir")
+    from megatron_apbv.models.chat_prompt import TokenizerError, chat_text
+
+    try:
+        text = chat_text(str(path), system, question)
+    except TokenizerError as err:
+        raise ConfigError(f"model.tokenizer: {err}") from None
+    vocab = model.get("vocab_size", ModelConfig.model_fields["vocab_size"].default)
+    ids = text.before + text.after + ((text.video_token_id,) if text.video_token_id is not None else ())
+    if isinstance(vocab, int) and max(ids) >= vocab:
+        raise ConfigError(
+            f"model.tokenizer={str(path)!r} gives token id {max(ids)} but model.vocab_size={vocab}: the tokenizer "
+            "does not belong to this model (point model.tokenizer at the checkpoint's)"
+        )
+    # The text's lengths replace the counts a file gives for random-id prompts (e.g. tiny_cpu.yaml's),
+    # so a question can be added on the command line; the run's JSON reports the lengths used.
+    derived = {"system_tokens": len(text.before), "query_tokens": len(text.after)}
+    return {**data, "input": {**inp, **derived}}
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Load a YAML config (or the built-in defaults) and apply ``key=value`` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    extra = parse_overrides(overrides or [])
+    variant = extra.get("apbv", {}).get("variant") if isinstance(extra.get("apbv"), dict) else None
+    if isinstance(variant, str) and variant in VARIANTS and isinstance(data.get("apbv"), dict):
+        # A variant chosen on the command line replaces the file's settings that the variant fixes.
+        data = {**data, "apbv": without_variant_settings(data["apbv"], variant)}
+    data = _merge(data, extra)
+    data = _with_checkpoint_shape(data)
+    data = _with_chat_lengths(data)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, RunConfig)) from None
