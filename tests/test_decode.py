@@ -6,8 +6,8 @@ import pytest
 import torch
 from distributed_utils import run_on_ranks
 
+from megatron_apbv.apbv.layout import SequenceLayout
 from megatron_apbv.inference.generate import Sampler, apbv_generate
-from megatron_apbv.inference.prefill import sequence_layout
 from megatron_apbv.models.gpt import build_gpt_model, build_rope, last_token_logits
 from megatron_apbv.models.inputs import build_prompt
 from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
@@ -57,7 +57,7 @@ def test_caches_partition_the_sequence_and_only_the_tail_grows():
     from megatron_apbv.apbv.decode import DistributedKVCache
 
     cfg = load_config(CONFIG, ["parallel.context_parallel_size=3"])
-    seq = sequence_layout(cfg)
+    seq = SequenceLayout.from_config(cfg)
     rows = []
     for layout in seq.ranks():
         cache = DistributedKVCache(layout, max_new_tokens=5)

@@ -29,16 +29,26 @@ from megatron_apbv.apbv.selection import passing_scores, select_passing
 
 @dataclass(frozen=True)
 class APBVMask:
-    """The APB-V attention mask of one rank, in structured form.
+    """The APB-V attention mask of one rank, in structured form, with every setting a layer needs.
 
     Megatron hands ``attention_mask`` unchanged to the core attention; APB-V's mask
-    is fully described by the rank's layout and the per-layer passing budgets, so
-    this object travels there instead of an ``O(N^2)`` boolean tensor.
+    is fully described by the rank's layout, the per-layer passing budgets and the
+    scoring settings, so this object travels there instead of an ``O(N^2)`` boolean
+    tensor. It is the one way settings reach a layer: the same model serves every
+    variant (APB-V, APB-like, Star, exact) and every prompt length.
     """
 
     layout: RankLayout
     passing_lens: tuple[int, ...]  # per layer, already resolved to token counts
+    window: int = 5  # max-pool smoothing window of the passing scores
+    overlap: bool = True  # overlap the passing all-gathers and the query merge with attention
     cache: Optional[DistributedKVCache] = None  # filled with the rank's own K/V when decoding follows
+
+    @classmethod
+    def from_config(cls, cfg, layout: RankLayout, cache: Optional[DistributedKVCache] = None) -> "APBVMask":
+        """The mask of ``layout`` under ``cfg``'s APB-V settings (variant applied)."""
+        return cls(layout=layout, passing_lens=cfg.passing_lens(layout.seq.prompt_len), window=cfg.apbv.window,
+                   overlap=cfg.apbv.setting("overlap"), cache=cache)
 
     def passing_len(self, layer_number: int) -> int:
         return self.passing_lens[layer_number - 1]
@@ -50,15 +60,9 @@ class APBVCoreAttention(CoreAttentionBase):
     Inputs follow Megatron's core-attention contract: query ``[sq, b, np, hn]``,
     key/value ``[sq, b, ng, hn]`` with RoPE applied, ``attention_mask`` an
     :class:`APBVMask` (prefill) or :class:`DecodeStep` (new tokens over the
-    distributed KV cache); output ``[sq, b, np * hn]``. ``window`` is the smoothing
-    window of the scores and ``overlap`` overlaps the passing all-gathers with
-    attention (both come from the layer spec's params).
+    distributed KV cache); output ``[sq, b, np * hn]``. Every APB-V setting arrives
+    with the mask; the module itself holds none.
     """
-
-    def __init__(self, *args, window: int = 5, overlap: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.window = window
-        self.overlap = overlap
 
     def forward(
         self,
@@ -88,7 +92,7 @@ class APBVCoreAttention(CoreAttentionBase):
         out = apbv_layer_attention(
             query, key, value, layout,
             passing_len=attention_mask.passing_len(self.layer_number),
-            window=self.window, overlap=self.overlap,
+            window=attention_mask.window, overlap=attention_mask.overlap,
             softmax_scale=self.softmax_scale, group=self.cp_group,
         )
         if attention_mask.cache is not None:

@@ -111,6 +111,18 @@ class SequenceLayout:
     world_size: int
     zigzag: bool = True
 
+    @classmethod
+    def from_config(cls, cfg) -> "SequenceLayout":
+        """The one place a :class:`~megatron_apbv.runtime.config.RunConfig` becomes a layout:
+        its prompt, anchor and query lengths over ``parallel.context_parallel_size`` ranks."""
+        return cls(
+            prompt_len=cfg.prompt_len,
+            anchor_len=cfg.anchor_len,
+            query_len=cfg.query_len,
+            world_size=cfg.parallel.context_parallel_size,
+            zigzag=cfg.apbv.setting("zigzag"),
+        )
+
     def __post_init__(self):
         for name in ("prompt_len", "anchor_len", "query_len"):
             if getattr(self, name) < 0:

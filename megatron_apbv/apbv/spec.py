@@ -11,11 +11,9 @@ from megatron_apbv.apbv.attention import APBVCoreAttention
 from megatron_apbv.baselines.dense import DenseCoreAttention
 
 
-def get_gpt_layer_apbv_spec(*, window: int = 5, overlap: bool = True, qk_layernorm: bool = False) -> ModuleSpec:
-    """Megatron's local GPT layer spec (RMSNorm) whose core attention is APB-V."""
-    return get_gpt_layer_spec_with(
-        ModuleSpec(module=APBVCoreAttention, params={"window": window, "overlap": overlap}), qk_layernorm
-    )
+def get_gpt_layer_apbv_spec(*, qk_layernorm: bool = False) -> ModuleSpec:
+    """Megatron's local GPT layer spec (RMSNorm) whose core attention is APB-V (settings travel in the mask)."""
+    return get_gpt_layer_spec_with(ModuleSpec(module=APBVCoreAttention), qk_layernorm)
 
 
 def get_gpt_layer_dense_spec(*, qk_layernorm: bool = False) -> ModuleSpec:

@@ -148,9 +148,9 @@ class Plan:
 def plan_for(method: str, cfg: RunConfig, length: int, rank: int, world: int) -> Plan:
     """Layout, mask and last-token owner of ``method`` on ``rank`` for a prompt of ``length`` tokens."""
     from megatron_apbv.apbv.attention import APBVMask
+    from megatron_apbv.apbv.layout import SequenceLayout
     from megatron_apbv.baselines.ring import RingMask, ring_layout
     from megatron_apbv.baselines.ulysses import ContiguousLayout, UlyssesMask
-    from megatron_apbv.inference.prefill import sequence_layout
 
     c = method_config(cfg, length, method if method in APBV_METHODS else None)
     n = c.prompt_len
@@ -166,8 +166,8 @@ def plan_for(method: str, cfg: RunConfig, length: int, rank: int, world: int) ->
         flat = ContiguousLayout(n, world)
         owner, row = flat.owner_of(n - 1)
         return Plan(method, c, flat.padded_indices(rank), UlyssesMask(flat, rank), owner, row)
-    layout = sequence_layout(c).rank(rank)  # APB-V: every rank holds the query span, so the last token too
-    return Plan(method, c, layout.global_indices, APBVMask(layout, c.passing_lens()), None, layout.local_len - 1)
+    layout = SequenceLayout.from_config(c).rank(rank)  # APB-V: every rank holds the query span, so the last token too
+    return Plan(method, c, layout.global_indices, APBVMask.from_config(c, layout), None, layout.local_len - 1)
 
 
 def skip_reason(method: str, cfg: RunConfig, world: int) -> Optional[str]:
@@ -202,7 +202,7 @@ def core_attention(method: str, config, layer_number: int, cfg: RunConfig, ulyss
         return UlyssesCoreAttention(**common, kernel=ulysses_kernel)
     from megatron_apbv.apbv.attention import APBVCoreAttention
 
-    return APBVCoreAttention(**common, window=cfg.apbv.window, overlap=cfg.apbv.setting("overlap"))
+    return APBVCoreAttention(**common)
 
 
 def use_core_attention(model, method: str, cfg: RunConfig, ulysses_kernel: str = "sdpa") -> None:

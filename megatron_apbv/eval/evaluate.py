@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_apbv.apbv.attention import APBVCoreAttention, APBVMask
+from megatron_apbv.apbv.attention import APBVMask
 from megatron_apbv.apbv.layout import SequenceLayout
 from megatron_apbv.eval.frontend import (
     build_frontend,
@@ -89,12 +89,6 @@ def eval_settings(cfg: RunConfig, prompt_len: int, only: list[str] | None = None
     return out
 
 
-def _set_overlap(model, overlap: bool) -> None:
-    for module in model.modules():
-        if isinstance(module, APBVCoreAttention):
-            module.overlap = overlap
-
-
 # --------------------------------------------------------------------------- forward passes
 
 
@@ -142,8 +136,8 @@ class NeedleRunner:
         """Logits ``[b, vocab]`` of the last query token, the same on every rank."""
         layout = self.layout(setting["zigzag"]).rank(self.rank)
         idx = layout.global_indices
-        mask = APBVMask(layout=layout, passing_lens=(setting["passing_len"],) * self.cfg.model.num_layers)
-        _set_overlap(self.model, setting["overlap"])
+        mask = APBVMask(layout=layout, passing_lens=(setting["passing_len"],) * self.cfg.model.num_layers,
+                        window=self.cfg.apbv.window, overlap=setting["overlap"])
         hidden = decoder_hidden(self.model, self.rope, None, self.positions[idx].to(self.device), mask,
                                 inputs_embeds=embeds[idx.to(embeds.device)])
         return vocab_logits(self.model, hidden[-1:])
@@ -255,8 +249,7 @@ def run_demo(cfg: RunConfig, env: LaunchEnv, device: torch.device, checkpoint: s
     batch = collate([ex])
     embeds = runner.embeddings(batch)
     layout = runner.layout(setting["zigzag"]).rank(runner.rank)
-    mask = APBVMask(layout=layout, passing_lens=passing)
-    _set_overlap(runner.model, setting["overlap"])
+    mask = APBVMask(layout=layout, passing_lens=passing, window=cfg.apbv.window, overlap=setting["overlap"])
     idx = layout.global_indices
     with torch.inference_mode():
         hidden = decoder_hidden(runner.model, runner.rope, None, runner.positions[idx].to(device), mask,

@@ -20,16 +20,6 @@ from megatron_apbv.runtime.groups import context_parallel_group, context_paralle
 from megatron_apbv.runtime.timing import timed
 
 
-def sequence_layout(cfg: RunConfig) -> SequenceLayout:
-    return SequenceLayout(
-        prompt_len=cfg.prompt_len,
-        anchor_len=cfg.anchor_len,
-        query_len=cfg.query_len,
-        world_size=cfg.parallel.context_parallel_size,
-        zigzag=cfg.apbv.setting("zigzag"),
-    )
-
-
 @dataclass
 class Prefill:
     """One rank's prefill: the last query token's logits and what produced them."""
@@ -51,12 +41,12 @@ def apbv_prefill(cfg: RunConfig, device: torch.device, *, max_new_tokens: int = 
     ``Prefill.cache`` for distributed decoding. ``repeat`` > 0 times the median
     of that many prefills after a warm-up one.
     """
-    seq = sequence_layout(cfg)
+    seq = SequenceLayout.from_config(cfg)
     layout = seq.rank(context_parallel_rank())
     prompt = build_prompt(cfg)
     local = prompt.local(layout.global_indices)
     cache = DistributedKVCache(layout, max_new_tokens) if max_new_tokens else None
-    mask = APBVMask(layout=layout, passing_lens=cfg.passing_lens(), cache=cache)
+    mask = APBVMask.from_config(cfg, layout, cache)
     model = build_gpt_model(cfg, method="apbv", device=device)
     rope = build_rope(cfg, device)
     tower = build_vision_tower_for(cfg, device) if prompt.frames is not None else None

@@ -64,7 +64,7 @@ def build_gpt_model(cfg: RunConfig, *, method: str, device: torch.device, layer_
     method's layer spec (single-process, e.g. a reference attention in tests).
     """
     if method == "apbv":
-        spec = get_gpt_layer_apbv_spec(window=cfg.apbv.window, overlap=cfg.apbv.setting("overlap"))
+        spec = get_gpt_layer_apbv_spec()
         tp, cp = cfg.parallel.tensor_parallel_size, cfg.parallel.context_parallel_size
     elif method == "dense":
         spec, tp, cp = get_gpt_layer_dense_spec(), 1, 1

@@ -281,9 +281,12 @@ class RunConfig(_Section):
     def query_len(self) -> int:
         return self.input.query_tokens
 
-    def passing_lens(self) -> tuple[int, ...]:
-        """Per-layer passing budgets in tokens ("all" = the longest block: every key is passed)."""
-        prompt = self.prompt_len
+    def passing_lens(self, prompt_len: Optional[int] = None) -> tuple[int, ...]:
+        """Per-layer passing budgets in tokens for a prompt of ``prompt_len`` (default: this config's prompt).
+
+        ``all`` passes every key (the prompt length).
+        """
+        prompt = self.prompt_len if prompt_len is None else prompt_len
         schedule = self.apbv.passing_schedule or [self.apbv.setting("passing")] * self.model.num_layers
         # A budget beyond the prompt passes every key, exactly like "all": clamp so the counts stay real.
         return tuple(min(resolve_budget(b, prompt, "passing"), prompt) for b in schedule)
