@@ -27,6 +27,7 @@ setup(
         "megatron_apbv.runtime", "megatron_apbv.kernels",
     ],
     package_dir={"megatron_apbv": "megatron_apbv", "megatron_apbv.kernels": "kernels"},
+    package_data={"megatron_apbv.costmodel": ["profiles.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "triton": ["triton>=3.2"],

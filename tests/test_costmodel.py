@@ -13,19 +13,12 @@ from hypothesis import strategies as st
 
 from megatron_apbv.apbv.layout import SequenceLayout
 from megatron_apbv.apbv.reference import apbv_mask_reference
-from megatron_apbv.costmodel.model import (
-    METHODS,
-    ModelShape,
-    Point,
-    Profiles,
-    _apb_attention,
-    _fit_scalar,
-    apbv_pairs,
-    calibrate,
-    causal_pairs,
-    predict,
-    ring_pair_matrix,
-)
+from megatron_apbv.costmodel.attention import apb_attention_cost
+from megatron_apbv.costmodel.calibration import Point, Profiles, _fit_scalar, calibrate
+from megatron_apbv.costmodel.pairs import apbv_pairs, causal_pairs, ring_pair_matrix
+from megatron_apbv.costmodel.predict import predict
+from megatron_apbv.costmodel.shapes import ModelShape
+from megatron_apbv.methods import COMPARED as METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN = ModelShape(layers=28, hidden=3584, heads=28, kv_heads=4, head_dim=128, ffn=18944, vocab=152064)
@@ -33,7 +26,7 @@ QWEN = ModelShape(layers=28, hidden=3584, heads=28, kv_heads=4, head_dim=128, ff
 
 @pytest.fixture(scope="module")
 def calibration():
-    return calibrate()
+    return calibrate(results_dir=ROOT / "benchmarks" / "results")
 
 
 def _cluster(gpus, interconnect="nvlink", gpu="h100", per_node=8, profiles=None):
@@ -134,8 +127,8 @@ def test_overlap_rules():
     shape = ModelShape.attention(28, 4, 128)
     seq_z, seq = SequenceLayout(131072, 2048, 64, 16), SequenceLayout(131072, 2048, 64, 16, zigzag=False)
     cl = _cluster(16, "ib")
-    over = _apb_attention(shape, cl, seq_z, 1024, overlap=True, method="apbv")
-    serial = _apb_attention(shape, cl, seq, 1024, overlap=False, method="apb_like")
+    over = apb_attention_cost(shape, cl, seq_z.prompt_len, seq_z, 1024, method="apbv")
+    serial = apb_attention_cost(shape, cl, seq.prompt_len, seq, 1024, method="apb_like")
     assert over.compute_s <= over.seconds <= over.compute_s + over.comm_s + 1e-12  # max-like: hidden at least partly
     assert serial.seconds >= serial.compute_s + serial.comm_s - 1e-12  # sum: nothing hidden
     ring = predict("ring", shape, cl, 131072)

@@ -15,13 +15,13 @@ from megatron.core.transformer.enums import AttnMaskType
 from torch.profiler import record_function
 
 from megatron_apbv.apbv.attend import apb_attention
-from megatron_apbv.apbv.core_attention import CoreAttentionBase
+from megatron_apbv.apbv.core_attention import CoreAttentionBase, RankPlan
 from megatron_apbv.apbv.decode import (
     DecodeStep,
     DistributedKVCache,
     decode_layer_attention,
 )
-from megatron_apbv.apbv.layout import RankLayout
+from megatron_apbv.apbv.layout import RankLayout, SequenceLayout
 from megatron_apbv.apbv.merge import MergeAcrossRanks
 from megatron_apbv.apbv.passing import PassingExchange
 from megatron_apbv.apbv.selection import passing_scores, select_passing
@@ -63,6 +63,12 @@ class APBVCoreAttention(CoreAttentionBase):
     distributed KV cache); output ``[sq, b, np * hn]``. Every APB-V setting arrives
     with the mask; the module itself holds none.
     """
+
+    @classmethod
+    def rank_plan(cls, cfg, rank: int, world: int) -> RankPlan:
+        """``[A | blocks | Q]`` of ``rank``: every rank holds the query span, so the last token too."""
+        layout = SequenceLayout.from_config(cfg).rank(rank)
+        return RankPlan(layout.global_indices, APBVMask.from_config(cfg, layout), None, layout.local_len - 1)
 
     def forward(
         self,

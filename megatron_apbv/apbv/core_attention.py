@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """What one rank holds of a prompt under a method: its rows, its ``attention_mask``, where the last token is."""
+
+    indices: Optional[torch.Tensor]  # global token index of each local row; None: this rank holds nothing
+    mask: object  # the core attention's attention_mask
+    last_owner: Optional[int]  # CP rank holding the prompt's last token (None: every rank holds it)
+    last_row: int  # its local row there
 
 
 class CoreAttentionBase(MegatronModule):
@@ -37,3 +49,13 @@ class CoreAttentionBase(MegatronModule):
         """Megatron may pass an attention bias or packed-sequence parameters; no core attention here uses them."""
         if attention_bias is not None or packed_seq_params is not None:
             raise NotImplementedError(f"{name} supports neither attention_bias nor packed sequences")
+
+    @classmethod
+    def rank_plan(cls, cfg, rank: int, world: int) -> RankPlan:
+        """The method's layout and mask of ``cfg``'s prompt on ``rank`` of ``world`` (each method defines it)."""
+        raise NotImplementedError(f"{cls.__name__} does not define its rank layout")
+
+    @classmethod
+    def unsupported(cls, cfg, world: int) -> Optional[str]:
+        """Why this attention cannot run ``cfg``'s shape on ``world`` ranks, or None (the default)."""
+        return None

@@ -10,11 +10,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron_apbv.apbv.core_attention import CoreAttentionBase
+from megatron_apbv.apbv.core_attention import CoreAttentionBase, RankPlan
 
 
 class DenseCoreAttention(CoreAttentionBase):
     """Causal attention over the local sequence (``attention_mask`` must be None)."""
+
+    @classmethod
+    def rank_plan(cls, cfg, rank: int, world: int) -> RankPlan:
+        """Rank 0 holds the whole prompt; the other ranks hold nothing (they wait)."""
+        n = cfg.prompt_len
+        return RankPlan(torch.arange(n) if rank == 0 else None, None, 0, n - 1)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_apbv.apbv.attend import apb_attention
-from megatron_apbv.apbv.core_attention import CoreAttentionBase
+from megatron_apbv.apbv.core_attention import CoreAttentionBase, RankPlan
 from megatron_apbv.apbv.layout import RankLayout, SequenceLayout
 from megatron_apbv.apbv.merge import merge_partials
 
@@ -152,6 +152,16 @@ class RingCoreAttention(CoreAttentionBase):
     ``attention_mask`` must be a :class:`RingMask`; query ``[sq, b, np, hn]``, key/value
     ``[sq, b, ng, hn]`` with RoPE applied; output ``[sq, b, np * hn]``.
     """
+
+    @classmethod
+    def rank_plan(cls, cfg, rank: int, world: int) -> RankPlan:
+        """Chunks ``r`` and ``2W-1-r`` of the plain zigzag split; the last token lives on rank 0."""
+        n = cfg.prompt_len
+        seq = ring_layout(n, world)
+        owner = next(r for r in range(world) if (seq.rank(r).global_indices == n - 1).any())
+        row = int((seq.rank(owner).global_indices == n - 1).nonzero())
+        layout = seq.rank(rank)
+        return RankPlan(layout.global_indices, RingMask(layout), owner, row)
 
     def forward(self, query, key, value, attention_mask: RingMask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None) -> torch.Tensor:

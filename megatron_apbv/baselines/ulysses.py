@@ -24,13 +24,14 @@ times more K/V through the all-to-all, the known cost of Ulysses under GQA.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_apbv.apbv.attend import apb_attention
-from megatron_apbv.apbv.core_attention import CoreAttentionBase
+from megatron_apbv.apbv.core_attention import CoreAttentionBase, RankPlan
 
 LOCAL_KERNELS = ("sdpa", "apb")
 
@@ -144,6 +145,21 @@ class UlyssesCoreAttention(CoreAttentionBase):
         super().__init__(*args, **kwargs)
         self.world = dist.get_world_size(self.cp_group)
         self.attention = ulysses_attention_module(self.softmax_scale, self.cp_group, kernel)
+
+    @classmethod
+    def rank_plan(cls, cfg, rank: int, world: int) -> RankPlan:
+        """Contiguous chunks of ``ceil(N / W)`` tokens, the last one padded."""
+        flat = ContiguousLayout(cfg.prompt_len, world)
+        owner, row = flat.owner_of(cfg.prompt_len - 1)
+        return RankPlan(flat.padded_indices(rank), UlyssesMask(flat, rank), owner, row)
+
+    @classmethod
+    def unsupported(cls, cfg, world: int) -> Optional[str]:
+        try:
+            kv_repeat_factor(cfg.model.num_attention_heads, cfg.model.num_query_groups, world)
+        except ValueError:
+            return f"{cfg.model.num_attention_heads} query heads do not divide by {world} ranks"
+        return None
 
     def forward(self, query, key, value, attention_mask: UlyssesMask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None) -> torch.Tensor:

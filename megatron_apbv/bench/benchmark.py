@@ -42,6 +42,8 @@ import torch
 import torch.distributed as dist
 from pydantic import ValidationError
 
+from megatron_apbv.methods import COMPARED, get_method
+from megatron_apbv.methods import METHODS as REGISTRY
 from megatron_apbv.runtime.config import (
     ConfigError,
     RunConfig,
@@ -50,8 +52,7 @@ from megatron_apbv.runtime.config import (
 from megatron_apbv.runtime.distributed import LaunchEnv
 from megatron_apbv.runtime.timing import Timing, time_method
 
-METHODS = ("dense", "ring", "ulysses", "star", "apb_like", "apbv")
-APBV_METHODS = ("star", "apb_like", "apbv")  # the method is the apbv.variant
+METHODS = COMPARED
 LEVELS = ("layer", "model")
 GPU_LENGTHS = (32768, 65536, 131072)
 ULYSSES_KERNELS = ("sdpa", "apb")
@@ -62,9 +63,9 @@ ULYSSES_KERNELS = ("sdpa", "apb")
 
 def _methods(text: str) -> tuple[str, ...]:
     items = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    bad = [m for m in items if m not in METHODS]
+    bad = [m for m in items if m not in REGISTRY]
     if bad or not items:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {bad or text!r}: choose from {','.join(METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad or text!r}: choose from {','.join(REGISTRY)}")
     return items
 
 
@@ -147,71 +148,32 @@ class Plan:
 
 def plan_for(method: str, cfg: RunConfig, length: int, rank: int, world: int) -> Plan:
     """Layout, mask and last-token owner of ``method`` on ``rank`` for a prompt of ``length`` tokens."""
-    from megatron_apbv.apbv.attention import APBVMask
-    from megatron_apbv.apbv.layout import SequenceLayout
-    from megatron_apbv.baselines.ring import RingMask, ring_layout
-    from megatron_apbv.baselines.ulysses import ContiguousLayout, UlyssesMask
-
-    c = method_config(cfg, length, method if method in APBV_METHODS else None)
-    n = c.prompt_len
-    if method == "dense":
-        return Plan(method, c, torch.arange(n) if rank == 0 else None, None, 0, n - 1)
-    if method == "ring":
-        seq = ring_layout(n, world)
-        owner = next(r for r in range(world) if (seq.rank(r).global_indices == n - 1).any())
-        row = int((seq.rank(owner).global_indices == n - 1).nonzero())
-        layout = seq.rank(rank)
-        return Plan(method, c, layout.global_indices, RingMask(layout), owner, row)
-    if method == "ulysses":
-        flat = ContiguousLayout(n, world)
-        owner, row = flat.owner_of(n - 1)
-        return Plan(method, c, flat.padded_indices(rank), UlyssesMask(flat, rank), owner, row)
-    layout = SequenceLayout.from_config(c).rank(rank)  # APB-V: every rank holds the query span, so the last token too
-    return Plan(method, c, layout.global_indices, APBVMask.from_config(c, layout), None, layout.local_len - 1)
+    chosen = get_method(method)
+    c = method_config(cfg, length, chosen.variant)
+    plan = chosen.rank_plan(c, rank, world)
+    return Plan(method, c, plan.indices, plan.mask, plan.last_owner, plan.last_row)
 
 
-def skip_reason(method: str, cfg: RunConfig, world: int) -> Optional[str]:
-    """Why ``method`` cannot run with this shape (the same answer on every rank), or None."""
-    if method == "ulysses":
-        from megatron_apbv.baselines.ulysses import kv_repeat_factor
-
-        try:
-            kv_repeat_factor(cfg.model.num_attention_heads, cfg.model.num_query_groups, world)
-        except ValueError:
-            return f"{cfg.model.num_attention_heads} query heads do not divide by {world} ranks"
-    return None
-
-
-def core_attention(method: str, config, layer_number: int, cfg: RunConfig, ulysses_kernel: str = "sdpa"):
-    """The Megatron core-attention module of ``method`` (``cfg``: the method's config)."""
+def core_attention(method: str, config, layer_number: int, ulysses_kernel: str = "sdpa"):
+    """The Megatron core-attention module of ``method`` for the layer level's single call."""
     from megatron.core.transformer.enums import AttnMaskType
 
-    common = dict(config=config, layer_number=layer_number, attn_mask_type=AttnMaskType.causal,
-                  attention_type="self")
-    if method == "dense":
-        from megatron_apbv.baselines.dense import DenseCoreAttention
-
-        return DenseCoreAttention(**common)
-    if method == "ring":
-        from megatron_apbv.baselines.ring import RingCoreAttention
-
-        return RingCoreAttention(**common)
-    if method == "ulysses":
-        from megatron_apbv.baselines.ulysses import UlyssesCoreAttention
-
-        return UlyssesCoreAttention(**common, kernel=ulysses_kernel)
-    from megatron_apbv.apbv.attention import APBVCoreAttention
-
-    return APBVCoreAttention(**common)
+    return get_method(method).core_attention_class()(
+        config=config, layer_number=layer_number, attn_mask_type=AttnMaskType.causal, attention_type="self",
+        **_core_params(method, ulysses_kernel),
+    )
 
 
-def use_core_attention(model, method: str, cfg: RunConfig, ulysses_kernel: str = "sdpa") -> None:
-    """Swap every layer's core attention for ``method``'s: the weights (all outside it) stay."""
-    for layer in model.decoder.layers:
-        attn = layer.self_attention
-        attn.core_attention = core_attention(
-            method, attn.core_attention.config, attn.layer_number, cfg, ulysses_kernel
-        ).to(next(model.parameters()).device)
+def _core_params(method: str, ulysses_kernel: str) -> dict:
+    return {"kernel": ulysses_kernel} if method == "ulysses" else {}
+
+
+def method_model(weights, method: str, cfg: RunConfig, device: torch.device, ulysses_kernel: str = "sdpa"):
+    """``method``'s GPTModel on the very parameters of ``weights`` (shared, not copied)."""
+    from megatron_apbv.models.gpt import build_gpt_model
+
+    return build_gpt_model(cfg, method=method, device=device, core_params=_core_params(method, ulysses_kernel),
+                           weights_of=weights)
 
 
 @dataclass(frozen=True)
@@ -294,7 +256,7 @@ def _row(method: str, level: str, length: int, plan: Optional[Plan], timing: Opt
         )
     if plan is not None:
         row["local_tokens"] = None if plan.indices is None else len(plan.indices)
-        if method in APBV_METHODS:
+        if get_method(method).variant is not None:
             row.update(anchor_len=plan.cfg.anchor_len, passing_len=plan.cfg.passing_lens()[0],
                        query_len=plan.cfg.query_len)
     return row
@@ -344,20 +306,20 @@ def run_bench(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, methods=M
     lengths = tuple(lengths or (GPU_LENGTHS if device.type == "cuda" else (cfg.prompt_len,)))
     for length in lengths:  # every config problem surfaces here, on every rank, before any collective
         for method in methods:
-            method_config(cfg, length, method if method in APBV_METHODS else None)
+            method_config(cfg, length, get_method(method).variant)
     dtype = DTYPES[cfg.dtype]
-    skips = {m: skip_reason(m, cfg, world) for m in methods}
+    skips = {m: get_method(m).unsupported(cfg, world) for m in methods}
     leader = env.rank == 0
     bar = tqdm(total=len(levels) * len(lengths) * len(methods), desc="apbv bench", file=sys.stderr,
                disable=not leader, dynamic_ncols=True)
     rows: list[dict] = []
 
-    model = rope = None  # built when the model level starts, so the layer level's peak memory excludes it
+    weights = rope = None  # built when the model level starts, so the layer level's peak memory excludes it
     layer_config = transformer_config(cfg, tensor_parallel_size=1, context_parallel_size=world)
 
     for level in levels:
         if level == "model":
-            model, rope = build_gpt_model(cfg, method="apbv", device=device), build_rope(cfg, device)
+            weights, rope = build_gpt_model(cfg, method="apbv", device=device), build_rope(cfg, device)
         for length in lengths:
             qkv = _layer_qkv(cfg, length, dtype) if level == "layer" else None
             prompt = build_prompt(method_config(cfg, length)) if level == "model" else None
@@ -374,7 +336,7 @@ def run_bench(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, methods=M
                                          ulysses_kernel)
                     row = _row(method, level, length, plan, timing)
                 else:
-                    use_core_attention(model, method, plan.cfg, ulysses_kernel)
+                    model = method_model(weights, method, plan.cfg, device, ulysses_kernel)
                     inputs = method_inputs(method, plan.cfg, prompt, rank, device)
                     timing = time_method(lambda: _forward(model, rope, inputs, rank), device, warmup, repeat, group)
                     row = _row(method, level, length, plan, timing)
@@ -416,7 +378,7 @@ def _time_layer(method, plan: Plan, qkv, layer_config, device, warmup, repeat, g
     """One core-attention call of ``method`` on this rank's rows of the random ``q``/``k``/``v``."""
     if plan.indices is None:  # dense on ranks > 0: wait at the barriers
         return time_method(lambda: None, device, warmup, repeat, group)
-    module = core_attention(method, layer_config, 1, plan.cfg, ulysses_kernel).to(device)
+    module = core_attention(method, layer_config, 1, ulysses_kernel).to(device)
     q, k, v = (t[plan.indices].to(device) for t in qkv)
 
     def call():

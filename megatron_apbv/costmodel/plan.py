@@ -3,7 +3,8 @@
 The model shape, dtype, batch and query length come from CONFIG (``key=value``
 overrides apply, e.g. ``model.num_layers=28``); the prompt length from
 ``--tokens`` (default: the config's prompt). Times come from
-:mod:`megatron_apbv.costmodel.model`, calibrated on the measured points at every call.
+:mod:`megatron_apbv.costmodel.predict`, calibrated at every call on the measured points of
+``--calibration-dir`` (default ``benchmarks/results``: run it from the repository root).
 
 The budget search is over a grid of anchors ``a in {N/256 .. N/32}`` and passing
 budgets ``p in {N/512 .. N/32}`` (rounded up to 128 like the paper's ``auto``),
@@ -15,17 +16,14 @@ to be less accurate by it.
 
 from __future__ import annotations
 
-import math
 import sys
 
 from megatron_apbv.apbv.layout import SequenceLayout
-from megatron_apbv.costmodel.model import (
-    METHODS,
-    ModelShape,
-    calibrated_profiles,
-    predict,
-)
-from megatron_apbv.runtime.config import ConfigError, RunConfig
+from megatron_apbv.costmodel.calibration import calibrated_profiles
+from megatron_apbv.costmodel.predict import predict
+from megatron_apbv.costmodel.shapes import ModelShape
+from megatron_apbv.methods import COMPARED
+from megatron_apbv.runtime.config import ConfigError, RunConfig, roundup
 
 ANCHOR_FRACTIONS = (256, 128, 64, 32)  # a = N / f
 PASSING_FRACTIONS = (512, 256, 128, 64, 32)  # p = N / f
@@ -37,13 +35,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gpus", type=int, required=True, help="GPUs in the sequence-parallel group")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     parser.add_argument("--interconnect", default=None,
-                        help="link profile of configs/costmodel.yaml: nvlink (one NVLink domain), ib (NVLink in a "
+                        help="link profile of megatron_apbv/costmodel/profiles.yaml: nvlink (one NVLink domain), ib (NVLink in a "
                              "node + InfiniBand 8x400G), ib4, ethernet; default nvlink within a node, ib beyond")
     parser.add_argument("--gpu", default="h100", help="GPU profile (h100, h200)")
     parser.add_argument("--tokens", type=int, default=None, help="prompt length N (default: the config's prompt)")
     parser.add_argument("--min-anchor", default="1/64", help="anchor floor: tokens, or a fraction of N like 1/64")
     parser.add_argument("--min-passing", default="1/128", help="passing floor: tokens, or a fraction of N")
-    parser.add_argument("--profiles", default=None, help="profiles YAML (default configs/costmodel.yaml)")
+    parser.add_argument("--profiles", default=None, help="profiles YAML (default megatron_apbv/costmodel/profiles.yaml)")
+    parser.add_argument("--calibration-dir", default="benchmarks/results",
+                        help="folder of the measured points the profiles calibrate on (default benchmarks/results)")
 
 
 def _floor(text: str, n: int, name: str) -> float:
@@ -60,15 +60,15 @@ def _floor(text: str, n: int, name: str) -> float:
     return n * value if value < 1 else value
 
 
-def _roundup(x: float, multiple: int = 128) -> int:
-    return int(math.ceil(x / multiple) * multiple)
-
-
 def plan(cfg: RunConfig, *, gpus: int, gpus_per_node: int = 8, interconnect: str | None = None, gpu: str = "h100",
          tokens: int | None = None, min_anchor: str = "1/64", min_passing: str = "1/128",
-         profiles: str | None = None) -> dict:
+         profiles: str | None = None, calibration_dir: str = "benchmarks/results") -> dict:
     """The record ``apbv plan`` prints (see the module docstring)."""
-    calibration = calibrated_profiles(profiles)
+    try:
+        calibration = calibrated_profiles(profiles, calibration_dir)
+    except FileNotFoundError as err:
+        raise ConfigError(f"--calibration-dir: {err}: run from the repository root or point it at "
+                          "benchmarks/results") from None
     prof = calibration.profiles
     interconnect = interconnect or ("nvlink" if gpus <= gpus_per_node else "ib")
     try:
@@ -81,10 +81,10 @@ def plan(cfg: RunConfig, *, gpus: int, gpus_per_node: int = 8, interconnect: str
     if n < q + 1:
         raise ConfigError(f"--tokens={n} leaves no room for the {q} query tokens (input.query_tokens)")
     floor_a, floor_p = _floor(min_anchor, n, "min-anchor"), _floor(min_passing, n, "min-passing")
-    anchors = sorted({min(_roundup(n / f), n - q) for f in ANCHOR_FRACTIONS})
+    anchors = sorted({min(roundup(n / f, 128), n - q) for f in ANCHOR_FRACTIONS})
     # A budget at or above the longest block passes every key: candidates beyond it are the same plan.
     longest = max(len(s) for s in SequenceLayout(n, anchors[0], q, gpus).block_spans)
-    passings = sorted({min(_roundup(n / f), longest) for f in PASSING_FRACTIONS})
+    passings = sorted({min(roundup(n / f, 128), longest) for f in PASSING_FRACTIONS})
 
     grid = []
     for a in anchors:
@@ -95,7 +95,7 @@ def plan(cfg: RunConfig, *, gpus: int, gpus_per_node: int = 8, interconnect: str
     best = min((g for g in grid if g["allowed"]), key=lambda g: (g["apbv_seconds"], -g["anchor"], -g["passing"]))
     a, p = best["anchor"], best["passing"]
 
-    preds = {m: predict(m, shape, cluster, n, anchor_len=a, query_len=q, passing=p) for m in METHODS}
+    preds = {m: predict(m, shape, cluster, n, anchor_len=a, query_len=q, passing=p) for m in COMPARED}
     feasible = {m: r.seconds for m, r in preds.items() if r.feasible}
     fastest = min(feasible, key=feasible.get)
     dense = preds["dense"].seconds
@@ -160,6 +160,6 @@ def command(args, cfg: RunConfig) -> dict:
         raise ConfigError(f"--gpus={args.gpus} and --gpus-per-node={args.gpus_per_node} must be >= 1")
     record = plan(cfg, gpus=args.gpus, gpus_per_node=args.gpus_per_node, interconnect=args.interconnect,
                   gpu=args.gpu, tokens=args.tokens, min_anchor=args.min_anchor, min_passing=args.min_passing,
-                  profiles=args.profiles)
+                  profiles=args.profiles, calibration_dir=args.calibration_dir)
     print(format_table(record), file=sys.stderr)
     return record

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_apbv.apbv.spec import (
-    get_gpt_layer_apbv_spec,
-    get_gpt_layer_baseline_spec,
-    get_gpt_layer_dense_spec,
-)
+from megatron_apbv.methods import get_method
 from megatron_apbv.models.rope import PositionRotaryEmbedding
 from megatron_apbv.runtime.config import RunConfig
 
@@ -55,36 +54,44 @@ def transformer_config(cfg: RunConfig, *, tensor_parallel_size: int, context_par
     )
 
 
-def build_gpt_model(cfg: RunConfig, *, method: str, device: torch.device, layer_spec=None) -> GPTModel:
-    """GPTModel with APB-V (``method="apbv"``), dense causal (``"dense"``), or ring / Ulysses core attention.
+def build_gpt_model(
+    cfg: RunConfig, *, method: str, device: torch.device, layer_spec=None, core_params: Optional[dict] = None,
+    weights_of: Optional[GPTModel] = None,
+) -> GPTModel:
+    """GPTModel whose core attention is ``method``'s (``megatron_apbv.methods``: apbv, dense, ring, ulysses, ...).
 
-    Weights depend only on ``cfg.seed`` and the shape, so both methods built from
-    one config hold the same weights. Positions come from :class:`PositionRotaryEmbedding`,
-    so Megatron's own position embedding is off. ``layer_spec`` replaces the
-    method's layer spec (single-process, e.g. a reference attention in tests).
+    Weights depend only on ``cfg.seed`` and the shape (or ``model.checkpoint``), so
+    every method built from one config holds the same weights. ``weights_of`` shares
+    another model's parameters instead (built on the meta device, no copy): the
+    benchmark runs each method on the very same tensors. Positions come from
+    :class:`PositionRotaryEmbedding`, so Megatron's own position embedding is off.
+    ``layer_spec`` replaces the method's layer spec (single-process, e.g. a
+    reference attention in tests); ``core_params`` go to the core attention's constructor.
     """
-    if method == "apbv":
-        spec = get_gpt_layer_apbv_spec()
-        tp, cp = cfg.parallel.tensor_parallel_size, cfg.parallel.context_parallel_size
-    elif method == "dense":
-        spec, tp, cp = get_gpt_layer_dense_spec(), 1, 1
-    elif method in ("ring", "ulysses"):  # benchmark baselines over the same CP group
-        spec = get_gpt_layer_baseline_spec(method)
-        tp, cp = cfg.parallel.tensor_parallel_size, cfg.parallel.context_parallel_size
+    chosen = get_method(method)
+    spec = layer_spec or chosen.layer_spec(**(core_params or {}))
+    if chosen.single_process:
+        tp, cp = 1, 1
     else:
-        raise ValueError(f"method={method!r}: expected 'apbv', 'dense', 'ring' or 'ulysses'")
-    spec = layer_spec or spec
+        tp, cp = cfg.parallel.tensor_parallel_size, cfg.parallel.context_parallel_size
     torch.manual_seed(cfg.seed)
-    model = GPTModel(
-        config=transformer_config(cfg, tensor_parallel_size=tp, context_parallel_size=cp),
-        transformer_layer_spec=spec,
-        vocab_size=cfg.model.vocab_size,
-        max_sequence_length=cfg.model.max_position_embeddings,
-        position_embedding_type="none",
-        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
-        # Vocab-parallel logits, gathered by last_token_logits: Megatron's own gather allocates on CUDA.
-        parallel_output=True,
-    )
+    with torch.device("meta") if weights_of is not None else contextlib.nullcontext():
+        model = GPTModel(
+            config=transformer_config(cfg, tensor_parallel_size=tp, context_parallel_size=cp),
+            transformer_layer_spec=spec,
+            vocab_size=cfg.model.vocab_size,
+            max_sequence_length=cfg.model.max_position_embeddings,
+            position_embedding_type="none",
+            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            # Vocab-parallel logits, gathered by last_token_logits: Megatron's own gather allocates on CUDA.
+            parallel_output=True,
+        )
+    if weights_of is not None:
+        model.load_state_dict(weights_of.state_dict(), assign=True)
+        left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"weights_of left tensors without storage: {', '.join(left[:4])}")
+        return model.eval()
     if cfg.model.checkpoint:
         from megatron_apbv.models.checkpoint import load_hf_checkpoint
 

@@ -303,7 +303,8 @@ class RunConfig(_Section):
             )
 
 
-def _roundup(x: float, multiple: int) -> int:
+def roundup(x: float, multiple: int) -> int:
+    """``x`` rounded up to a multiple of ``multiple`` (the paper's budget rule)."""
     return int(math.ceil(x / multiple) * multiple)
 
 
@@ -314,7 +315,7 @@ def resolve_budget(budget, prompt_len: int, kind: str) -> int:
     prompt, passing ``roundup(N/128, 128)``); ``all`` passes every key.
     """
     if budget == "auto":
-        return min(_roundup(prompt_len / 64, 128), prompt_len) if kind == "anchor" else _roundup(prompt_len / 128, 128)
+        return min(roundup(prompt_len / 64, 128), prompt_len) if kind == "anchor" else roundup(prompt_len / 128, 128)
     if budget == "all":
         return prompt_len
     if isinstance(budget, bool):  # pragma: no cover - pydantic rejects it earlier
