@@ -2,11 +2,13 @@
 
 from setuptools import setup
 
-# Versions that install on both Python 3.11 (CPU machines, torch 2.13) and 3.12 (GPU image, torch 2.11):
-# megatron-core 0.17+ requires Python 3.12, so 0.16.1 is the newest release that serves both.
+# megatron-core: a range, so a user who has 0.19 keeps it. On Python 3.11 pip picks 0.16.1 (0.17+ declare
+# Python >= 3.12, though 0.19.2 runs here: CI tests it too); the GPU image (3.12) runs 0.19.2.
+# megatron-core 0.17+ imports Triton on `import megatron.core`, and our kernels are Triton: a hard dependency.
 INSTALL_REQUIRES = [
     "torch>=2.6,<=2.14.1",
-    "megatron-core==0.16.1",
+    "megatron-core>=0.16.1,<0.20",
+    "triton>=3.2; platform_system == 'Linux'",
     "deepspeed==0.19.8",
     "pydantic>=2.0",
     "pyyaml>=6.0",
@@ -30,7 +32,6 @@ setup(
     package_data={"megatron_apbv.costmodel": ["profiles.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "triton": ["triton>=3.2"],
         # numpy < 2.4: Triton 3.6's interpreter (TRITON_INTERPRET=1, the CPU kernel tests) fails on
         # NumPy 2.4 scalars (triton-lang/triton issue 9171, fixed after 3.6).
         "video": ["av>=12"],  # decoding real video files

@@ -22,52 +22,36 @@ import os
 import runpy
 import sys
 
-_FALLBACKS = {
-    "RANK": ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK"),
-    "LOCAL_RANK": ("SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK"),
-    "WORLD_SIZE": ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"),
-}
 
-_LOCAL_RANK_FLAGS = ("--local_rank", "--local-rank")
+def _launch_env_module():
+    """``megatron_apbv.runtime.launch_env`` (stdlib only), importable before the package is installed."""
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if repo_root not in sys.path:
+        sys.path.insert(0, repo_root)
+    from megatron_apbv.runtime import launch_env
+
+    return launch_env
 
 
 def normalise_env(env: dict) -> dict:
-    """Set missing RANK/LOCAL_RANK/WORLD_SIZE in ``env`` from scheduler/MPI variables."""
-    for key, sources in _FALLBACKS.items():
-        if env.get(key):
-            continue
-        for src in sources:
-            if env.get(src):
-                env[key] = env[src]
-                break
+    """Set missing RANK/LOCAL_RANK/WORLD_SIZE in ``env`` from scheduler/MPI variables (never overwrite)."""
+    launch_env = _launch_env_module()
+    for key in launch_env.LAUNCHER_VARIABLES:
+        value = launch_env.launcher_value(key, env)
+        if value is not None:
+            env.setdefault(key, value)
     return env
 
 
 def strip_local_rank(argv: list[str], env: dict) -> list[str]:
-    """Return ``argv`` without local-rank flags; record their value in ``env``."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        value = None
-        if arg in _LOCAL_RANK_FLAGS and i + 1 < len(argv):
-            value = argv[i + 1]
-            i += 2
-        elif arg.split("=", 1)[0] in _LOCAL_RANK_FLAGS and "=" in arg:
-            value = arg.split("=", 1)[1]
-            i += 1
-        else:
-            out.append(arg)
-            i += 1
-            continue
+    """Return ``argv`` without local-rank flags; record their value in ``env`` (LOCAL_RANK, when unset)."""
+    out, value = _launch_env_module().strip_local_rank(argv)
+    if value is not None:
         env.setdefault("LOCAL_RANK", value)
     return out
 
 
 def main() -> None:
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if repo_root not in sys.path:
-        sys.path.insert(0, repo_root)
     args = strip_local_rank(sys.argv[1:], os.environ)
     normalise_env(os.environ)
     module = os.environ.get("APBV_MODULE", "megatron_apbv")

@@ -79,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         select_device,
         shutdown,
     )
-    from megatron_apbv.runtime.faults import install_fault_hook, report_failure
+    from megatron_apbv.runtime.faults import report_failure
     from megatron_apbv.runtime.loading import load_config
 
     command = COMMANDS[args.command]
     module = importlib.import_module(command.module)
-    env = LaunchEnv.from_environ()
+    env = LaunchEnv.from_environ(local_rank=args.local_rank)
     cfg = None
     if not command.distributed:
         try:
@@ -96,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         device = select_device(cfg, env)
-        install_fault_hook()  # APBV_FAULT_INJECT (tests only): nothing is installed when unset
         init_distributed(cfg, env, device)
     except ConfigError as err:
         print(f"apbv: rank {env.rank}: {err}", file=sys.stderr)

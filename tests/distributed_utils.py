@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import random
 import socket
 import tempfile
 import traceback
@@ -12,11 +14,47 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+_RESERVED = []  # lock files held for the life of this process: ports no other test process may pick
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port for a rendezvous that nothing can take between choosing it and the rendezvous binding it.
+
+    ``bind(0)`` and every outgoing connection draw from the kernel's ephemeral range, so a port chosen
+    below it cannot be handed to anyone else by the kernel; an exclusive lock file reserves it against
+    other test processes on the machine (held until this process exits); and it is checked to be free now.
+    """
+    lo, _ = _ephemeral_range()
+    first, last = (20000, lo - 1) if lo > 21000 else (lo - 2000, lo - 1)
+    folder = os.path.join(tempfile.gettempdir(), "apbv-test-ports")
+    os.makedirs(folder, exist_ok=True)
+    span = last - first + 1
+    start = random.randrange(span)
+    for i in range(span):
+        port = first + (start + i) % span
+        lock = open(os.path.join(folder, f"{port}.lock"), "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                lock.close()
+                continue
+        _RESERVED.append(lock)
+        return port
+    raise RuntimeError(f"no free TCP port in {first}-{last}")
 
 
 def _entry(rank, world, port, fn, args, result_path):

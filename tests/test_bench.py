@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from distributed_utils import free_port
 
 from megatron_apbv.bench.benchmark import (
     LEVELS,
@@ -34,12 +34,6 @@ _STRIP = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
           "CUDA_VISIBLE_DEVICES"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _last_json(stdout: str) -> dict:
     for line in reversed(stdout.splitlines()):
         line = line.strip()
@@ -53,7 +47,7 @@ def test_bench_two_cpu_ranks(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in _STRIP}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         "-m", "megatron_apbv", "bench", str(CONFIG),
         "--lengths", "256,512", "--repeat", "2", "--warmup", "1", "--out", str(out),
     ]

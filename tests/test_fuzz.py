@@ -59,7 +59,7 @@ def _check_layout(seq: SequenceLayout, passing: int) -> None:
     lens = [len(s) for s in spans]
     assert all(x >= 0 for x in lens) and lens == sorted(lens, reverse=True) and lens[0] - lens[-1] <= 1
     # passing blocks never exceed their block
-    passed = seq.passing_lens(passing)
+    passed = seq.passed_per_block(passing)
     assert all(0 <= p <= n and p == min(passing, n) for p, n in zip(passed, lens))
 
     owned, tail_holders, shares = [], 0, []

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from distributed_utils import free_port
 
 pytest.importorskip("megatron_apbv.cli", reason="megatron_apbv.cli (the apbv CLI) is not importable yet")
 
@@ -29,12 +29,6 @@ TIMEOUT = 300
 _STRIP = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",
           "HOSTFILE", "NNODES", "RDZV_ENDPOINT", "APBV_MODULE", "CONFIG", "DRY_RUN", "PASS_LOCAL_RANK",
           "CUDA_VISIBLE_DEVICES", "LOCAL_SIZE"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict:
@@ -90,13 +84,13 @@ def _run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
 def test_deepspeed_launcher_two_cpu_ranks(pass_local_rank):
     """`deepspeed --num_accelerators 2 --module megatron_apbv run ...`; the second case
     lets DeepSpeed insert `--local_rank=N` right after the module name."""
-    env = _env(NPROC="2", MASTER_PORT=str(_free_port()), PASS_LOCAL_RANK="1" if pass_local_rank else "0")
+    env = _env(NPROC="2", MASTER_PORT=str(free_port()), PASS_LOCAL_RANK="1" if pass_local_rank else "0")
     proc = _run(["bash", str(LAUNCH / "deepspeed_cpu.sh"), CONFIG, "--compare", "dense", "apbv.variant=exact"], env)
     _check_exact(_result(proc), 2)
 
 
 def test_torchrun_three_cpu_ranks():
-    env = _env(NPROC_PER_NODE="3", MASTER_PORT=str(_free_port()))
+    env = _env(NPROC_PER_NODE="3", MASTER_PORT=str(free_port()))
     proc = _run(["bash", str(LAUNCH / "torchrun.sh"), CONFIG, "parallel.context_parallel_size=3",
                  "apbv.variant=exact", "--compare", "dense"], env)
     _check_exact(_result(proc), 3)
@@ -107,7 +101,7 @@ def test_deepspeed_two_nodes_no_ssh_on_one_machine(tmp_path):
     the APB-V group spans 'nodes'; ranks follow the hostfile order."""
     hostfile = tmp_path / "hosts"
     hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     try:
         for node_rank in (0, 1):

@@ -14,12 +14,12 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from distributed_utils import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -117,12 +117,6 @@ if rank == 0:
     sys.stdout.flush()
 dist.destroy_process_group()
 '''
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_exe(path: Path, body: str) -> None:
@@ -297,7 +291,7 @@ def test_sbatch_user_overrides_from_environment(fakes):
 def test_sbatch_executes_ranks_with_fake_srun(fakes):
     """2 'nodes' x 1 task on this machine: srun's SLURM_* become one gloo group."""
     text = render.render_slurm("slurm", nodes=2, gpus_per_node=1, config="cfg.yaml", overrides=["k=v"],
-                               master_port=_free_port())
+                               master_port=free_port())
     script = fakes.tmp / "exec.sbatch"
     script.write_text(text)
     env = dict(fakes.env, SLURM_JOB_NODELIST="localhost,127.0.0.1", FAKE_SRUN_EXEC="1", PYTHON=PY,
@@ -369,7 +363,7 @@ def _real_deepspeed() -> str:
 def test_deepspeed_sbatch_executes_with_real_launcher(fakes, mode):
     """The real DeepSpeed launcher (CPU accelerator) under the fake srun: 2 'nodes' x 1 rank."""
     text = render.render_slurm("slurm-deepspeed", nodes=2, gpus_per_node=1, config="cfg.yaml",
-                               overrides=["k=v"], master_port=_free_port())
+                               overrides=["k=v"], master_port=free_port())
     script = fakes.tmp / "exec_ds.sbatch"
     script.write_text(text)
     env = dict(fakes.env, SLURM_JOB_NODELIST="localhost,127.0.0.1", FAKE_SRUN_EXEC="1", DS_MODE=mode,

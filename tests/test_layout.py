@@ -41,7 +41,7 @@ def test_blocks_follow_tensor_split_and_positions_increase(seq):
     expected = torch.tensor_split(context, seq.num_blocks)
     assert [s.indices().tolist() for s in seq.block_spans] == [e.tolist() for e in expected]
     for r in seq.ranks():
-        pos = r.position_ids
+        pos = r.global_indices  # the 1-D RoPE positions of the local tokens
         for sl in r.local_block_slices():
             block = pos[sl]
             assert torch.all(block[1:] - block[:-1] == 1)  # global, consecutive, increasing

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from distributed_utils import run_on_ranks
+from distributed_utils import free_port, run_on_ranks
 
 from megatron_apbv.eval import needle
 from megatron_apbv.eval.needle import (
@@ -127,17 +126,11 @@ def test_exact_mode_answers_equal_dense_on_two_ranks():
     assert exact["max_abs_logit_diff"] < 1e-3 and exact["mean_kl_vs_dense"] < 1e-8, exact
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_demo_through_torchrun_prints_json():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "megatron_apbv", "eval", str(DEMO), "--demo"]
+           str(free_port()), "-m", "megatron_apbv", "eval", str(DEMO), "--demo"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

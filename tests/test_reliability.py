@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed_utils import free_port, run_on_ranks
+from fault_injection import FAULT_ENV, FaultSpec, maybe_inject_fault, parse_fault_spec
 
 from megatron_apbv.runtime.agreement import (
     agreement_extra,
@@ -39,18 +40,12 @@ from megatron_apbv.runtime.atomic import (
     atomic_write_text,
 )
 from megatron_apbv.runtime.config import ConfigError
-from megatron_apbv.runtime.faults import (
-    FAULT_ENV,
-    FaultSpec,
-    failure_message,
-    is_collective_failure,
-    maybe_inject_fault,
-    parse_fault_spec,
-)
+from megatron_apbv.runtime.faults import failure_message, is_collective_failure
 from megatron_apbv.runtime.loading import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs/tiny_cpu.yaml")
+FAULTY_ENTRY = str(ROOT / "tests" / "apbv_with_faults.py")  # megatron_apbv's CLI with the test-only fault hook
 STARTUP = 90  # seconds a group of CPU ranks may take to import torch + Megatron on a loaded 2-core machine
 
 # Variables an outer launcher may have set; each test sets its own.
@@ -111,7 +106,7 @@ def _spawn(world, argv_of_rank, env_of_rank=lambda rank: {}, port=None):
     for rank in range(world):
         env = _env(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), **env_of_rank(rank))
-        procs.append(subprocess.Popen([sys.executable, "-m", "megatron_apbv", *argv_of_rank(rank)], env=env, cwd=ROOT,
+        procs.append(subprocess.Popen([sys.executable, FAULTY_ENTRY, *argv_of_rank(rank)], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       start_new_session=True))
     return procs
@@ -231,7 +226,7 @@ def test_survivors_time_out_when_a_peer_hangs_plain_processes():
 def test_torchrun_exits_non_zero_when_a_rank_is_killed_mid_prefill():
     timeout = 20
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", str(free_port()),
-           "-m", "megatron_apbv", *SMALL_RUN, f"parallel.timeout_seconds={timeout}"]
+           FAULTY_ENTRY, *SMALL_RUN, f"parallel.timeout_seconds={timeout}"]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, env=_env(**{FAULT_ENV: "rank=1,layer=2,action=kill"}), cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)

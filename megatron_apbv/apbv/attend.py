@@ -1,4 +1,4 @@
-"""Attention of one block over passing, anchor and block keys, with log-sum-exp (spec steps 4-6).
+"""Attention of one block over passing, anchor and block keys, with log-sum-exp (docs/design.md §3 steps 4-6).
 
 This is the function boundary the Triton kernel implements for CUDA tensors.
 The torch version builds the small APB-V mask explicitly and is meant for CPU

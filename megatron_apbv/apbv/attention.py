@@ -1,6 +1,6 @@
 """APB-V core attention: the ``core_attention`` submodule of Megatron's ``SelfAttention``.
 
-One layer of prefill on rank ``r`` (spec "One attention layer"):
+One layer of prefill on rank ``r`` (docs/design.md §3):
 score -> select -> pass (async all-gather) -> attend (query, first block,
 second block) -> merge (exact query attention by log-sum-exp).
 """
@@ -93,6 +93,11 @@ class APBVCoreAttention(CoreAttentionBase):
                 f"got {type(attention_mask).__name__}. Run the model through megatron_apbv.inference.prefill / generate."
             )
         layout = attention_mask.layout
+        if layout.seq.world_size != self.cp_size:
+            raise ValueError(
+                f"the APBVMask's layout is for {layout.seq.world_size} ranks but the context-parallel group has "
+                f"{self.cp_size}: build the layout with parallel.context_parallel_size={self.cp_size}"
+            )
         if query.shape[0] != layout.local_len:
             raise ValueError(f"local sequence has {query.shape[0]} tokens, the layout says {layout.local_len}")
         out = apbv_layer_attention(

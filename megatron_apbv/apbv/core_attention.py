@@ -44,6 +44,7 @@ class CoreAttentionBase(MegatronModule):
         self.softmax_scale = softmax_scale or config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
         self.cp_group = cp if cp is not None else parallel_state.get_context_parallel_group()
+        self.cp_size = torch.distributed.get_world_size(self.cp_group) if self.cp_group is not None else 1
 
     def reject_bias_and_packing(self, name: str, attention_bias, packed_seq_params) -> None:
         """Megatron may pass an attention bias or packed-sequence parameters; no core attention here uses them."""

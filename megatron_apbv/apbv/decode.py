@@ -1,4 +1,4 @@
-"""Distributed decoding: each rank keeps the KV cache of its own tokens (spec "Decoding").
+"""Distributed decoding: each rank keeps the KV cache of its own tokens (docs/design.md §5).
 
 Rank ``r`` caches its share of ``A`` and its blocks; the tail owner (the owner of
 the last block) also caches ``Q`` and every generated token. A new token's query

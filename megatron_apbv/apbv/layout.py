@@ -1,4 +1,4 @@
-"""Layout of the prompt over the APB-V group (spec: "Layout of one rank").
+"""Layout of the prompt over the APB-V group (docs/design.md §2).
 
 The prompt of ``N`` tokens is ``[A | context | Q]``: an anchor of ``a`` tokens, the
 context, and a query of ``q`` tokens. The context is cut into ``2W`` virtual
@@ -86,13 +86,8 @@ class RankLayout:
         return torch.cat(parts)
 
     @property
-    def position_ids(self) -> torch.Tensor:
-        """Global position ids of the local tokens (1-D RoPE positions)."""
-        return self.global_indices
-
-    @property
     def anchor_share(self) -> slice:
-        """This rank's share of ``A`` as keys of the exact query attention (spec step 4)."""
+        """This rank's share of ``A`` as keys of the exact query attention (docs/design.md §3 step 4)."""
         return self.seq.anchor_share(self.rank)
 
     @property
@@ -194,7 +189,7 @@ class SequenceLayout:
     def ranks(self) -> list[RankLayout]:
         return [self.rank(r) for r in range(self.world_size)]
 
-    def passing_lens(self, passing_len: int) -> tuple[int, ...]:
+    def passed_per_block(self, passing_len: int) -> tuple[int, ...]:
         """Keys each virtual block passes: ``min(p, len(B_j))``."""
         return tuple(min(passing_len, len(span)) for span in self.block_spans)
 

@@ -1,4 +1,4 @@
-"""Exact log-sum-exp merge of partial attention results (spec step 4, decoding)."""
+"""Exact log-sum-exp merge of partial attention results (docs/design.md §3 step 4, §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pass: exchange the selected passing blocks over the APB-V group (spec step 3).
+"""Pass: exchange the selected passing blocks over the APB-V group (docs/design.md §3 step 3).
 
 Each rank owns one block per exchange (two exchanges with zigzag, one without).
 Every rank knows every block's length from the layout, so a fixed-size padded
@@ -19,7 +19,7 @@ class PassingExchange:
 
     def __init__(self, seq: SequenceLayout, passing_len: int, group, *, overlap: bool):
         self.seq = seq
-        self.passing_lens = seq.passing_lens(passing_len)
+        self.passed_per_block = seq.passed_per_block(passing_len)
         self.group = group
         self.overlap = overlap
         # exchange e carries, from rank i, the i-th rank's e-th block
@@ -27,7 +27,7 @@ class PassingExchange:
         self._pending: list = [None] * len(self._gathered)
 
     def exchange_size(self, e: int) -> int:
-        return max(self.passing_lens[self.seq.blocks_of(r)[e]] for r in range(self.seq.world_size))
+        return max(self.passed_per_block[self.seq.blocks_of(r)[e]] for r in range(self.seq.world_size))
 
     def start(self, e: int, k_sel: torch.Tensor, v_sel: torch.Tensor) -> None:
         """Send this rank's selection for exchange ``e`` (``[p_j, b, hkv, d]`` K and V)."""
@@ -45,7 +45,7 @@ class PassingExchange:
         """K and V of ``P_0 .. P_{block-1}`` concatenated, ``[n_pass, b, hkv, d]``."""
         parts = []
         for earlier in range(block):
-            count = self.passing_lens[earlier]
+            count = self.passed_per_block[earlier]
             if count == 0:
                 continue
             owner = self.seq.owner(earlier)

@@ -1,4 +1,4 @@
-"""Single-process reference oracle for APB-V attention (see design/APBV.md).
+"""Single-process reference oracle for APB-V attention (docs/design.md §4).
 
 Everything here is deliberately slow and explicit: the APB-V attention of one
 layer is written as ordinary causal attention under an explicit boolean mask
@@ -240,7 +240,7 @@ def dense_attention_reference(
 
 
 # --------------------------------------------------------------------------
-# selection (spec steps 1-2)
+# selection (docs/design.md §3 steps 1-2)
 # --------------------------------------------------------------------------
 
 
@@ -286,7 +286,7 @@ def apbv_passing_selection_reference(
     zigzag: bool = True,
     window: int = 5,
 ) -> List[torch.Tensor]:
-    """Passing selection ``P_j`` of every virtual block (spec steps 1-2).
+    """Passing selection ``P_j`` of every virtual block (docs/design.md §3 steps 1-2).
 
     For every KV head ``h``: ``qbar[i, h]`` is the mean over the GQA group of
     ``q[i]`` for each query token ``i`` in ``Q``; the score of key ``t`` is
@@ -354,7 +354,7 @@ def apbv_mask_reference(
     * rows ``i`` of block ``B_j``: all of ``A``, the selected keys (for head
       ``h``) of every earlier block ``B_0 .. B_{j-1}``, and keys of ``B_j``
       with ``t <= i``;
-    * query rows ``i >= N - q``: every key ``t <= i`` (exact, spec step 4).
+    * query rows ``i >= N - q``: every key ``t <= i`` (exact, docs/design.md §3 step 4).
 
     Selections come from :func:`apbv_passing_selection_reference`.
     """

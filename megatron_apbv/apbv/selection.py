@@ -1,4 +1,4 @@
-"""Score and select: which keys of a block are passed to later blocks (spec steps 1-2)."""
+"""Score and select: which keys of a block are passed to later blocks (docs/design.md §3 steps 1-2)."""
 
 from __future__ import annotations
 

@@ -96,7 +96,7 @@ def apb_attention_cost(shape: ModelShape, cl: Cluster, n: int, seq: SequenceLayo
     w = seq.world_size
     rate = cl.method_rate(method)
     pairs = apbv_pairs(seq, passing_len)
-    passed = seq.passing_lens(passing_len)
+    passed = seq.passed_per_block(passing_len)
     n_ex = 2 if seq.zigzag else 1
     row_bytes = 2 * shape.kv_heads * shape.head_dim * shape.dtype_bytes * shape.batch  # K and V of one key
     ex_bytes = [w * max(passed[seq.blocks_of(r)[e]] for r in range(w)) * row_bytes for e in range(n_ex)]

@@ -46,7 +46,7 @@ class RankPairs:
 def apbv_pairs(seq: SequenceLayout, passing_len: int) -> list[RankPairs]:
     """Visible pairs of every rank of the APB-V layout ``seq`` with budget ``passing_len``."""
     a, q = seq.anchor_len, seq.query_len
-    passed = seq.passing_lens(passing_len)
+    passed = seq.passed_per_block(passing_len)
     before = np.concatenate([[0], np.cumsum(passed)]).astype(np.int64).tolist()  # keys passed by B_0..B_{j-1}
     out = []
     for r in range(seq.world_size):

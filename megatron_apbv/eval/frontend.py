@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from megatron_apbv.eval.needle import NeedleGeometry
 
@@ -123,7 +122,3 @@ def load_checkpoint(path, model, frontend: PatchFrontEnd) -> dict:
                              f"unexpected {unexpected}")
     return metadata
 
-
-def answer_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities over the whole vocabulary (fp32) of the answer position."""
-    return F.log_softmax(logits.float(), dim=-1)

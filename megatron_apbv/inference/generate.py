@@ -1,4 +1,4 @@
-"""Generation: APB-V prefill, then decoding over the distributed KV cache (spec "Decoding")."""
+"""Generation: APB-V prefill, then decoding over the distributed KV cache (docs/design.md §5)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Input embeddings of a rank's tokens: text ids through the model's embedding, video frames
-through the vision tower, encoded in parallel over the APB-V group (spec "Vision")."""
+through the vision tower, encoded in parallel over the APB-V group (docs/design.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Parallel vision encoding over the APB-V group (spec: "Vision").
+"""Parallel vision encoding over the APB-V group (docs/design.md §6).
 
 The vision tower is Qwen2.5-VL's, from ``transformers``
 (``Qwen2_5_VisionTransformerPretrainedModel`` built from a

@@ -20,7 +20,7 @@ AnchorBudget = Union[Count, Ratio, Literal["auto"]]
 PassingBudget = Union[Count, Ratio, Literal["auto", "all"]]
 
 VARIANTS = {
-    # variant: settings it fixes (spec "Variants as configuration, not copies")
+    # variant: settings it fixes (docs/design.md §7)
     "apbv": {"zigzag": True, "overlap": True},
     "apb_like": {"zigzag": False, "overlap": False},
     "star": {"passing": 0},

@@ -1,15 +1,11 @@
-"""Process groups: read the launcher's environment, start torch.distributed, build Megatron's groups.
+"""Process groups: start torch.distributed at the launch's rendezvous and build Megatron's groups.
 
-Works with whatever started the ranks: the DeepSpeed launcher, torchrun (RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or plain ``srun`` (SLURM_PROCID,
-SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR/PORT from the batch script). A process
-started by none of them runs as a group of one.
+Where the process sits in the job (rank, world, rendezvous) comes from
+:class:`~megatron_apbv.runtime.launch_env.LaunchEnv`, whatever launcher started it.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -18,27 +14,7 @@ from megatron.core import parallel_state
 
 from megatron_apbv.runtime.agreement import agreement_extra, check_ranks_agree
 from megatron_apbv.runtime.config import ConfigError, RunConfig
-
-
-@dataclass(frozen=True)
-class LaunchEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-
-    @classmethod
-    def from_environ(cls, environ=os.environ) -> "LaunchEnv":
-        def pick(*names: str, default: int) -> int:
-            for name in names:
-                if environ.get(name, "") != "":
-                    return int(environ[name])
-            return default
-
-        return cls(
-            rank=pick("RANK", "SLURM_PROCID", default=0),
-            world_size=pick("WORLD_SIZE", "SLURM_NTASKS", default=1),
-            local_rank=pick("LOCAL_RANK", "SLURM_LOCALID", default=0),
-        )
+from megatron_apbv.runtime.launch_env import LaunchEnv
 
 
 def select_device(cfg: RunConfig, env: LaunchEnv) -> torch.device:
@@ -71,11 +47,10 @@ def init_distributed(cfg: RunConfig, env: LaunchEnv, device: torch.device) -> No
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
         raise ConfigError("parallel.backend=nccl needs GPUs: use parallel.backend=gloo (or auto) on the CPU")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
+            init_method=env.init_method,
             rank=env.rank,
             world_size=env.world_size,
             timeout=timedelta(seconds=cfg.parallel.timeout_seconds),
