@@ -48,6 +48,7 @@ def apbv_generate(cfg: RunConfig, device: torch.device) -> dict:
     vocabulary and samples, and the id is broadcast to the group.
     """
     settings = cfg.generate
+    cfg.check_generation_fits()  # a ConfigError on every rank, before the prefill's first collective
     stop_ids = stop_token_ids(cfg)  # a broken generation_config.json fails here, on every rank, before collectives
     run = apbv_prefill(cfg, device, max_new_tokens=settings.max_new_tokens)
     cache, seq = run.cache, run.seq
