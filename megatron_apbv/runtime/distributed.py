@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 
 from megatron_apbv.runtime.agreement import agreement_extra, check_ranks_agree
 from megatron_apbv.runtime.config import ConfigError, RunConfig
+from megatron_apbv.runtime.rendezvous import rendezvous_store
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ def init_distributed(cfg: RunConfig, env: LaunchEnv, device: torch.device) -> No
             rank=env.rank,
             world_size=env.world_size,
             timeout=timedelta(seconds=cfg.parallel.timeout_seconds),
+            # this job's store: a taken MASTER_PORT, or another job's store on it, fails fast (runtime/rendezvous.py)
+            store=rendezvous_store(env.rank, env.world_size, cfg.parallel.timeout_seconds),
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=cfg.parallel.tensor_parallel_size,

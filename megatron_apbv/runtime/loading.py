@@ -7,6 +7,7 @@ validation, so every error names a field of the file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -91,6 +92,12 @@ class UniqueKeyLoader(_UniqueKeys, _SafeLoader):
 
 class _UniqueKeyPyLoader(_UniqueKeys, yaml.SafeLoader):
     """For one-line override values: the pure-Python parser places errors on their column (libyaml: line 2)."""
+
+
+# YAML 1.1 (PyYAML) reads ``1e-6`` as a string: with strict float fields it must be a number, as in YAML 1.2.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+for _loader in (UniqueKeyLoader, _UniqueKeyPyLoader):
+    _loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
 
 
 def parse_yaml(text: str, *, loader=UniqueKeyLoader):
