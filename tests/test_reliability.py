@@ -25,6 +25,11 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed_utils import free_port, run_on_ranks
+from rank_processes import CONFIG, ROOT, STARTUP
+from rank_processes import clean_env as _env
+from rank_processes import collect as _collect
+from rank_processes import show as _show
+from rank_processes import spawn as _spawn
 
 from megatron_apbv.runtime.agreement import (
     agreement_extra,
@@ -48,22 +53,6 @@ from megatron_apbv.runtime.faults import (
     parse_fault_spec,
 )
 from megatron_apbv.runtime.loading import load_config
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "configs/tiny_cpu.yaml")
-STARTUP = 90  # seconds a group of CPU ranks may take to import torch + Megatron on a loaded 2-core machine
-
-# Variables an outer launcher may have set; each test sets its own.
-_STRIP = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
-          "ROLE_RANK", "NODE_RANK", "TORCHELASTIC_RUN_ID", FAULT_ENV}
-
-
-def _env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in _STRIP and not k.startswith("SLURM_")}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env.update(extra)
-    return env
-
 
 # 1. Ranks agree -------------------------------------------------------------------------------
 
@@ -102,41 +91,6 @@ def test_a_rank_with_other_overrides_fails_on_every_rank():
     assert "rank(s) 1, 2 of 3 differ from rank 0" in message
     assert "apbv.window=7 (rank 0: 5)" in message and "input.video_frames=11 (rank 0: 12)" in message
     assert "must be identical on all ranks" in message
-
-
-def _spawn(world, argv_of_rank, env_of_rank=lambda rank: {}, port=None):
-    """``world`` plain ``python -m megatron_apbv`` processes (no launcher): returns the Popen list."""
-    port = port or free_port()
-    procs = []
-    for rank in range(world):
-        env = _env(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), **env_of_rank(rank))
-        procs.append(subprocess.Popen([sys.executable, "-m", "megatron_apbv", *argv_of_rank(rank)], env=env, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      start_new_session=True))
-    return procs
-
-
-def _collect(procs, deadline_s, wait_for=None):
-    """Wait for the ranks in ``wait_for`` (default all); kill whatever is left. Returns [(rc, out, err)]."""
-    wait_for = range(len(procs)) if wait_for is None else wait_for
-    end = time.monotonic() + deadline_s
-    try:
-        for rank in wait_for:
-            procs[rank].wait(timeout=max(1.0, end - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
-    results = []
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        results.append((proc.returncode, out, err))
-    return results
-
-
-def _show(results) -> str:
-    return "\n".join(f"--- rank {r}: rc={rc}\n{err[-1500:]}" for r, (rc, _, err) in enumerate(results))
 
 
 def test_cli_ranks_launched_with_different_overrides_all_fail():
