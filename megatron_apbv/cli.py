@@ -52,12 +52,36 @@ def _parser(selected: str | None) -> argparse.ArgumentParser:
 
 
 def _emit(record: dict) -> None:
+    from megatron_apbv.runtime.numerics import NonFiniteError, non_finite_fields
+
+    try:  # NaN / Infinity are not JSON: a reader would choke on them, or take NaN for a number
+        line = json.dumps(record, allow_nan=False)
+    except ValueError:
+        raise NonFiniteError(
+            f"the result's {', '.join(non_finite_fields(record))} is NaN or Infinity: not printed"
+        ) from None
     # One write: with several ranks on one stdout, print()'s separate newline can interleave.
-    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``apbv ...``; returns the exit code. Ctrl-C / SIGTERM: one line per rank, exit 130 / 143."""
+    from megatron_apbv.runtime.interrupts import interrupts_as_exceptions
+
+    with interrupts_as_exceptions() as interrupt:
+        try:
+            return _main(argv, interrupt)
+        except KeyboardInterrupt:  # Interrupted, or a peer's interruption surfacing as a collective failure
+            pass
+    from megatron_apbv.runtime.distributed import LaunchEnv, shutdown
+
+    sys.stderr.write(f"apbv: rank {LaunchEnv.from_environ().rank}: interrupted\n")
+    shutdown(wait_for_peers=False)
+    return interrupt.exit_code
+
+
+def _main(argv: list[str] | None, interrupt) -> int:
     warnings.filterwarnings("ignore", module="megatron")  # Megatron warns at import about missing TE/apex
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser(next((a for a in argv if a in COMMANDS), None))
@@ -102,12 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         shutdown(wait_for_peers=False)  # the ranks-agree check fails after the process group started
         return 2
     except Exception as err:  # a peer exited, hung or never joined: one line, non-zero exit, no hang
+        if interrupt.signum is not None:
+            raise KeyboardInterrupt from None
         code = report_failure(err, env.rank, cfg.parallel.timeout_seconds if cfg else None)
         shutdown(wait_for_peers=False)
         return code
 
     from megatron_apbv.models.checkpoint import CheckpointError
     from megatron_apbv.models.video import VideoError
+    from megatron_apbv.runtime.numerics import NonFiniteError
 
     try:
         record = module.command(args, cfg, env, device)
@@ -117,7 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, VideoError) as err:  # bad input, found the same way on every rank
         print(f"apbv: rank {env.rank}: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:  # NaN / Inf: found together on every rank (runtime/numerics.py)
+        print(f"apbv: rank {env.rank}: {err}", file=sys.stderr)
+        return 1
     except Exception as err:  # a peer rank exited or hung mid-run: one line, non-zero exit, no hang
+        if interrupt.signum is not None:  # this rank was interrupted too: the peer left for the same reason
+            raise KeyboardInterrupt from None
         return report_failure(err, env.rank, cfg.parallel.timeout_seconds)
     finally:
         shutdown(wait_for_peers=False)  # after a failure a peer may be gone: no barrier

@@ -5,6 +5,8 @@
 * ``load_config(None, overrides)`` over random ``key=value`` overrides, drawn from
   the real keys with random values and random raw text, raises nothing but
   ``ConfigError``; when it succeeds the resolved budgets lie inside the prompt.
+* A boolean in any numeric field, and a key repeated anywhere in a YAML file,
+  are always a ``ConfigError`` naming that field or key.
 
 Example counts are kept modest: the whole file runs in well under 30 s.
 """
@@ -24,6 +26,7 @@ from megatron_apbv.runtime.config import ConfigError, RunConfig
 from megatron_apbv.runtime.loading import load_config
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FEW = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Layout --------------------------------------------------------------------------------
 
@@ -210,3 +213,101 @@ def test_config_files_fail_only_with_config_error(tmp_path_factory, entries):
     assert 0 <= cfg.anchor_len <= cfg.prompt_len
     assert all(0 <= p <= cfg.prompt_len for p in cfg.passing_lens())
     assert not any(isinstance(v, float) and math.isnan(v) for v in (cfg.model.rope_theta, cfg.model.init_std))
+
+
+# Booleans in numeric fields, duplicate keys ------------------------------------------------------------
+
+
+def _numeric_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """Dotted keys whose type holds an int or a float (not a bool): a boolean there must be refused."""
+    out = []
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out += _numeric_keys(field.annotation, f"{prefix}{name}.")
+        elif _holds_number(field.annotation):
+            out.append(prefix + name)
+    return out
+
+
+def _holds_number(annotation) -> bool:
+    if annotation is bool:
+        return False
+    if annotation in (int, float):
+        return True
+    return any(_holds_number(arg) for arg in getattr(annotation, "__args__", ()) + getattr(
+        annotation, "__metadata__", ()) if not isinstance(arg, (str, int, float)) or isinstance(arg, type))
+
+
+NUMERIC_KEYS = _numeric_keys()
+
+
+def test_the_numeric_keys_are_found():
+    assert {"seed", "apbv.window", "apbv.anchor", "apbv.passing", "model.rope_theta", "input.frame_size",
+            "generate.stop_ids", "parallel.timeout_seconds"} <= set(NUMERIC_KEYS)
+    assert "model.qkv_bias" not in NUMERIC_KEYS and "apbv.zigzag" not in NUMERIC_KEYS
+
+
+def _is_sequence(key: str) -> bool:
+    section, _, leaf = key.rpartition(".")
+    model = RunConfig.model_fields[section].annotation if section else RunConfig
+    return "list" in str(model.model_fields[leaf].annotation) or "tuple" in str(model.model_fields[leaf].annotation)
+
+
+@FEW
+@given(key=st.sampled_from(NUMERIC_KEYS), value=st.booleans())
+def test_a_boolean_in_any_numeric_field_is_refused(key, value):
+    text = str(value).lower()
+    sequence = _is_sequence(key)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{key}={'[' + text + ', 2]' if sequence else text}"])
+    where = f"{key}.0" if sequence else key
+    assert f"  {where}: got the boolean {text} where a number belongs: write a number" in str(err.value), (
+        str(err.value))
+
+
+yaml_keys = st.text(alphabet="abcxz_", min_size=1, max_size=4)
+yaml_trees = st.recursive(
+    st.one_of(st.integers(-5, 5), st.booleans(), st.sampled_from(["auto", "all", "x"])),
+    lambda children: st.dictionaries(yaml_keys, children, min_size=1, max_size=4),
+    max_leaves=12,
+).filter(lambda tree: isinstance(tree, dict))
+
+
+def _yaml_lines(tree: dict, indent: str = "") -> list[str]:
+    lines = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            lines += [f"{indent}{key}:", *_yaml_lines(value, indent + "  ")]
+        else:
+            lines.append(f"{indent}{key}: {str(value).lower() if isinstance(value, bool) else value}")
+    return lines
+
+
+def _yaml_lines_with_duplicate(tree: dict, path: list[int], indent: str = "") -> tuple[list[str], str]:
+    """``tree``'s YAML with one entry, chosen by ``path`` (at any depth), written twice; returns (lines, key)."""
+    keys = list(tree)
+    pick = keys[path[0] % len(keys)]
+    lines, dup = [], pick
+    for key, value in tree.items():
+        entry = _yaml_lines({key: value}, indent)
+        if key != pick:
+            lines += entry
+        elif len(path) > 1 and isinstance(value, dict):
+            sub, dup = _yaml_lines_with_duplicate(value, path[1:], indent + "  ")
+            lines += [f"{indent}{key}:", *sub]
+        else:
+            lines += entry + entry
+    return lines, dup
+
+
+@FEW
+@given(tree=yaml_trees, path=st.lists(st.integers(0, 3), min_size=1, max_size=4))
+def test_a_duplicate_key_anywhere_is_refused(tmp_path_factory, tree, path):
+    lines, dup = _yaml_lines_with_duplicate(tree, path)
+    text = "\n".join(lines) + "\n"
+    assert yaml.safe_load(text) == yaml.safe_load("\n".join(_yaml_lines(tree)))  # PyYAML alone: silently taken
+    file = tmp_path_factory.mktemp("dup") / "dup.yaml"
+    file.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(file)
+    assert f"duplicate key {dup!r} at line " in str(err.value), (text, str(err.value))

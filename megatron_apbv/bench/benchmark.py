@@ -477,6 +477,10 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
 
 def command(args, cfg: RunConfig, env: LaunchEnv, device: torch.device) -> dict:
     """``apbv bench``."""
+    if args.out:  # every rank, before any model is built: not after all the compute, on rank 0
+        from megatron_apbv.runtime.outputs import check_output_dir
+
+        check_output_dir(args.out, "--out", ("bench.jsonl", "bench.png"))
     levels = LEVELS if args.level == "both" else (args.level,)
     return run_bench(cfg, env, device, methods=args.methods, lengths=args.lengths, levels=levels,
                      warmup=args.warmup, repeat=args.repeat, out=args.out, ulysses_kernel=args.ulysses_kernel)

@@ -292,19 +292,41 @@ def format_table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def output_paths(out: str) -> tuple[Path, Path]:
+    """(result JSON, plot) of ``--out``, checked on every rank before any work (a ConfigError names the fix)."""
+    from megatron_apbv.runtime.outputs import check_distinct, check_output_path
+
+    result = check_output_path(out, "--out")
+    figure = check_output_path(result.with_suffix(".png"), "--out (its .png plot)")
+    check_distinct({"result JSON": result, "plot": figure},
+                   f"give --out a .json path (e.g. {str(result.with_suffix('.json'))!r}); the plot goes beside it")
+    return result, figure
+
+
+def write_outputs(record: dict, result: Path, figure: Path) -> None:
+    """The JSON and the plot, each atomically; when the plot fails, the JSON written for it is removed too."""
+    from megatron_apbv.runtime.atomic import atomic_write_text
+
+    result.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(result, json.dumps(record, indent=1, allow_nan=False) + "\n")
+    try:
+        plot([record], figure)
+    except BaseException:
+        result.unlink(missing_ok=True)  # a failed command leaves nothing it started writing
+        raise
+
+
 def command(args, cfg: RunConfig, env: LaunchEnv, device: torch.device) -> dict:
     """``apbv eval``."""
+    outputs = output_paths(args.out) if args.out else None  # every rank, before any model is built
     if args.demo:
         return run_demo(cfg, env, device, args.checkpoint)
     only = [s.strip() for s in args.settings.split(",")] if args.settings else None
     record = run_eval(cfg, env, device, examples=args.examples, only=only, checkpoint=args.checkpoint)
     if env.rank == 0:
         print(format_table(record), file=sys.stderr, flush=True)
-        if args.out:
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(record, indent=1) + "\n")
-            plot([record], out.with_suffix(".png"))
+        if outputs:
+            write_outputs(record, *outputs)
     return record
 
 
@@ -344,8 +366,13 @@ def plot(records: list[dict], path) -> None:
         ax.set_title(f"needle: W={rec['world_size']}, N={rec['prompt_tokens']}, {rec['examples']} examples")
         ax.legend(fontsize=7, loc="center", ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from megatron_apbv.runtime.atomic import atomic_open
+
+    try:
+        with atomic_open(path, "wb") as f:  # never half a PNG
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def _plot_main(argv: list[str]) -> int:

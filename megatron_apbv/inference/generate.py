@@ -16,6 +16,7 @@ from megatron_apbv.models.checkpoint import read_hf_config
 from megatron_apbv.models.gpt import decoder_hidden, vocab_logits
 from megatron_apbv.runtime.config import GenerateConfig, RunConfig
 from megatron_apbv.runtime.groups import context_parallel_group
+from megatron_apbv.runtime.numerics import FiniteTracker, check_finite
 from megatron_apbv.runtime.timing import sync
 
 
@@ -48,6 +49,7 @@ def apbv_generate(cfg: RunConfig, device: torch.device) -> dict:
     vocabulary and samples, and the id is broadcast to the group.
     """
     settings = cfg.generate
+    cfg.check_generation_fits()  # a ConfigError on every rank, before the prefill's first collective
     stop_ids = stop_token_ids(cfg)  # a broken generation_config.json fails here, on every rank, before collectives
     run = apbv_prefill(cfg, device, max_new_tokens=settings.max_new_tokens)
     cache, seq = run.cache, run.seq
@@ -60,8 +62,10 @@ def apbv_generate(cfg: RunConfig, device: torch.device) -> dict:
         dist.broadcast(ids, src=tail, group=group)
         return ids
 
+    check_finite(run.logits, "the logits at the end of prefill", group)
     token = broadcast(sampler(run.logits) if cache.is_tail else torch.empty_like(run.logits[:, 0], dtype=torch.long))
     generated = [token]
+    finite = FiniteTracker(device)  # decode steps: a device-side flag, checked once after the loop
     done = torch.isin(token, stop)
     last_position = run.prompt.position_ids[..., -1:].to(device)
     start = time.perf_counter()
@@ -71,12 +75,14 @@ def apbv_generate(cfg: RunConfig, device: torch.device) -> dict:
         position = last_position + step
         hidden = decoder_hidden(run.model, run.rope, token[:, None], position, DecodeStep(cache))
         logits = vocab_logits(run.model, hidden) if cache.is_tail else None
+        finite.update(logits if logits is not None else hidden, step)
         token = broadcast(sampler(logits) if cache.is_tail else torch.empty_like(token))
         token = torch.where(done, token.new_tensor(-1), token)  # finished rows emit padding
         generated.append(token)
         done |= torch.isin(token, stop)
     sync(device)
     decode_seconds = time.perf_counter() - start
+    finite.check("the hidden states or logits of a decode step", group)
     ids = torch.stack(generated, dim=1)  # [b, steps]
     steps = ids.shape[1]
     return {

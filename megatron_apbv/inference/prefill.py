@@ -17,6 +17,7 @@ from megatron_apbv.models.inputs import Prompt, build_prompt
 from megatron_apbv.runtime.config import ConfigError, RunConfig
 from megatron_apbv.runtime.distributed import LaunchEnv
 from megatron_apbv.runtime.groups import context_parallel_group, context_parallel_rank
+from megatron_apbv.runtime.numerics import NonFiniteError
 from megatron_apbv.runtime.timing import timed
 
 
@@ -79,6 +80,14 @@ def run_prefill(
     # The query rows are exact on every rank, so every rank must hold the same logits.
     everyone = [torch.empty_like(logits) for _ in range(env.world_size)]
     dist.all_gather(everyone, logits)
+    # Every rank now holds every rank's logits: the same finiteness verdict everywhere, no extra collective.
+    bad = [rank for rank, t in enumerate(everyone) if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NonFiniteError(
+            f"non-finite values (NaN or Inf) in the logits at the end of prefill on rank(s) "
+            f"{', '.join(map(str, bad))}: the weights or the inputs overflow (check model.checkpoint, "
+            "model.init_std and dtype)"
+        )
     spread = max((t - logits).abs().max().item() for t in everyone)
 
     record = {
@@ -130,9 +139,10 @@ def _compare_dense(cfg: RunConfig, run: Prefill, device: torch.device, repeat: i
 
     ref, seconds = timed(forward, device, repeat, barrier=False)  # rank 0 alone
     log_p, log_q = torch.log_softmax(ref.double(), -1), torch.log_softmax(logits.double(), -1)
+    finite = bool(torch.isfinite(ref).all()) and bool(torch.isfinite(logits).all())  # NaN's argmax is 0 on both
     return {
         "dense_seconds": round(seconds, 6),
         "max_abs_logit_diff": (logits - ref).abs().max().item(),
-        "top1_agree": bool((logits.argmax(-1) == ref.argmax(-1)).all()),
+        "top1_agree": finite and bool((logits.argmax(-1) == ref.argmax(-1)).all()),
         "kl": (log_p.exp() * (log_p - log_q)).sum(-1).mean().item(),
     }

@@ -83,7 +83,7 @@ def render_chat(tokenizer, system_prompt: Optional[str], question: str) -> ChatT
     video = _token_id(tokenizer, VIDEO_PAD)
     if all(_token_id(tokenizer, t) is not None for t in (VIDEO_PAD, VISION_START, VISION_END)):
         before, after = before + VISION_START, VISION_END + after
-    encode = lambda s: tuple(tokenizer(s, add_special_tokens=False)["input_ids"]) if s else ()  # noqa: E731
+    encode = lambda s: tuple(tokenizer(s, add_special_tokens=False)["input_ids"]) if s else ()
     return ChatText(before=encode(before), after=encode(after), video_token_id=video)
 
 

@@ -73,11 +73,45 @@ class CheckpointError(ValueError):
 def read_hf_config(path: str | Path) -> dict:
     """The ``config.json`` of a Hugging Face checkpoint directory (or the file itself) as a dict."""
     path = Path(path)
+    if path.is_file() and path.suffix != ".json":
+        raise CheckpointError(
+            f"{str(path)!r} is a file, not a checkpoint directory: point model.checkpoint at the folder that "
+            f"holds config.json and the safetensors files ({str(path.parent)!r})"
+        )
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{str(path)!r} does not exist: a Hugging Face checkpoint directory holds config.json")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{str(path)!r} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{str(path)!r} holds a JSON {type(config).__name__}, not an object of settings: is it a config.json?"
+        )
+    return config
+
+
+def _open_safetensors(path: Path, stack: contextlib.ExitStack):
+    """``safe_open`` of one file, with a corrupt or truncated file reported by name."""
+    try:
+        return stack.enter_context(safe_open(str(path), framework="pt"))
+    except Exception as err:
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable safetensors file ({type(err).__name__}: {err}): "
+            "is it truncated or corrupt? download it again"
+        ) from None
+
+
+def _read_tensor(path: Path, read):
+    """``read()`` of a tensor from ``path``: data cut short or unreadable becomes a CheckpointError naming the file."""
+    try:
+        return read()
+    except Exception as err:
+        raise CheckpointError(
+            f"{str(path)!r}: a tensor cannot be read ({type(err).__name__}: {err}): is the file truncated?"
+        ) from None
 
 
 def _family(hf_config: dict) -> str:
@@ -189,7 +223,11 @@ def _checkpoint_files(path: Path) -> list[Path]:
     elif path.is_dir() and (path / "model.safetensors.index.json").is_file():
         index = path / "model.safetensors.index.json"
     if index is not None:
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        try:
+            weight_map = json.loads(index.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{str(index)!r} is not valid JSON: {err}") from None
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map' mapping tensor names to shard files")
         files = [path / name for name in sorted(set(weight_map.values()))]
@@ -224,10 +262,12 @@ class _Tensors:
 
     def __init__(self, files: list[Path], stack: contextlib.ExitStack):
         self.where: dict[str, tuple] = {}  # canonical -> (handle, stored name)
+        self.file_of: dict[int, Path] = {}  # id(handle) -> its file
         self.ignored: list[str] = []
         prefixes: Counter = Counter()
         for path in files:
-            handle = stack.enter_context(safe_open(str(path), framework="pt"))
+            handle = _open_safetensors(path, stack)
+            self.file_of[id(handle)] = path
             for name in handle.keys():
                 canon, prefix = _canonical(name)
                 if canon is None:
@@ -257,10 +297,17 @@ class _Tensors:
     def read(self, canon: str, dim: Optional[int] = None, start: int = 0, stop: int = 0) -> torch.Tensor:
         """The whole tensor, or ``[start:stop]`` along ``dim`` (0 or 1) read from the memory map."""
         handle, name = self.where[canon]
-        if dim is None:
-            return handle.get_tensor(name)
-        part = handle.get_slice(name)
-        return part[start:stop] if dim == 0 else part[:, start:stop]
+
+        def read():
+            if dim is None:
+                return handle.get_tensor(name)
+            part = handle.get_slice(name)
+            return part[start:stop] if dim == 0 else part[:, start:stop]
+
+        return _read_tensor(self.file_of[id(handle)], read)
+
+    def file(self, canon: str) -> Path:
+        return self.file_of[id(self.where[canon][0])]
 
 
 class _Shapes:
@@ -390,6 +437,9 @@ def load_hf_checkpoint(model, path: str | Path, *, tp_rank: int = 0, tp_size: in
     Raises :class:`CheckpointError` before writing anything when a tensor is
     missing, has the wrong shape or is unexpected, naming each tensor with the
     expected and found shapes; every model parameter is written exactly once.
+    A file that is not safetensors (corrupt, truncated) and tensors holding NaN
+    or Inf (found while copying, so the model is then partly written) raise it too,
+    naming the file and the tensors.
     """
     cfg_tp = model.config.tensor_model_parallel_size
     if tp_size != cfg_tp or not 0 <= tp_rank < tp_size:
@@ -449,10 +499,19 @@ def load_hf_checkpoint(model, path: str | Path, *, tp_rank: int = 0, tp_size: in
                     "'embed_tokens.weight': build the model with tie_embeddings=false"
                 )
 
+        non_finite: list[str] = []
         with torch.no_grad():
             for name, recipe in recipes.items():
                 # One parameter at a time: peak memory is one shard, not a second copy of the model.
                 params[name].copy_(recipe.build(tensors))  # in place, cast to the parameter's dtype and device
+                if not bool(torch.isfinite(params[name]).all()):  # a NaN weight gives NaN logits, silently
+                    non_finite += [f"{tensors.display(src)!r} in {tensors.file(src).name}" for src in recipe.sources
+                                   if not bool(torch.isfinite(tensors.read(src)).all())] or [repr(name)]
+        if non_finite:
+            shown = ", ".join(non_finite[:5]) + (f" and {len(non_finite) - 5} more" if len(non_finite) > 5 else "")
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds non-finite values (NaN or Inf) in {shown}: the weights are broken"
+            )
     return LoadReport(files=[str(f) for f in files], parameters=list(recipes), ignored=tensors.ignored)
 
 
@@ -485,11 +544,14 @@ def load_vision_weights(tower, path: str | Path) -> int:
     state = tower.state_dict()
     found: dict[str, torch.Tensor] = {}
     for file in _checkpoint_files(Path(path)):
-        with safe_open(str(file), framework="pt") as f:
+        with contextlib.ExitStack() as stack:
+            f = _open_safetensors(file, stack)
             for name in f.keys():
                 prefix = next((p for p in _VISION_PREFIXES if name.startswith(p)), None)
                 if prefix is not None:
-                    found[name[len(prefix):]] = f.get_tensor(name)
+                    found[name[len(prefix):]] = _read_tensor(file, lambda f=f, name=name: f.get_tensor(name))
+                    if not bool(torch.isfinite(found[name[len(prefix):]]).all()):
+                        raise CheckpointError(f"{str(file)!r}: tensor {name!r} holds non-finite values (NaN or Inf)")
     missing = sorted(set(state) - set(found))
     unexpected = sorted(set(found) - set(state))
     if missing or unexpected:

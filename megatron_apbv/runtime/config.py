@@ -11,10 +11,27 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, confloat, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    confloat,
+    field_validator,
+    model_validator,
+)
 
+# Every section validates strictly (_Section): a boolean is no number (``apbv.window=true`` is an error,
+# not window 1), a float no integer; floats still take integers (``rope_theta: 10000``).
 Ratio = confloat(gt=0.0, le=1.0)
-Count = Annotated[int, Field(strict=True, ge=0)]
+Count = Annotated[int, Field(ge=0)]
+# YAML has no tuples: a pair is a list of two integers (strict per item, lax only list -> tuple).
+IntPair = Annotated[tuple[StrictInt, StrictInt], Field(strict=False)]
+
+# timedelta -> milliseconds in the backends' C++ (gloo, NCCL, the TCP store): beyond 2**31 ms they wrap
+# or overflow (9e9 s hangs a gloo run), so the longest accepted timeout is the last whole second below it.
+MAX_TIMEOUT_SECONDS = (2**31 - 1) // 1000
 # A budget is a token count (int), a fraction of the prompt length (float in (0, 1]) or a named rule.
 AnchorBudget = Union[Count, Ratio, Literal["auto"]]
 PassingBudget = Union[Count, Ratio, Literal["auto", "all"]]
@@ -39,7 +56,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ModelConfig(_Section):
@@ -136,7 +153,19 @@ class ParallelConfig(_Section):
     context_parallel_size: int = Field(2, ge=1, description="size of the APB-V group")
     tensor_parallel_size: int = Field(1, ge=1)
     backend: Literal["auto", "nccl", "gloo"] = "auto"
-    timeout_seconds: int = Field(600, ge=1, description="timeout of every collective")
+    timeout_seconds: int = Field(
+        600, ge=1, description=f"timeout of every collective, at most {MAX_TIMEOUT_SECONDS} s (~24.8 days)"
+    )
+
+    @field_validator("timeout_seconds")
+    @classmethod
+    def _timeout_fits_the_backends(cls, value: int) -> int:
+        if value > MAX_TIMEOUT_SECONDS:
+            raise ValueError(
+                f"{value} s is above {MAX_TIMEOUT_SECONDS} s, the longest timeout the process-group backends "
+                "hold (milliseconds in a 32-bit counter): use a smaller value"
+            )
+        return value
 
 
 class VisionConfig(_Section):
@@ -174,7 +203,7 @@ class InputConfig(_Section):
     video_frames: int = Field(8, ge=0)
     tokens_per_frame: int = Field(32, ge=1, description="synthetic kind only")
     video_path: Optional[str] = Field(None, description="video kind: a file PyAV can decode; null = synthetic video")
-    frame_size: tuple[int, int] = Field((56, 56), description="video kind: frames are resized to (H, W)")
+    frame_size: IntPair = Field((56, 56), description="video kind: frames are resized to (H, W)")
     seconds_per_frame: Optional[float] = Field(
         None, gt=0, allow_inf_nan=False,
         description="time between sampled frames; sets the temporal RoPE step (null: one step per temporal group)",
@@ -198,9 +227,9 @@ class InputConfig(_Section):
 class NeedleConfig(_Section):
     """Video-needle benchmark (``input.kind: needle``, ``apbv eval``); see megatron_apbv/eval/needle.py."""
 
-    frame_size: tuple[int, int] = Field((16, 24), description="frame (H, W) in pixels")
+    frame_size: IntPair = Field((16, 24), description="frame (H, W) in pixels")
     patch_size: int = Field(4, ge=1, description="patch side; tokens_per_frame = (H/patch) * (W/patch)")
-    cards: tuple[int, int] = Field((2, 5), description="min, max scene cards per video")
+    cards: IntPair = Field((2, 5), description="min, max scene cards per video")
     distractor_rate: float = Field(0.25, ge=0.0, le=1.0, description="fraction of frames with a distractor")
     checkpoint: Optional[str] = Field("checkpoints/needle/needle.safetensors", description="trained weights")
     eval_examples: int = Field(64, ge=1, description="held-out examples apbv eval scores")
@@ -215,7 +244,9 @@ class GenerateConfig(_Section):
     max_new_tokens: int = Field(16, ge=1)
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop_ids: list[int] = Field(default_factory=list, description="token ids that end the generation")
+    stop_ids: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, description="token ids that end the generation (each below model.vocab_size)"
+    )
     stop_at_eos: StrictBool = Field(
         True, description="also stop at model.checkpoint's end-of-sequence ids (generation_config.json, config.json)"
     )
@@ -258,6 +289,17 @@ class RunConfig(_Section):
             if self.input.batch_size != 1:
                 raise ValueError("input.batch_size must be 1 with input.kind=video")
         prompt = self.prompt_len
+        if prompt > self.model.max_position_embeddings:
+            raise ValueError(
+                f"the prompt of {prompt} tokens (input.system_tokens + video + input.query_tokens) is longer than "
+                f"model.max_position_embeddings={self.model.max_position_embeddings}: shorten the input"
+            )
+        beyond = [i for i in self.generate.stop_ids if i >= self.model.vocab_size]
+        if beyond:
+            raise ValueError(
+                f"generate.stop_ids={self.generate.stop_ids}: {beyond} not below model.vocab_size="
+                f"{self.model.vocab_size}: the model never emits them"
+            )
         anchor = resolve_budget(self.apbv.anchor, prompt, "anchor")
         if anchor + self.input.query_tokens > prompt:
             raise ValueError(
@@ -290,6 +332,20 @@ class RunConfig(_Section):
         schedule = self.apbv.passing_schedule or [self.apbv.setting("passing")] * self.model.num_layers
         # A budget beyond the prompt passes every key, exactly like "all": clamp so the counts stay real.
         return tuple(min(resolve_budget(b, prompt, "passing"), prompt) for b in schedule)
+
+    def check_generation_fits(self) -> None:
+        """Raise unless the prompt plus ``generate.max_new_tokens`` fits ``model.max_position_embeddings``.
+
+        Checked by the commands that decode (not by the config: a prefill never uses the budget).
+        """
+        total = self.prompt_len + self.generate.max_new_tokens
+        if total > self.model.max_position_embeddings:
+            raise ConfigError(
+                f"generate.max_new_tokens={self.generate.max_new_tokens} after the prompt of {self.prompt_len} "
+                f"tokens reaches position {total}, beyond model.max_position_embeddings="
+                f"{self.model.max_position_embeddings}: lower generate.max_new_tokens to at most "
+                f"{max(self.model.max_position_embeddings - self.prompt_len, 0)}"
+            )
 
     def check_world_size(self, world_size: int) -> None:
         """Raise unless the launched world is exactly CP x TP ranks (called before any collective)."""

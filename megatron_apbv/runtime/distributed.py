@@ -15,6 +15,7 @@ from megatron.core import parallel_state
 from megatron_apbv.runtime.agreement import agreement_extra, check_ranks_agree
 from megatron_apbv.runtime.config import ConfigError, RunConfig
 from megatron_apbv.runtime.launch_env import LaunchEnv
+from megatron_apbv.runtime.rendezvous import rendezvous_store
 
 
 def select_device(cfg: RunConfig, env: LaunchEnv) -> torch.device:
@@ -50,10 +51,11 @@ def init_distributed(cfg: RunConfig, env: LaunchEnv, device: torch.device) -> No
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
-            init_method=env.init_method,
             rank=env.rank,
             world_size=env.world_size,
             timeout=timedelta(seconds=cfg.parallel.timeout_seconds),
+            # this job's store: a taken MASTER_PORT, or another job's store on it, fails fast (runtime/rendezvous.py)
+            store=rendezvous_store(env, cfg.parallel.timeout_seconds),
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=cfg.parallel.tensor_parallel_size,

@@ -7,6 +7,7 @@ validation, so every error names a field of the file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -21,11 +22,23 @@ from megatron_apbv.runtime.config import (
     without_variant_settings,
 )
 
+# Location parts pydantic adds for the members of a union (``apbv.anchor.constrained-int``): not config keys.
+_UNION_PARTS = ("function-after", "literal[", "union[", "constrained-int", "constrained-float")
+_MAX_ERROR_LINES = 20  # a file of thousands of unknown keys still gives a readable message
+
 
 def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
+    errors = err.errors()
+    where_of = [".".join(str(p) for p in e["loc"] if not str(p).startswith(_UNION_PARTS)) for e in errors]
+    # A boolean where a number belongs (``apbv.window=true``) gets one line, not one per union member.
+    bool_for_number = {w for w, e in zip(where_of, errors)
+                       if isinstance(e.get("input"), bool) and e["type"] in ("int_type", "float_type")}
     lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-after", "literal[", "union[")))
+    for where, e in zip(where_of, errors):
+        if where in bool_for_number:
+            value = str(e["input"]).lower()
+            lines.append(f"  {where}: got the boolean {value} where a number belongs: write a number")
+            continue
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             section = model
@@ -35,7 +48,61 @@ def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
             msg = f"unknown key; allowed keys here: {allowed}"
         got = "" if e["type"] in ("extra_forbidden", "value_error") else f" (got {e.get('input')!r})"
         lines.append(f"  {where or '<config>'}: {msg}{got}")
-    return "invalid configuration:\n" + "\n".join(dict.fromkeys(lines))
+    lines = list(dict.fromkeys(lines))
+    if len(lines) > _MAX_ERROR_LINES:
+        lines = lines[:_MAX_ERROR_LINES] + [f"  ... and {len(lines) - _MAX_ERROR_LINES} more"]
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+# A config is a few KiB; parsing a huge file (10 MB of keys: minutes and GBs) only delays its error.
+MAX_CONFIG_BYTES = 1 << 20
+
+# libyaml's parser when PyYAML was built with it (~10x faster), else the pure-Python one.
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _UniqueKeys:
+    """Refuse a key given twice in one mapping, at any depth (mixed into a SafeLoader).
+
+    PyYAML keeps the last of duplicated keys, so a second ``apbv:`` section would
+    silently drop the first one's settings. (``<<`` merge keys may still be overridden.)
+    """
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = first_line.get(key)
+            except TypeError:  # an unhashable key: the base constructor reports it
+                break
+            line = key_node.start_mark.line + 1
+            if seen is not None:
+                raise ConfigError(f"duplicate key {key!r} at line {line} (first at line {seen}): keep one of them")
+            first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
+class UniqueKeyLoader(_UniqueKeys, _SafeLoader):
+    """The config files' loader: libyaml's safe loader where present, refusing duplicate keys."""
+
+
+class _UniqueKeyPyLoader(_UniqueKeys, yaml.SafeLoader):
+    """For one-line override values: the pure-Python parser places errors on their column (libyaml: line 2)."""
+
+
+# YAML 1.1 (PyYAML) reads ``1e-6`` as a string: with strict float fields it must be a number, as in YAML 1.2.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+for _loader in (UniqueKeyLoader, _UniqueKeyPyLoader):
+    _loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+
+
+def parse_yaml(text: str, *, loader=UniqueKeyLoader):
+    """YAML text -> Python objects, refusing duplicate keys."""
+    return yaml.load(text, Loader=loader)
 
 
 def _yaml_problem(err: Exception) -> str:
@@ -69,7 +136,9 @@ def parse_overrides(overrides: list[str]) -> dict:
             node[parts[-1]] = raw  # free text: "yes" or "Answer: A" must stay the words typed
             continue
         try:
-            node[parts[-1]] = yaml.safe_load(raw)
+            node[parts[-1]] = parse_yaml(raw, loader=_UniqueKeyPyLoader)
+        except ConfigError as err:
+            raise ConfigError(f"override {item!r}: {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: the value is not valid YAML: {_yaml_problem(err)}") from None
     return tree
@@ -158,8 +227,16 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"{path}: {size} bytes is too large for a config file (at most {MAX_CONFIG_BYTES} bytes): "
+                "is it the right file?"
+            )
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = parse_yaml(path.read_text()) or {}
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
         if not isinstance(data, dict):
