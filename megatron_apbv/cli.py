@@ -1,10 +1,12 @@
 """Command line: ``apbv COMMAND CONFIG [key=value ...] [options]``.
 
 Every command loads and validates the YAML config (with ``key=value``
-overrides) on every rank before any collective. A distributed command then
-starts the process groups and runs ``command(args, cfg, env, device)`` of its
-module, whose returned record rank 0 prints as one JSON line; a local command
-runs ``command(args, cfg)`` in one process.
+overrides) on every rank before any collective, and before the command's
+module (torch, Megatron, DeepSpeed) is imported: a bad key fails in a
+fraction of a second. A distributed command then starts the process groups
+and runs ``command(args, cfg, env, device)`` of its module, whose returned
+record rank 0 prints as one JSON line; a local command runs
+``command(args, cfg)`` in one process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ class Command:
     help: str
     distributed: bool = True
 
+    def epilog(self, name: str) -> str:
+        if not self.distributed:
+            return "Runs in this one process (no launcher needed)."
+        return (
+            "A launcher starts one process per rank, and every rank runs this command; rank 0 prints one JSON\n"
+            f"line on stdout. e.g.: torchrun --nproc_per_node 2 -m megatron_apbv {name} configs/tiny_cpu.yaml\n"
+            "(DeepSpeed, SLURM and many nodes: launch/README.md)"
+        )
+
 
 COMMANDS = {
     "run": Command("megatron_apbv.inference.prefill", "prefill the configured model and prompt across the launched ranks"),
@@ -30,6 +41,7 @@ COMMANDS = {
     "eval": Command("megatron_apbv.eval.evaluate", "needle benchmark: dense vs exact, APB-V, APB-like, Star accuracy"),
     "bench": Command("megatron_apbv.bench.benchmark", "time dense, ring, Ulysses, Star, APB-like and APB-V side by side"),
     "plan": Command("megatron_apbv.costmodel.plan", "predict prefill time per method and pick APB-V budgets (cost model)", distributed=False),
+    "config": Command("megatron_apbv.runtime.config_command", "print the resolved config as YAML (--schema: every key)", distributed=False),
 }
 
 
@@ -40,7 +52,10 @@ def _parser(selected: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():
-        p = sub.add_parser(name, help=command.help)
+        p = sub.add_parser(
+            name, help=command.help, description=command.help, epilog=command.epilog(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in tiny CPU model)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. apbv.variant=exact")
         p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -57,11 +72,8 @@ def _emit(record: dict) -> None:
     sys.stdout.flush()
 
 
-def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", module="megatron")  # Megatron warns at import about missing TE/apex
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = _parser(next((a for a in argv if a in COMMANDS), None))
-    args, rest = parser.parse_known_args(argv)
+def _config_args(args, rest: list[str], parser) -> None:
+    """Fold the ``key=value`` items argparse left in ``rest`` into ``args.overrides``."""
     # Overrides may follow options (`run cfg.yaml --compare dense a.b=1`): argparse leaves them in `rest`.
     unknown = [item for item in rest if "=" not in item or item.startswith("-")]
     if unknown:
@@ -71,30 +83,75 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides.insert(0, args.config)
         args.config = None
 
-    # Everything that can be wrong with the config is checked here, before any collective.
+
+def _early_config_args(argv: list[str]):
+    """``(config, overrides)`` read without the command's own options, or None where that is ambiguous.
+
+    The command's options come from its module, which imports torch and Megatron; a ``key=value``
+    right after an option might be that option's value, so then the config waits for the full parse.
+    """
+    if {"-h", "--help"} & set(argv):
+        return None
+    args, rest = _parser(None).parse_known_args(argv)
+    after_command = argv[argv.index(args.command) + 1:]
+    if args.config is not None and after_command[:1] != [args.config]:
+        return None  # something before it (an option's value?) was taken for the config
+    if any("=" in b and not b.startswith("-") and a.startswith("-") and "=" not in a for a, b in zip(rest, rest[1:])):
+        return None
+    config, overrides = args.config, args.overrides + [r for r in rest if "=" in r and not r.startswith("-")]
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]
+    return config, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", module="megatron")  # Megatron warns at import about missing TE/apex
+    argv = sys.argv[1:] if argv is None else list(argv)
+    selected = next((a for a in argv if a in COMMANDS), None)
+
+    # Everything that can be wrong with the config is checked first: before any collective, and before
+    # the heavy imports (torch, Megatron, DeepSpeed), so every rank reports a bad key within milliseconds.
     from megatron_apbv.runtime.config import ConfigError
-    from megatron_apbv.runtime.distributed import (
-        LaunchEnv,
-        init_distributed,
-        select_device,
-        shutdown,
-    )
-    from megatron_apbv.runtime.faults import install_fault_hook, report_failure
+    from megatron_apbv.runtime.launch_env import LaunchEnv
     from megatron_apbv.runtime.loading import load_config
 
+    env = LaunchEnv.from_environ()
+    where = "apbv: " if selected in COMMANDS and not COMMANDS[selected].distributed else f"apbv: rank {env.rank}: "
+    early = _early_config_args(argv) if selected in COMMANDS else None
+    cfg = None
+    if early is not None and not (selected == "config" and "--schema" in argv):
+        try:
+            cfg = load_config(*early)
+        except ConfigError as err:
+            print(f"{where}{err}", file=sys.stderr)
+            return 2
+
+    parser = _parser(selected)
+    args, rest = parser.parse_known_args(argv)
+    _config_args(args, rest, parser)
     command = COMMANDS[args.command]
     module = importlib.import_module(command.module)
-    env = LaunchEnv.from_environ()
-    cfg = None
+    if early != (args.config, args.overrides):
+        cfg = None  # the command's options took an item the early parse read as an override: load again
     if not command.distributed:
         try:
-            _emit(module.command(args, load_config(args.config, args.overrides)))
-            return 0
+            if cfg is None and not getattr(args, "schema", False):
+                cfg = load_config(args.config, args.overrides)
+            result = module.command(args, cfg)
         except ConfigError as err:
             print(f"apbv: {err}", file=sys.stderr)
             return 2
+        if isinstance(result, str):
+            sys.stdout.write(result)  # `apbv config`: YAML is the result
+        else:
+            _emit(result)
+        return 0
+
+    from megatron_apbv.runtime.distributed import init_distributed, select_device, shutdown
+    from megatron_apbv.runtime.faults import install_fault_hook, report_failure
+
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = cfg or load_config(args.config, args.overrides)
         device = select_device(cfg, env)
         install_fault_hook()  # APBV_FAULT_INJECT (tests only): nothing is installed when unset
         init_distributed(cfg, env, device)

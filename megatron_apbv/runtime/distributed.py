@@ -9,7 +9,6 @@ started by none of them runs as a group of one.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -18,27 +17,7 @@ from megatron.core import parallel_state
 
 from megatron_apbv.runtime.agreement import agreement_extra, check_ranks_agree
 from megatron_apbv.runtime.config import ConfigError, RunConfig
-
-
-@dataclass(frozen=True)
-class LaunchEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-
-    @classmethod
-    def from_environ(cls, environ=os.environ) -> "LaunchEnv":
-        def pick(*names: str, default: int) -> int:
-            for name in names:
-                if environ.get(name, "") != "":
-                    return int(environ[name])
-            return default
-
-        return cls(
-            rank=pick("RANK", "SLURM_PROCID", default=0),
-            world_size=pick("WORLD_SIZE", "SLURM_NTASKS", default=1),
-            local_rank=pick("LOCAL_RANK", "SLURM_LOCALID", default=0),
-        )
+from megatron_apbv.runtime.launch_env import LaunchEnv  # also the callers' import path
 
 
 def select_device(cfg: RunConfig, env: LaunchEnv) -> torch.device:
