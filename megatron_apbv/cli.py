@@ -12,8 +12,10 @@ record rank 0 prints as one JSON line; a local command runs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -66,10 +68,33 @@ def _parser(selected: str | None) -> argparse.ArgumentParser:
     return parser
 
 
-def _emit(record: dict) -> None:
+def _emit(record: dict, out) -> None:
     # One write: with several ranks on one stdout, print()'s separate newline can interleave.
-    sys.stdout.write(json.dumps(record) + "\n")
+    out.write(json.dumps(record) + "\n")
+    out.flush()
+
+
+@contextlib.contextmanager
+def _stdout_for_results_only():
+    """Yield a stream on the process's stdout; meanwhile everything else written there goes to stderr.
+
+    Libraries print to stdout (DeepSpeed's logger and its op builds, compilers run through it), so
+    stdout carries only the commands' results (``apbv ... | jq`` works) when fd 1 and ``sys.stdout``
+    point at stderr for the run and results are written to a duplicate of the original fd 1.
+    """
     sys.stdout.flush()
+    results = os.fdopen(os.dup(1), "w")
+    saved_stdout = sys.stdout
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        yield results
+    finally:
+        sys.stdout.flush()
+        results.flush()
+        os.dup2(results.fileno(), 1)
+        sys.stdout = saved_stdout
+        results.close()
 
 
 def _config_args(args, rest: list[str], parser) -> None:
@@ -106,6 +131,7 @@ def _early_config_args(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="megatron")  # Megatron warns at import about missing TE/apex
+    argv_given = argv is not None
     argv = sys.argv[1:] if argv is None else list(argv)
     selected = next((a for a in argv if a in COMMANDS), None)
 
@@ -129,10 +155,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser(selected)
     args, rest = parser.parse_known_args(argv)
     _config_args(args, rest, parser)
+    # The command's options may have taken an item the early parse read as an override: then load again.
+    cfg = cfg if early == (args.config, args.overrides) else None
+    if argv_given:  # called as a function (tests): results go to sys.stdout, nothing is redirected
+        return _run(args, cfg, env, sys.stdout)
+    with _stdout_for_results_only() as results:
+        return _run(args, cfg, env, results)
+
+
+def _run(args, cfg, env, results) -> int:
+    """Import the command's module and run it (``cfg``: the config, when loaded already); rank 0's record
+    goes to ``results``."""
+    from megatron_apbv.runtime.config import ConfigError
+    from megatron_apbv.runtime.loading import load_config
+
     command = COMMANDS[args.command]
     module = importlib.import_module(command.module)
-    if early != (args.config, args.overrides):
-        cfg = None  # the command's options took an item the early parse read as an override: load again
     if not command.distributed:
         try:
             if cfg is None and not getattr(args, "schema", False):
@@ -142,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"apbv: {err}", file=sys.stderr)
             return 2
         if isinstance(result, str):
-            sys.stdout.write(result)  # `apbv config`: YAML is the result
+            results.write(result)  # `apbv config`: YAML is the result
         else:
-            _emit(result)
+            _emit(result, results)
         return 0
 
     from megatron_apbv.runtime.distributed import init_distributed, select_device, shutdown
@@ -170,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         record = module.command(args, cfg, env, device)
         if env.rank == 0:
-            _emit(record)
+            _emit(record, results)
         shutdown()
     except (ConfigError, CheckpointError, VideoError) as err:  # bad input, found the same way on every rank
         print(f"apbv: rank {env.rank}: {err}", file=sys.stderr)
