@@ -185,7 +185,11 @@ def _run(args, cfg, env, results) -> int:
             _emit(result, results)
         return 0
 
-    from megatron_apbv.runtime.distributed import init_distributed, select_device, shutdown
+    from megatron_apbv.runtime.distributed import (
+        init_distributed,
+        select_device,
+        shutdown,
+    )
     from megatron_apbv.runtime.faults import install_fault_hook, report_failure
 
     try:

@@ -48,6 +48,7 @@ from megatron_apbv.eval.needle import (
     heldout_set,
     make_example,
 )
+from megatron_apbv.inference.divergence import kl_from_dense
 from megatron_apbv.models.gpt import (
     build_gpt_model,
     build_rope,
@@ -57,6 +58,7 @@ from megatron_apbv.models.gpt import (
 from megatron_apbv.runtime.config import ConfigError, RunConfig
 from megatron_apbv.runtime.distributed import LaunchEnv
 from megatron_apbv.runtime.groups import context_parallel_rank
+from megatron_apbv.runtime.progress import Progress
 
 
 def add_arguments(parser) -> None:
@@ -146,11 +148,6 @@ class NeedleRunner:
 # --------------------------------------------------------------------------- metrics
 
 
-def _kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    log_p, log_q = torch.log_softmax(ref.double(), -1), torch.log_softmax(other.double(), -1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
 def _acc(pairs) -> float | None:
     pairs = list(pairs)
     return round(sum(p == t for p, t in pairs) / len(pairs), 4) if pairs else None
@@ -190,20 +187,26 @@ def run_eval(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, examples: 
     dense, seconds = [], {s["name"]: 0.0 for s in settings}
     dense_seconds = 0.0
     bs = cfg.needle.eval_batch
+    batches = -(-len(exs) // bs)
+    progress = Progress(batches * (1 + len(settings)), "apbv eval", enabled=runner.rank == 0)
     start = time.perf_counter()
     for i in range(0, len(exs), bs):
         batch = collate(exs[i : i + bs])
+        where = f"examples {i + 1}-{min(i + bs, len(exs))} of {len(exs)}"
+        progress.step(f"{where}: dense")
         embeds = runner.embeddings(batch)
         if runner.rank == 0:
             t0 = time.perf_counter()
             dense.append(runner.dense_logits(embeds).cpu())
             dense_seconds += time.perf_counter() - t0
         for s in settings:
+            progress.step(f"{where}: {s['name']}")
             dist.barrier()
             t0 = time.perf_counter()
             out = runner.apbv_logits(embeds, s)
             seconds[s["name"]] += time.perf_counter() - t0
             logits[s["name"]].append(out.cpu())
+    progress.close()
     total = time.perf_counter() - start
     record = {
         "benchmark": "needle",
@@ -231,7 +234,7 @@ def run_eval(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, examples: 
         out = torch.cat(logits[s["name"]])
         preds = out.argmax(-1).tolist()
         rec = dict(s)
-        rec.update(score(exs, preds, dense_preds, _kl(dense, out), geo=geo, layout=runner.layout(s["zigzag"])))
+        rec.update(score(exs, preds, dense_preds, kl_from_dense(dense, out), geo=geo, layout=runner.layout(s["zigzag"])))
         rec["max_abs_logit_diff"] = float((out - dense).abs().max())
         rec["seconds"] = round(seconds[s["name"]], 2)
         record["settings"].append(rec)
@@ -273,7 +276,7 @@ def run_demo(cfg: RunConfig, env: LaunchEnv, device: torch.device, checkpoint: s
     if runner.rank == 0:
         dense = runner.dense_logits(embeds)
         record["dense_answer"] = answer_name(int(dense[0].argmax()))
-        record["kl_vs_dense"] = float(_kl(dense, logits).mean())
+        record["kl_vs_dense"] = float(kl_from_dense(dense, logits).mean())
     return record
 
 
