@@ -315,38 +315,53 @@ def command(args, cfg: RunConfig, env: LaunchEnv, device: torch.device) -> dict:
 
 
 def plot(records: list[dict], path) -> None:
-    """Accuracy against the passing budget, one panel per world size: dense, exact and Star as lines."""
+    """Accuracy against the passing budget, one panel per world size: dense, exact and Star as lines.
+
+    Series that coincide stay visible: APB-V and APB-like sit slightly left and right of their budget
+    (hollow markers for the cross-block questions), and each reference line differs in colour, width and
+    dash from the others. One legend for the figure, below the panels, outside the data.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(records), figsize=(5.5 * len(records), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(records), figsize=(5.5 * len(records), 4.6), squeeze=False)
+    series = (("apbv", "APB-V", "tab:blue", "o", 0.96), ("apb_like", "APB-like", "tab:green", "s", 1.04))
     for ax, rec in zip(axes[0], records):
         sets = rec["settings"]
-        for variant, style in (("apbv", "o-"), ("apb_like", "s--")):
-            pts = [s for s in sets if s["variant"] == variant]
-            if pts:
-                ax.plot([s["passing_len"] for s in pts], [s["accuracy"] for s in pts], style, label=f"{variant} (all)")
-                ax.plot([s["passing_len"] for s in pts], [s["accuracy_scene_cross"] or 0 for s in pts], style,
-                        alpha=0.5, label=f"{variant} (scene, cross-block)")
-        ax.axhline(rec["dense"]["accuracy"], color="k", lw=1, label="dense (all)")
+        # References first (underneath); the thick light line stays visible under a thin dashed one on top.
+        ax.axhline(rec["dense"]["accuracy"], color="0.6", lw=4, alpha=0.6, label="dense (all)")
         zz = next((s for s in sets if s["variant"] in ("apbv", "star") and s["dense_accuracy_scene_cross"] is not None),
                   None)
         if zz is not None:
             ax.axhline(zz["dense_accuracy_scene_cross"], color="k", lw=1, ls="--", label="dense (scene, cross-block)")
         for s in sets:
             if s["variant"] == "star":
-                ax.axhline(s["accuracy"], color="r", lw=1, ls=":", label="star (all)")
+                ax.axhline(s["accuracy"], color="tab:red", lw=1.5, ls=":", label="Star (all)")
                 if s["accuracy_scene_cross"] is not None:
-                    ax.axhline(s["accuracy_scene_cross"], color="r", lw=1, ls="-.", label="star (scene, cross-block)")
+                    ax.axhline(s["accuracy_scene_cross"], color="tab:red", lw=1, ls="-.",
+                               label="Star (scene, cross-block)")
+        for variant, name, colour, marker, shift in series:
+            pts = [s for s in sets if s["variant"] == variant]
+            if not pts:
+                continue
+            xs = [s["passing_len"] * shift for s in pts]
+            ax.plot(xs, [s["accuracy"] for s in pts], marker=marker, color=colour, ls="-", label=f"{name} (all)")
+            ax.plot(xs, [s["accuracy_scene_cross"] or 0 for s in pts], marker=marker, color=colour, ls=":",
+                    markerfacecolor="white", label=f"{name} (scene, cross-block)")
         ax.set_xscale("log", base=2)
+        budgets = sorted({s["passing_len"] for s in sets if s["variant"] in ("apbv", "apb_like")})
+        if budgets:
+            ax.set_xticks(budgets, [str(b) for b in budgets])
+            ax.minorticks_off()
         ax.set_xlabel("passing budget p (keys per KV head per block)")
         ax.set_ylabel("held-out accuracy")
-        ax.set_ylim(0, 1.02)
+        ax.set_ylim(0, 1.04)
         ax.set_title(f"needle: W={rec['world_size']}, N={rec['prompt_tokens']}, {rec['examples']} examples")
-        ax.legend(fontsize=7, loc="center", ncol=2)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.11, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
