@@ -84,6 +84,20 @@ def kv_repeat_factor(q_heads: int, kv_heads: int, world: int) -> int:
     return next(f for f in range(1, group + 1) if group % f == 0 and (kv_heads * f) % world == 0)
 
 
+# Said once, before DeepSpeed's comm start-up, so that the pause is not mistaken for a hang.
+CPU_COMPILE_NOTE = (
+    "ulysses: DeepSpeed's comm start-up compiles its shared-memory (shm) op once per machine "
+    "(~1-2 min on a few CPU cores; cached in ~/.cache/torch_extensions afterwards)"
+)
+
+
+def deepspeed_comm_ready() -> bool:
+    """Whether ``deepspeed.comm`` is running already (its start-up, with the shm op, is behind us)."""
+    import deepspeed.comm as ds_comm
+
+    return ds_comm.is_initialized()
+
+
 def _init_deepspeed_comm() -> None:
     """Let deepspeed.comm use the process group that is already running (torch.distributed)."""
     import deepspeed.comm as ds_comm

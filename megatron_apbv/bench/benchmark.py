@@ -50,6 +50,7 @@ from megatron_apbv.runtime.config import (
     without_variant_settings,
 )
 from megatron_apbv.runtime.distributed import LaunchEnv
+from megatron_apbv.runtime.progress import Progress
 from megatron_apbv.runtime.timing import Timing, time_method
 
 METHODS = COMPARED
@@ -286,8 +287,7 @@ def run_bench(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, methods=M
               levels=LEVELS, warmup: int = 2, repeat: int = 5, out: Optional[str] = None,
               ulysses_kernel: str = "sdpa") -> dict:
     """Time every method at every length and level on every rank; rank 0's record is complete."""
-    from tqdm import tqdm
-
+    from megatron_apbv.baselines.ulysses import CPU_COMPILE_NOTE, deepspeed_comm_ready
     from megatron_apbv.models.gpt import (
         DTYPES,
         build_gpt_model,
@@ -310,8 +310,7 @@ def run_bench(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, methods=M
     dtype = DTYPES[cfg.dtype]
     skips = {m: get_method(m).unsupported(cfg, world) for m in methods}
     leader = env.rank == 0
-    bar = tqdm(total=len(levels) * len(lengths) * len(methods), desc="apbv bench", file=sys.stderr,
-               disable=not leader, dynamic_ncols=True)
+    bar = Progress(len(levels) * len(lengths) * len(methods), "apbv bench", enabled=leader)
     rows: list[dict] = []
 
     weights = rope = None  # built when the model level starts, so the layer level's peak memory excludes it
@@ -325,11 +324,12 @@ def run_bench(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, methods=M
             prompt = build_prompt(method_config(cfg, length)) if level == "model" else None
             logits: dict[str, torch.Tensor] = {}  # model level: the last token's logits of each method
             for method in methods:
-                bar.set_postfix_str(f"{level} N={length} {method}")
+                bar.step(f"{level} N={length} {method}")
+                if method == "ulysses" and device.type == "cpu" and not skips[method] and not deepspeed_comm_ready():
+                    bar.note(CPU_COMPILE_NOTE)
                 plan = plan_for(method, cfg, length, rank, world)
                 if skips[method]:
                     rows.append(_row(method, level, length, plan, None, f"skipped: {skips[method]}"))
-                    bar.update()
                     continue
                 if level == "layer":
                     timing = _time_layer(method, plan, qkv, layer_config, device, warmup, repeat, group,
@@ -344,7 +344,6 @@ def run_bench(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, methods=M
                         logits[method] = _share_logits(timing.result, inputs, plan.cfg, device)
                         timing.result = None
                 rows.append(row)
-                bar.update()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             if level == "model":
@@ -366,8 +365,8 @@ def run_bench(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, methods=M
                                          "speedup_vs_dense", "speedup_vs_ring")} for r in rows],
     }
     if leader:
-        sys.stdout.write(format_table(rows) + "\n")
-        sys.stdout.flush()
+        sys.stderr.write(format_table(rows) + "\n")  # for people; the record (stdout) is for machines
+        sys.stderr.flush()
         if out:
             record["out"] = {"jsonl": str(Path(out) / "bench.jsonl"), "png": str(Path(out) / "bench.png")}
             plot(rows, Path(out) / "bench.png", title=f"{record['device_name']} x{world}, {cfg.dtype}")

@@ -48,6 +48,7 @@ from megatron_apbv.eval.needle import (
     heldout_set,
     make_example,
 )
+from megatron_apbv.inference.divergence import kl_from_dense
 from megatron_apbv.models.gpt import (
     build_gpt_model,
     build_rope,
@@ -57,6 +58,7 @@ from megatron_apbv.models.gpt import (
 from megatron_apbv.runtime.config import ConfigError, RunConfig
 from megatron_apbv.runtime.distributed import LaunchEnv
 from megatron_apbv.runtime.groups import context_parallel_rank
+from megatron_apbv.runtime.progress import Progress
 
 
 def add_arguments(parser) -> None:
@@ -146,11 +148,6 @@ class NeedleRunner:
 # --------------------------------------------------------------------------- metrics
 
 
-def _kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    log_p, log_q = torch.log_softmax(ref.double(), -1), torch.log_softmax(other.double(), -1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
 def _acc(pairs) -> float | None:
     pairs = list(pairs)
     return round(sum(p == t for p, t in pairs) / len(pairs), 4) if pairs else None
@@ -190,20 +187,26 @@ def run_eval(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, examples: 
     dense, seconds = [], {s["name"]: 0.0 for s in settings}
     dense_seconds = 0.0
     bs = cfg.needle.eval_batch
+    batches = -(-len(exs) // bs)
+    progress = Progress(batches * (1 + len(settings)), "apbv eval", enabled=runner.rank == 0)
     start = time.perf_counter()
     for i in range(0, len(exs), bs):
         batch = collate(exs[i : i + bs])
+        where = f"examples {i + 1}-{min(i + bs, len(exs))} of {len(exs)}"
+        progress.step(f"{where}: dense")
         embeds = runner.embeddings(batch)
         if runner.rank == 0:
             t0 = time.perf_counter()
             dense.append(runner.dense_logits(embeds).cpu())
             dense_seconds += time.perf_counter() - t0
         for s in settings:
+            progress.step(f"{where}: {s['name']}")
             dist.barrier()
             t0 = time.perf_counter()
             out = runner.apbv_logits(embeds, s)
             seconds[s["name"]] += time.perf_counter() - t0
             logits[s["name"]].append(out.cpu())
+    progress.close()
     total = time.perf_counter() - start
     record = {
         "benchmark": "needle",
@@ -231,7 +234,7 @@ def run_eval(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, examples: 
         out = torch.cat(logits[s["name"]])
         preds = out.argmax(-1).tolist()
         rec = dict(s)
-        rec.update(score(exs, preds, dense_preds, _kl(dense, out), geo=geo, layout=runner.layout(s["zigzag"])))
+        rec.update(score(exs, preds, dense_preds, kl_from_dense(dense, out), geo=geo, layout=runner.layout(s["zigzag"])))
         rec["max_abs_logit_diff"] = float((out - dense).abs().max())
         rec["seconds"] = round(seconds[s["name"]], 2)
         record["settings"].append(rec)
@@ -273,7 +276,7 @@ def run_demo(cfg: RunConfig, env: LaunchEnv, device: torch.device, checkpoint: s
     if runner.rank == 0:
         dense = runner.dense_logits(embeds)
         record["dense_answer"] = answer_name(int(dense[0].argmax()))
-        record["kl_vs_dense"] = float(_kl(dense, logits).mean())
+        record["kl_vs_dense"] = float(kl_from_dense(dense, logits).mean())
     return record
 
 
@@ -334,38 +337,53 @@ def command(args, cfg: RunConfig, env: LaunchEnv, device: torch.device) -> dict:
 
 
 def plot(records: list[dict], path) -> None:
-    """Accuracy against the passing budget, one panel per world size: dense, exact and Star as lines."""
+    """Accuracy against the passing budget, one panel per world size: dense, exact and Star as lines.
+
+    Series that coincide stay visible: APB-V and APB-like sit slightly left and right of their budget
+    (hollow markers for the cross-block questions), and each reference line differs in colour, width and
+    dash from the others. One legend for the figure, below the panels, outside the data.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(records), figsize=(5.5 * len(records), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(records), figsize=(5.5 * len(records), 4.6), squeeze=False)
+    series = (("apbv", "APB-V", "tab:blue", "o", 0.96), ("apb_like", "APB-like", "tab:green", "s", 1.04))
     for ax, rec in zip(axes[0], records):
         sets = rec["settings"]
-        for variant, style in (("apbv", "o-"), ("apb_like", "s--")):
-            pts = [s for s in sets if s["variant"] == variant]
-            if pts:
-                ax.plot([s["passing_len"] for s in pts], [s["accuracy"] for s in pts], style, label=f"{variant} (all)")
-                ax.plot([s["passing_len"] for s in pts], [s["accuracy_scene_cross"] or 0 for s in pts], style,
-                        alpha=0.5, label=f"{variant} (scene, cross-block)")
-        ax.axhline(rec["dense"]["accuracy"], color="k", lw=1, label="dense (all)")
+        # References first (underneath); the thick light line stays visible under a thin dashed one on top.
+        ax.axhline(rec["dense"]["accuracy"], color="0.6", lw=4, alpha=0.6, label="dense (all)")
         zz = next((s for s in sets if s["variant"] in ("apbv", "star") and s["dense_accuracy_scene_cross"] is not None),
                   None)
         if zz is not None:
             ax.axhline(zz["dense_accuracy_scene_cross"], color="k", lw=1, ls="--", label="dense (scene, cross-block)")
         for s in sets:
             if s["variant"] == "star":
-                ax.axhline(s["accuracy"], color="r", lw=1, ls=":", label="star (all)")
+                ax.axhline(s["accuracy"], color="tab:red", lw=1.5, ls=":", label="Star (all)")
                 if s["accuracy_scene_cross"] is not None:
-                    ax.axhline(s["accuracy_scene_cross"], color="r", lw=1, ls="-.", label="star (scene, cross-block)")
+                    ax.axhline(s["accuracy_scene_cross"], color="tab:red", lw=1, ls="-.",
+                               label="Star (scene, cross-block)")
+        for variant, name, colour, marker, shift in series:
+            pts = [s for s in sets if s["variant"] == variant]
+            if not pts:
+                continue
+            xs = [s["passing_len"] * shift for s in pts]
+            ax.plot(xs, [s["accuracy"] for s in pts], marker=marker, color=colour, ls="-", label=f"{name} (all)")
+            ax.plot(xs, [s["accuracy_scene_cross"] or 0 for s in pts], marker=marker, color=colour, ls=":",
+                    markerfacecolor="white", label=f"{name} (scene, cross-block)")
         ax.set_xscale("log", base=2)
+        budgets = sorted({s["passing_len"] for s in sets if s["variant"] in ("apbv", "apb_like")})
+        if budgets:
+            ax.set_xticks(budgets, [str(b) for b in budgets])
+            ax.minorticks_off()
         ax.set_xlabel("passing budget p (keys per KV head per block)")
         ax.set_ylabel("held-out accuracy")
-        ax.set_ylim(0, 1.02)
+        ax.set_ylim(0, 1.04)
         ax.set_title(f"needle: W={rec['world_size']}, N={rec['prompt_tokens']}, {rec['examples']} examples")
-        ax.legend(fontsize=7, loc="center", ncol=2)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.11, 1, 1))
     from megatron_apbv.runtime.atomic import atomic_open
 
     try:

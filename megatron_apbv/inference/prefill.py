@@ -11,6 +11,7 @@ import torch.distributed as dist
 from megatron_apbv.apbv.attention import APBVMask
 from megatron_apbv.apbv.decode import DistributedKVCache
 from megatron_apbv.apbv.layout import SequenceLayout
+from megatron_apbv.inference.divergence import kl_from_dense
 from megatron_apbv.models.embeddings import build_vision_tower_for, input_embeddings
 from megatron_apbv.models.gpt import build_gpt_model, build_rope, last_token_logits
 from megatron_apbv.models.inputs import Prompt, build_prompt
@@ -138,11 +139,10 @@ def _compare_dense(cfg: RunConfig, run: Prefill, device: torch.device, repeat: i
         )
 
     ref, seconds = timed(forward, device, repeat, barrier=False)  # rank 0 alone
-    log_p, log_q = torch.log_softmax(ref.double(), -1), torch.log_softmax(logits.double(), -1)
     finite = bool(torch.isfinite(ref).all()) and bool(torch.isfinite(logits).all())  # NaN's argmax is 0 on both
     return {
         "dense_seconds": round(seconds, 6),
         "max_abs_logit_diff": (logits - ref).abs().max().item(),
         "top1_agree": finite and bool((logits.argmax(-1) == ref.argmax(-1)).all()),
-        "kl": (log_p.exp() * (log_p - log_q)).sum(-1).mean().item(),
+        "kl": kl_from_dense(ref, logits).mean().item(),
     }

@@ -62,19 +62,19 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Qwen2/Llama-style decoder: RMSNorm, SwiGLU, GQA, RoPE."""
 
-    num_layers: int = Field(2, ge=1, le=100_000)  # bounded: one passing budget is resolved per layer
-    hidden_size: int = Field(64, ge=1)
-    num_attention_heads: int = Field(4, ge=1)
+    num_layers: int = Field(2, ge=1, le=100_000, description="decoder layers")  # bounded: one passing budget is resolved per layer
+    hidden_size: int = Field(64, ge=1, description="model width")
+    num_attention_heads: int = Field(4, ge=1, description="query heads")
     num_query_groups: int = Field(2, ge=1, description="KV heads (GQA groups)")
     kv_channels: Optional[int] = Field(None, ge=1, description="head dim; default hidden_size / heads")
-    ffn_hidden_size: int = Field(128, ge=1)
-    vocab_size: int = Field(256, ge=2)
-    rope_theta: float = Field(1_000_000.0, gt=0, allow_inf_nan=False)
+    ffn_hidden_size: int = Field(128, ge=1, description="SwiGLU inner width")
+    vocab_size: int = Field(256, ge=2, description="token ids 0 .. vocab_size-1")
+    rope_theta: float = Field(1_000_000.0, gt=0, allow_inf_nan=False, description="RoPE base")
     mrope_section: Optional[list[int]] = Field(None, description="Qwen2.5-VL 3-D RoPE sections (t, h, w)")
-    norm_epsilon: float = Field(1e-6, gt=0, allow_inf_nan=False)
-    qkv_bias: StrictBool = True
-    tie_embeddings: StrictBool = False
-    max_position_embeddings: int = Field(1 << 20, ge=1)
+    norm_epsilon: float = Field(1e-6, gt=0, allow_inf_nan=False, description="RMSNorm epsilon")
+    qkv_bias: StrictBool = Field(True, description="bias on the Q, K, V projections (Qwen2: true)")
+    tie_embeddings: StrictBool = Field(False, description="output layer shares the input embedding")
+    max_position_embeddings: int = Field(1 << 20, ge=1, description="longest position the model accepts")
     init_std: float = Field(0.02, gt=0, allow_inf_nan=False, description="std of the random initial weights")
     checkpoint: Optional[str] = Field(
         None, description="Hugging Face safetensors checkpoint dir; the shape keys default to its config.json"
@@ -116,15 +116,19 @@ class ModelConfig(_Section):
 class APBVConfig(_Section):
     """APB-V settings. ``variant`` fixes some of them; setting them as well is a conflict."""
 
-    variant: Literal["apbv", "apb_like", "star", "exact"] = "apbv"
+    variant: Literal["apbv", "apb_like", "star", "exact"] = Field(
+        "apbv", description="apbv; apb_like (no zigzag, no overlap); star (passing 0); exact (passing all = dense)"
+    )
     anchor: AnchorBudget = Field("auto", description="tokens, fraction of N, or auto = roundup(N/64, 128)")
     passing: Optional[PassingBudget] = Field(
         None, description="keys per KV head per block: tokens, fraction of N, auto = roundup(N/128, 128), all"
     )
     passing_schedule: Optional[list[PassingBudget]] = Field(None, description="per-layer passing budgets")
     window: int = Field(5, ge=1, description="max-pool smoothing window of the scores (odd)")
-    zigzag: Optional[StrictBool] = None
-    overlap: Optional[StrictBool] = None
+    zigzag: Optional[StrictBool] = Field(None, description="zigzag load balancing (null: as the variant sets it)")
+    overlap: Optional[StrictBool] = Field(
+        None, description="overlap the exchange with compute (null: as the variant sets it)"
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -151,8 +155,8 @@ class APBVConfig(_Section):
 
 class ParallelConfig(_Section):
     context_parallel_size: int = Field(2, ge=1, description="size of the APB-V group")
-    tensor_parallel_size: int = Field(1, ge=1)
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    tensor_parallel_size: int = Field(1, ge=1, description="Megatron tensor parallelism inside each CP rank")
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl on GPUs, gloo on CPUs")
     timeout_seconds: int = Field(
         600, ge=1, description=f"timeout of every collective, at most {MAX_TIMEOUT_SECONDS} s (~24.8 days)"
     )
@@ -171,15 +175,17 @@ class ParallelConfig(_Section):
 class VisionConfig(_Section):
     """Qwen2.5-VL vision tower (``input.kind: video``); its output width is ``model.hidden_size``."""
 
-    depth: int = Field(2, ge=1)
-    hidden_size: int = Field(64, ge=1)
-    num_heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(128, ge=1)
-    patch_size: int = Field(14, ge=1)
-    spatial_merge_size: int = Field(2, ge=1)
-    temporal_patch_size: int = Field(2, ge=1)
-    window_size: int = Field(112, ge=1)
-    fullatt_block_indexes: list[int] = Field(default_factory=lambda: [1])
+    depth: int = Field(2, ge=1, description="vision transformer blocks")
+    hidden_size: int = Field(64, ge=1, description="vision width")
+    num_heads: int = Field(4, ge=1, description="vision attention heads")
+    intermediate_size: int = Field(128, ge=1, description="vision MLP inner width")
+    patch_size: int = Field(14, ge=1, description="pixels per patch side")
+    spatial_merge_size: int = Field(2, ge=1, description="patches merged per side into one token")
+    temporal_patch_size: int = Field(2, ge=1, description="frames per temporal group")
+    window_size: int = Field(112, ge=1, description="window attention side in pixels")
+    fullatt_block_indexes: list[int] = Field(
+        default_factory=lambda: [1], description="blocks with full (not windowed) attention"
+    )
     tokens_per_second: float = Field(4.0, gt=0, allow_inf_nan=False, description="temporal RoPE steps per second")
 
     def tokens_per_group(self, frame_size: tuple[int, int]) -> int:
@@ -196,11 +202,13 @@ class InputConfig(_Section):
     synthetic video when null) with the vision tower over the APB-V group.
     """
 
-    kind: Literal["synthetic", "video", "needle"] = "synthetic"
+    kind: Literal["synthetic", "video", "needle"] = Field(
+        "synthetic", description="synthetic: random ids; video: frames through the vision tower; needle: apbv eval"
+    )
     system_tokens: int = Field(
         16, ge=0, description="random ids before the video (set by the text with input.question)"
     )
-    video_frames: int = Field(8, ge=0)
+    video_frames: int = Field(8, ge=0, description="frames in the prompt")
     tokens_per_frame: int = Field(32, ge=1, description="synthetic kind only")
     video_path: Optional[str] = Field(None, description="video kind: a file PyAV can decode; null = synthetic video")
     frame_size: IntPair = Field((56, 56), description="video kind: frames are resized to (H, W)")
@@ -211,7 +219,7 @@ class InputConfig(_Section):
     query_tokens: int = Field(
         16, ge=1, description="question + assistant header: the query span Q (set by the text with input.question)"
     )
-    batch_size: int = Field(1, ge=1)
+    batch_size: int = Field(1, ge=1, description="prompts per batch (1 with kind=video)")
     # Real text instead of random ids: rendered by model.tokenizer's chat template, which then sets
     # system_tokens and query_tokens (megatron_apbv/models/chat_prompt.py).
     system_prompt: Optional[str] = Field(None, description="system turn text (with input.question)")
@@ -233,17 +241,17 @@ class NeedleConfig(_Section):
     distractor_rate: float = Field(0.25, ge=0.0, le=1.0, description="fraction of frames with a distractor")
     checkpoint: Optional[str] = Field("checkpoints/needle/needle.safetensors", description="trained weights")
     eval_examples: int = Field(64, ge=1, description="held-out examples apbv eval scores")
-    eval_batch: int = Field(8, ge=1)
-    budgets: list[Ratio] = Field(default_factory=lambda: [1 / 256, 1 / 128, 1 / 64], description="p / N")
+    eval_batch: int = Field(8, ge=1, description="examples per forward in apbv eval")
+    budgets: list[Ratio] = Field(default_factory=lambda: [1 / 256, 1 / 128, 1 / 64], description="passing budgets as fractions p / N of the prompt")
     demo_index: int = Field(0, ge=0, description="held-out example of apbv eval --demo")
 
 
 class GenerateConfig(_Section):
     """Decoding after the prefill (``apbv generate``)."""
 
-    max_new_tokens: int = Field(16, ge=1)
+    max_new_tokens: int = Field(16, ge=1, description="tokens to decode")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (with temperature > 0)")
     stop_ids: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=list, description="token ids that end the generation (each below model.vocab_size)"
     )
@@ -260,9 +268,9 @@ class RunConfig(_Section):
     vision: VisionConfig = VisionConfig()
     generate: GenerateConfig = GenerateConfig()
     needle: NeedleConfig = NeedleConfig()
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 1234
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and activations")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda:LOCAL_RANK when a GPU is visible")
+    seed: int = Field(1234, description="random weights, synthetic prompts and sampling")
 
     @model_validator(mode="after")
     def _check(self):
