@@ -113,3 +113,18 @@ def test_unknown_rule_is_rejected():
         apbv_passing_selection_reference(torch.randn(9, 2, 4), torch.randn(9, 1, 4), world_size=1, anchor_len=0,
                                          query_len=2, passing_len=1, selection="best")
     assert math.isfinite(_rule("mean").recent_fraction)
+
+
+def test_config_selects_the_rule_with_the_frame_grid():
+    from megatron_apbv.apbv.attention import APBVMask
+    from megatron_apbv.runtime.config import ConfigError
+    from megatron_apbv.runtime.loading import load_config
+
+    cfg = load_config("configs/needle.yaml", ["apbv.selection=frame"])
+    layout = SequenceLayout(cfg.prompt_len, cfg.anchor_len, cfg.query_len, 2).rank(0)
+    assert APBVMask.from_config(cfg, layout).selection == SelectionRule("frame", frame_start=16, frame_len=24)
+    assert load_config("configs/needle.yaml").apbv.selection == "mean"  # the paper's rule stays the default
+    with pytest.raises(ConfigError, match="selection"):
+        load_config("configs/needle.yaml", ["apbv.selection=best"])
+    with pytest.raises(ConfigError, match="apbv.selection=frame needs input.kind"):
+        SelectionRule.from_config(load_config(None, ["apbv.selection=frame", "input.kind=video", "apbv.anchor=8"]))
