@@ -24,7 +24,7 @@ from megatron_apbv.apbv.decode import (
 from megatron_apbv.apbv.layout import RankLayout, SequenceLayout
 from megatron_apbv.apbv.merge import MergeAcrossRanks
 from megatron_apbv.apbv.passing import PassingExchange
-from megatron_apbv.apbv.selection import passing_scores, select_passing
+from megatron_apbv.apbv.selection import PAPER_RULE, SelectionRule, rule_scores, select_passing
 
 
 @dataclass(frozen=True)
@@ -42,13 +42,14 @@ class APBVMask:
     passing_lens: tuple[int, ...]  # per layer, already resolved to token counts
     window: int = 5  # max-pool smoothing window of the passing scores
     overlap: bool = True  # overlap the passing all-gathers and the query merge with attention
+    selection: SelectionRule = PAPER_RULE  # which keys of a block are passed (issue 19)
     cache: Optional[DistributedKVCache] = None  # filled with the rank's own K/V when decoding follows
 
     @classmethod
     def from_config(cls, cfg, layout: RankLayout, cache: Optional[DistributedKVCache] = None) -> "APBVMask":
         """The mask of ``layout`` under ``cfg``'s APB-V settings (variant applied)."""
         return cls(layout=layout, passing_lens=cfg.passing_lens(layout.seq.prompt_len), window=cfg.apbv.window,
-                   overlap=cfg.apbv.setting("overlap"), cache=cache)
+                   overlap=cfg.apbv.setting("overlap"), selection=SelectionRule.from_config(cfg), cache=cache)
 
     def passing_len(self, layer_number: int) -> int:
         return self.passing_lens[layer_number - 1]
@@ -103,7 +104,7 @@ class APBVCoreAttention(CoreAttentionBase):
         out = apbv_layer_attention(
             query, key, value, layout,
             passing_len=attention_mask.passing_len(self.layer_number),
-            window=attention_mask.window, overlap=attention_mask.overlap,
+            window=attention_mask.window, overlap=attention_mask.overlap, selection=attention_mask.selection,
             softmax_scale=self.softmax_scale, group=self.cp_group,
         )
         if attention_mask.cache is not None:
@@ -122,6 +123,7 @@ def apbv_layer_attention(
     overlap: bool,
     softmax_scale: float,
     group,
+    selection: SelectionRule = PAPER_RULE,
 ) -> torch.Tensor:
     """APB-V attention of one rank's local ``[A | blocks | Q]`` tokens; returns ``[sq, b, hq, d]``."""
     seq = layout.seq
@@ -136,7 +138,8 @@ def apbv_layer_attention(
         with record_function("apbv/score_select_pass"):
             selected = (k[rows][:0], v[rows][:0])
             if passing_len > 0 and rows.stop > rows.start:
-                scores = passing_scores(q_query, k[rows], window=window)
+                scores = rule_scores(q_query, k[rows], selection, window=window, passing_len=passing_len,
+                                     block_start=layout.blocks[e][1].start, softmax_scale=softmax_scale)
                 selected = select_passing(k[rows], v[rows], scores, passing_len)
             exchange.start(e, *selected)
 

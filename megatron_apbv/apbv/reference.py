@@ -211,7 +211,7 @@ def masked_attention_reference(
     q64 = q.to(torch.float64)
     k64 = k.to(torch.float64)
     v64 = v.to(torch.float64)
-    out = torch.empty(n, heads, v.shape[-1], dtype=torch.float64)
+    out = torch.empty(n, heads, v.shape[-1], dtype=torch.float64, device=q.device)
     for h in range(heads):
         g = h // group
         s = (q64[:, h, :] @ k64[:, g, :].T) * scale  # [N, N]
@@ -244,35 +244,88 @@ def dense_attention_reference(
 # --------------------------------------------------------------------------
 
 
-def _smoothed_scores(
-    q: torch.Tensor, k: torch.Tensor, query_len: int, window: int, bounds
-) -> torch.Tensor:
-    """Smoothed selection scores ``[kv_heads, N]`` (float64).
+SELECTION_RULES_REFERENCE = ("mean", "softmax", "max", "recent", "frame")
 
-    Positions outside every context block are left at ``-inf``.
+
+def _check_selection(selection, frame_len, recent_fraction) -> str:
+    if selection not in SELECTION_RULES_REFERENCE:
+        raise ValueError(f"selection must be one of {SELECTION_RULES_REFERENCE}, got {selection!r}")
+    if not _is_int(frame_len) or frame_len < 1:
+        raise ValueError(f"frame_len must be a positive int, got {frame_len!r}")
+    if not (0.0 <= float(recent_fraction) <= 1.0):
+        raise ValueError(f"recent_fraction must lie in [0, 1], got {recent_fraction!r}")
+    return selection
+
+
+def _raw_scores(q, k, query_len, selection, scale, bounds) -> torch.Tensor:
+    """Unsmoothed per-key scores ``[kv_heads, N]`` (float64) of ``selection``.
+
+    * ``mean`` / ``recent`` / ``frame``: ``mean_i <k[t, h], qbar[i, h]>`` (the paper's score).
+    * ``max``: ``max_i <k[t, h], qbar[i, h]>``.
+    * ``softmax``: ``mean_{i, g} softmax_{t in B_j}(scale * <q[i, g], k[t, h]>)`` over the
+      query tokens ``i`` and the heads ``g`` of KV head ``h``'s group, the softmax taken over
+      the keys of the key's own block ``B_j``.
     """
     n, heads, kv_heads, group = _check_qk(q, k)
-    q64 = q.to(torch.float64)
+    raw = torch.full((kv_heads, n), float("-inf"), dtype=torch.float64, device=q.device)
+    if query_len == 0:
+        # No query tokens: every score is 0 (all keys tie).
+        raw.zero_()
+        return raw
+    q64 = q[n - query_len :].to(torch.float64).reshape(query_len, kv_heads, group, q.shape[-1])
     k64 = k.to(torch.float64)
-    # qbar[i, h] = mean of q[i, g] over the heads g of KV head h's group.
-    qq = q64[n - query_len :]  # [q, heads, dim]
-    qbar = qq.reshape(query_len, kv_heads, group, q.shape[-1]).mean(dim=2)  # [q, kvh, dim]
-    raw = torch.full((kv_heads, n), float("-inf"), dtype=torch.float64)
-    for h in range(kv_heads):
-        if query_len > 0:
-            # s[t, h] = mean_i <k[t, h], qbar[i, h]>
-            raw[h] = (k64[:, h, :] @ qbar[:, h, :].T).mean(dim=1)
-        else:
-            # No query tokens: the empty mean is defined as 0 (all keys tie).
-            raw[h] = 0.0
+    if selection == "softmax":
+        for start, end in bounds:
+            if end == start:
+                continue
+            logits = torch.einsum("ihgd,thd->hgit", q64, k64[start:end]) * scale  # [kvh, g, q, L]
+            raw[:, start:end] = torch.softmax(logits, dim=-1).mean(dim=(1, 2))
+        return raw
+    qbar = q64.mean(dim=2)  # [q, kvh, dim]
+    dots = torch.einsum("thd,ihd->hti", k64, qbar)  # [kvh, N, q]
+    return dots.amax(dim=2) if selection == "max" else dots.mean(dim=2)
+
+
+def _smooth(raw: torch.Tensor, window: int, bounds) -> torch.Tensor:
+    """Centred max-pool of ``window`` inside each block (``-inf`` outside every block)."""
     half = window // 2
-    smooth = torch.full((kv_heads, n), float("-inf"), dtype=torch.float64)
+    smooth = torch.full_like(raw, float("-inf"))
     for start, end in bounds:
-        for t in range(start, end):
-            lo = max(start, t - half)
-            hi = min(end, t + half + 1)
-            smooth[:, t] = raw[:, lo:hi].max(dim=1).values
+        if end == start:
+            continue
+        pad = torch.full((raw.shape[0], half), float("-inf"), dtype=raw.dtype, device=raw.device)
+        padded = torch.cat([pad, raw[:, start:end], pad], dim=1)
+        smooth[:, start:end] = padded.unfold(1, window, 1).amax(dim=-1)
     return smooth
+
+
+def _block_order(selection, smooth_block, raw_block, start, pj, frame_start, frame_len, recent_fraction):
+    """Positions (relative to the block) of one KV head's keys, best first, under ``selection``.
+
+    Ties go to the lower position (stable descending sorts throughout).
+    """
+    length = smooth_block.shape[0]
+    positions = torch.arange(length, device=smooth_block.device)
+    if selection == "frame":
+        # Whole frames: a frame (its tokens inside this block) scores its best raw key;
+        # frames in descending score, each frame's tokens in position order.
+        frame_id = torch.div(positions + start - frame_start, frame_len, rounding_mode="floor")
+        frame_id = torch.where(positions + start < frame_start, torch.full_like(frame_id, -1), frame_id)
+        ids, inverse = torch.unique(frame_id, return_inverse=True)  # ids ascending = frames in time order
+        best = torch.full((len(ids),), float("-inf"), dtype=raw_block.dtype, device=raw_block.device)
+        best = best.scatter_reduce(0, inverse, raw_block, "amax")
+        frame_rank = torch.empty_like(ids)
+        frame_rank[torch.sort(best, descending=True, stable=True).indices] = torch.arange(
+            len(ids), device=ids.device)
+        return torch.sort(frame_rank[inverse], stable=True).indices
+    order = torch.sort(smooth_block, descending=True, stable=True).indices
+    if selection == "recent":
+        # The block's last r = floor(recent_fraction * p_j) keys first, then the rest by score.
+        r = int(math.floor(recent_fraction * pj))
+        recent = positions[length - r :]
+        rest = order[order < length - r]
+        return torch.cat([recent, rest])
+    return order
 
 
 def apbv_passing_selection_reference(
@@ -285,17 +338,36 @@ def apbv_passing_selection_reference(
     passing_len,
     zigzag: bool = True,
     window: int = 5,
+    selection: str = "mean",
+    softmax_scale=None,
+    frame_start: int = 0,
+    frame_len: int = 1,
+    recent_fraction: float = 0.25,
 ) -> List[torch.Tensor]:
     """Passing selection ``P_j`` of every virtual block (docs/design.md §3 steps 1-2).
 
-    For every KV head ``h``: ``qbar[i, h]`` is the mean over the GQA group of
-    ``q[i]`` for each query token ``i`` in ``Q``; the score of key ``t`` is
-    ``s[t, h] = mean_i <k[t, h], qbar[i, h]>`` (float64), smoothed by a
-    max-pool of ``window`` (stride 1, centred, ``-inf`` outside the key's own
-    block). In every block ``B_j`` the ``min(passing_len, len(B_j))`` keys
-    with the highest smoothed score are selected per KV head. Ties: the lower
-    global position wins. With ``query_len == 0`` all scores are 0, so the
-    tie rule picks the first keys of each block.
+    ``selection="mean"`` (the paper's rule): for every KV head ``h``,
+    ``qbar[i, h]`` is the mean over the GQA group of ``q[i]`` for each query
+    token ``i`` in ``Q``; the score of key ``t`` is ``s[t, h] = mean_i <k[t, h],
+    qbar[i, h]>`` (float64), smoothed by a max-pool of ``window`` (stride 1,
+    centred, ``-inf`` outside the key's own block). In every block ``B_j`` the
+    ``p_j = min(passing_len, len(B_j))`` keys with the highest smoothed score
+    are selected per KV head. Ties: the lower global position wins. With
+    ``query_len == 0`` all scores are 0, so the tie rule picks the first keys
+    of each block.
+
+    The other rules pass the same ``p_j`` keys per block and KV head:
+
+    * ``max``: the score is ``max_i`` instead of ``mean_i`` (then smoothed);
+    * ``softmax``: the score is the attention the query tokens would give the key
+      inside its block, ``mean_{i,g} softmax_t(softmax_scale * <q[i, g], k[t, h]>)``
+      (then smoothed);
+    * ``recent``: the block's last ``floor(recent_fraction * p_j)`` keys, and the
+      rest of ``p_j`` by the smoothed mean score among the others;
+    * ``frame``: whole frames (frame ``f`` = tokens ``[frame_start + f *
+      frame_len, ...)``; tokens before ``frame_start`` form one frame), frames in
+      descending order of their best raw mean score, ties to the earlier frame;
+      the last frame taken may be cut (its first tokens).
 
     Returns a list with one ``torch.long`` tensor ``[kv_heads, p_j]`` per
     virtual block (``2 * world_size`` with zigzag, ``world_size`` without),
@@ -307,6 +379,8 @@ def apbv_passing_selection_reference(
     query_len = _check_nonneg_int("query_len", query_len)
     p = _check_passing_len(passing_len)
     window = _check_window(window)
+    selection = _check_selection(selection, frame_len, recent_fraction)
+    frame_start = _check_nonneg_int("frame_start", frame_start)
     bounds = apbv_block_bounds_reference(
         n,
         world_size=world_size,
@@ -314,16 +388,18 @@ def apbv_passing_selection_reference(
         query_len=query_len,
         zigzag=zigzag,
     )
-    smooth = _smoothed_scores(q, k, query_len, window, bounds)
+    raw = _raw_scores(q, k, query_len, selection, _scale(softmax_scale, q.shape[-1]), bounds)
+    smooth = _smooth(raw, window, bounds)
     selections = []
     for start, end in bounds:
         length = end - start
         pj = length if p == math.inf else min(p, length)
-        sel = torch.empty(kv_heads, pj, dtype=torch.long)
+        sel = torch.empty(kv_heads, pj, dtype=torch.long, device=q.device)
         for h in range(kv_heads):
-            # Stable descending sort: equal scores keep ascending position order,
-            # so the lower position wins a tie.
-            order = torch.sort(smooth[h, start:end], descending=True, stable=True).indices
+            if pj == 0:
+                continue
+            order = _block_order(selection, smooth[h, start:end], raw[h, start:end], start, pj,
+                                 frame_start, frame_len, recent_fraction)
             sel[h] = torch.sort(order[:pj] + start).values
         selections.append(sel)
     return selections
@@ -344,6 +420,7 @@ def apbv_mask_reference(
     passing_len,
     zigzag: bool = True,
     window: int = 5,
+    **selection,
 ) -> torch.Tensor:
     """Explicit APB-V visibility mask ``bool [kv_heads, N, N]``.
 
@@ -356,7 +433,9 @@ def apbv_mask_reference(
       with ``t <= i``;
     * query rows ``i >= N - q``: every key ``t <= i`` (exact, docs/design.md §3 step 4).
 
-    Selections come from :func:`apbv_passing_selection_reference`.
+    Selections come from :func:`apbv_passing_selection_reference` (``selection``:
+    its rule keywords ``selection, softmax_scale, frame_start, frame_len,
+    recent_fraction``).
     """
     n, _, kv_heads, _ = _check_qk(q, k)
     selections = apbv_passing_selection_reference(
@@ -368,6 +447,7 @@ def apbv_mask_reference(
         passing_len=passing_len,
         zigzag=zigzag,
         window=window,
+        **selection,
     )
     bounds = apbv_block_bounds_reference(
         n,
@@ -376,21 +456,20 @@ def apbv_mask_reference(
         query_len=query_len,
         zigzag=zigzag,
     )
-    mask = torch.zeros(kv_heads, n, n, dtype=torch.bool)
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    mask = torch.zeros(kv_heads, n, n, dtype=torch.bool, device=q.device)
     # anchor rows: causal inside A
-    for i in range(anchor_len):
-        mask[:, i, : i + 1] = True
-    # block rows
+    mask[:, :anchor_len, :anchor_len] = causal[:anchor_len, :anchor_len]
+    # block rows: A, the keys passed by every earlier block (per head), causal inside the own block
+    passed = torch.zeros(kv_heads, n, dtype=torch.bool, device=q.device)
     for j, (start, end) in enumerate(bounds):
-        for i in range(start, end):
-            mask[:, i, :anchor_len] = True
-            for jj in range(j):
-                for h in range(kv_heads):
-                    mask[h, i, selections[jj][h]] = True
-            mask[:, i, start : i + 1] = True
+        if j > 0:
+            passed.scatter_(1, selections[j - 1], True)
+        mask[:, start:end, :anchor_len] = True
+        mask[:, start:end] |= passed[:, None, :]
+        mask[:, start:end, start:end] = causal[: end - start, : end - start]
     # query rows: dense causal
-    for i in range(n - query_len, n):
-        mask[:, i, : i + 1] = True
+    mask[:, n - query_len :] = causal[n - query_len :]
     return mask
 
 
@@ -406,6 +485,7 @@ def apbv_attention_reference(
     zigzag: bool = True,
     window: int = 5,
     softmax_scale=None,
+    **selection,
 ) -> torch.Tensor:
     """APB-V attention of one layer (prefill), computed in a single process.
 
@@ -419,7 +499,8 @@ def apbv_attention_reference(
     equals dense causal attention; ``0`` is Star Attention. Raises
     ``ValueError`` on invalid arguments (``anchor_len + query_len > N``,
     ``world_size < 1``, negative budgets, ``window`` not a positive odd int,
-    ``heads`` not divisible by ``kv_heads``).
+    ``heads`` not divisible by ``kv_heads``). ``selection`` takes the rule
+    keywords of :func:`apbv_passing_selection_reference` (default: the paper's rule).
     """
     _check_qk(q, k)
     _check_v(v, k)
@@ -432,5 +513,7 @@ def apbv_attention_reference(
         passing_len=passing_len,
         zigzag=zigzag,
         window=window,
+        softmax_scale=softmax_scale,
+        **selection,
     )
     return masked_attention_reference(q, k, v, mask, softmax_scale=softmax_scale)

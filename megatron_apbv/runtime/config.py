@@ -125,6 +125,14 @@ class APBVConfig(_Section):
     )
     passing_schedule: Optional[list[PassingBudget]] = Field(None, description="per-layer passing budgets")
     window: int = Field(5, ge=1, description="max-pool smoothing window of the scores (odd)")
+    selection: Literal["mean", "softmax", "max", "recent", "frame"] = Field(
+        "mean",
+        description="which keys a block passes (same count for every rule): mean = the paper's mean query score; "
+        "max = max over query tokens; softmax = the attention the query tokens would give each key in its block; "
+        "recent = a recent_fraction share for the block's last keys, the rest by mean; frame = whole frames "
+        "(input.tokens_per_frame tokens after the system tokens) ranked by their best key",
+    )
+    recent_fraction: float = Field(0.25, ge=0.0, le=1.0, description="selection=recent: share of p for the last keys")
     zigzag: Optional[StrictBool] = Field(None, description="zigzag load balancing (null: as the variant sets it)")
     overlap: Optional[StrictBool] = Field(
         None, description="overlap the exchange with compute (null: as the variant sets it)"
