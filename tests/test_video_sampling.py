@@ -16,7 +16,6 @@ from megatron_apbv.models.video_sampling import (
     VIDEO_MAX_PIXELS,
     VIDEO_MIN_PIXELS,
     VIDEO_TOTAL_PIXELS,
-    frame_indices,
     frame_plan,
     smart_resize,
 )

@@ -263,8 +263,19 @@ class GenerateConfig(_Section):
     """Decoding after the prefill (``apbv generate``)."""
 
     max_new_tokens: int = Field(16, ge=1)
-    temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # null sampling keys: model.checkpoint's generation_config.json (set by load_config), else the neutral value
+    temperature: Optional[float] = Field(
+        None, ge=0.0, allow_inf_nan=False,
+        description="0 = greedy; null: generation_config.json's (0 unless it sets do_sample), else 0",
+    )
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0, description="nucleus mass; null: generation_config.json's, else 1")
+    top_k: Optional[int] = Field(
+        None, ge=0, strict=True, description="keep the k most likely ids (0 = off); null: generation_config.json's, else 0"
+    )
+    repetition_penalty: Optional[float] = Field(
+        None, gt=0.0, allow_inf_nan=False,
+        description="HF repetition penalty on ids already in the sequence; null: generation_config.json's, else 1",
+    )
     stop_ids: list[int] = Field(default_factory=list, description="token ids that end the generation")
     stop_at_eos: StrictBool = Field(
         True, description="also stop at model.checkpoint's end-of-sequence ids (generation_config.json, config.json)"
