@@ -91,8 +91,9 @@ def test_bad_text_settings_are_config_errors(tmp_path):
 
 
 def test_qwen2_5_vl_chat_prompt_matches_transformers(tmp_path):
-    """A Qwen2.5-VL checkpoint with its tokenizer: the chat prompt's ids around the encoded video, through
-    APB-V exact mode on 2 ranks, give transformers' logits on the same ids and frames."""
+    """A Qwen2.5-VL checkpoint with its tokenizer and a video file sampled by fps: the chat prompt's ids around
+    the encoded video, through APB-V exact mode on 2 ranks (each decoding its own frames), give transformers'
+    logits on the same ids, sampled frames and positions (the time step from second_per_grid_ts)."""
     tok = byte_tokenizer()
     vocab = 272
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
@@ -113,14 +114,22 @@ def test_qwen2_5_vl_chat_prompt_matches_transformers(tmp_path):
     hf = transformers.Qwen2_5_VLForConditionalGeneration(hf_cfg).eval()
     hf.save_pretrained(tmp_path, safe_serialization=True)
     tok.save_pretrained(tmp_path)
+    from megatron_apbv.models.video import synthetic_video, write_video
+
+    clip = tmp_path / "clip.mp4"
+    write_video(clip, synthetic_video(30, 64, 96, seed=9), fps=6, gop=4)  # 5 s
     base = tmp_path / "run.yaml"
     base.write_text(
         f"model: {{checkpoint: {str(tmp_path)!r}}}\n"
         "apbv: {variant: exact, anchor: 8}\n"
-        "input: {kind: video, video_frames: 6, frame_size: [56, 84], system_prompt: 'Be brief.', "
-        "question: 'What colour is the sky in the video?'}\n"
+        f"input: {{kind: video, video_path: {str(clip)!r}, fps: 1.5, min_pixels: 3136, max_pixels: 4704, "
+        "system_prompt: 'Be brief.', question: 'What colour is the sky in the video?'}\n"
     )
     cfg = load_config(base)
+    plan = cfg.input.frame_plan(cfg.vision)
+    # 5 s x 1.5 fps = 7.5 -> 6 frames (1.2 fps sampled: 5/3 s per group); 64 x 96 -> 56 x 84 (4704 pixels)
+    assert (plan.num_frames, plan.size) == (6, (56, 84))
+    assert plan.second_per_grid_ts == pytest.approx(2 / 1.2)
     prompt = build_prompt(cfg)
     assert int((prompt.input_ids == ids["<|video_pad|>"]).sum()) == len(prompt.video) == 3 * 2 * 3
     assert int(prompt.input_ids[0, prompt.video.start - 1]) == ids["<|vision_start|>"]
@@ -129,14 +138,28 @@ def test_qwen2_5_vl_chat_prompt_matches_transformers(tmp_path):
     assert record["prompt_tokens"] == cfg.prompt_len and record["query_len"] == cfg.query_len
     assert record["max_abs_logit_diff"] <= 1e-4
 
+    assert record["video"]["frames"] == 6 and len(record["video"]["decode_seconds_per_rank"]) == 2
+    assert record["video"]["second_per_grid_ts"] == pytest.approx(plan.second_per_grid_ts)
+
     from megatron_apbv.models.vision import patchify_for
 
     patches, grid = patchify_for(hf.config.vision_config, prompt.frames)
+    video_grid_thw = torch.tensor([[grid.groups, grid.height, grid.width]])
+    # transformers' 3-D positions from second_per_grid_ts: the video tokens' equal ours (time step
+    # tokens_per_second x 5/3 s: groups at 0, 6, 13). After the video, transformers 5 resumes at
+    # start + max(h, w) / merge; we keep the original Qwen2.5-VL rule (one past the largest position).
+    kinds = (prompt.input_ids == ids["<|video_pad|>"]).int() * 2
+    hf_positions, _ = hf.model.get_rope_index(
+        prompt.input_ids, mm_token_type_ids=kinds, video_grid_thw=video_grid_thw,
+        second_per_grid_ts=torch.tensor([plan.second_per_grid_ts], dtype=torch.float64),
+    )
+    stop = prompt.video.stop
+    assert torch.equal(hf_positions[:, 0, :stop], prompt.position_ids[:, :stop])
+    assert prompt.position_ids[0, prompt.video.start :: 6][:3].tolist() == [prompt.video.start + t for t in (0, 6, 13)]
     with torch.no_grad():
         ref = hf(
-            input_ids=prompt.input_ids, pixel_values_videos=patches,
-            video_grid_thw=torch.tensor([[grid.groups, grid.height, grid.width]]),
-            position_ids=prompt.position_ids[:, None, :],  # the original Qwen2.5-VL rule (see rope.py)
+            input_ids=prompt.input_ids, pixel_values_videos=patches, video_grid_thw=video_grid_thw,
+            position_ids=prompt.position_ids[:, None, :],
         ).logits[:, -1].float()
     assert (record["logits"] - ref).abs().max().item() <= 1e-4
 

@@ -11,10 +11,10 @@ from megatron_apbv.models.video import (
     build_video_prompt,
     load_video,
     resize_frames,
-    sample_indices,
     synthetic_video,
     write_video,
 )
+from megatron_apbv.models.video_sampling import frame_indices
 
 T, H, W = 12, 32, 48
 
@@ -28,22 +28,22 @@ def test_synthetic_video_is_deterministic():
     assert a.float().std() > 20  # and has content
 
 
-def test_sample_indices_are_uniform():
-    assert sample_indices(12, 5).tolist() == [0, 3, 6, 8, 11]
-    assert sample_indices(10, 1).tolist() == [0]
-    assert sample_indices(1, 3).tolist() == [0, 0, 0]
+def test_frame_indices_are_uniform():
+    assert frame_indices(12, 5) == [0, 3, 6, 8, 11]  # 2.75 * (0..4): 5.5 rounds to even
+    assert frame_indices(10, 1) == [0]
+    assert frame_indices(1, 3) == [0, 0, 0]
     for total, num in [(100, 7), (301, 16), (9, 9), (5, 8)]:
-        idx = sample_indices(total, num)
+        idx = torch.tensor(frame_indices(total, num))
         assert idx[0] == 0 and idx[-1] == total - 1 and len(idx) == num
         steps = idx.diff()
         assert (steps >= 0).all() and steps.max() - steps.min() <= 1  # evenly spaced up to rounding
     with pytest.raises(ValueError):
-        sample_indices(0, 3)
+        frame_indices(0, 3)
 
 
 @pytest.mark.parametrize("suffix,codec", [(".mp4", None), (".mkv", "mpeg4")])
 def test_round_trip(tmp_path, suffix, codec):
-    """Write a real file, decode it back. The .mkv has no frame count in its header: two-pass path."""
+    """Write a real file, decode it back. The .mkv has no frame count in its header (probing counts)."""
     pytest.importorskip("av")
     source = synthetic_video(T, H, W, seed=7)
     path = tmp_path / f"clip{suffix}"
@@ -56,11 +56,11 @@ def test_round_trip(tmp_path, suffix, codec):
     dist = (frames.float()[:, None] - source.float()[None]).abs().mean(dim=(2, 3, 4))
     assert torch.equal(dist.argmin(dim=1), torch.arange(T))
 
-    # Sampling picks round(linspace) frames; resizing is torch's antialiased bilinear.
+    # Sampling picks round(linspace) frames; resizing is torch's antialiased bicubic.
     sub = load_video(path, num_frames=5, size=(16, 24))
     assert sub.shape == (5, 16, 24, 3)
-    torch.testing.assert_close(sub, resize_frames(frames[sample_indices(T, 5)], (16, 24)), atol=1, rtol=0)
-    want = resize_frames(source[sample_indices(T, 5)], (16, 24))
+    torch.testing.assert_close(sub, resize_frames(frames[frame_indices(T, 5)], (16, 24)), atol=1, rtol=0)
+    want = resize_frames(source[frame_indices(T, 5)], (16, 24))
     assert (sub.float() - want.float()).abs().mean() < 6
     up = load_video(path, num_frames=20, size=(H, W))  # more frames than the video has: repeats
     assert up.shape[0] == 20 and torch.equal(up[-1], frames[-1])

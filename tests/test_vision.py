@@ -16,6 +16,7 @@ from megatron_apbv.models.vision import (  # noqa: E402
     encode_frames,
     encode_frames_distributed,
     encode_groups,
+    frame_share,
     insert_video_embeddings,
     patchify,
     patchify_for,
@@ -164,6 +165,11 @@ def _distributed_worker(rank, world):
         got = encode_frames_distributed(tower, poisoned, group=dist.group.WORLD)
         assert got.shape == reference.shape == (grid.num_tokens, 24), (got.shape, reference.shape)
         max_diff = torch.maximum(max_diff, (got - reference).abs().max())
+        # Only the rank's own frames (what a rank decodes from a file): the same embeddings.
+        first, last = frame_share(n, TP, world, rank)
+        assert (first, last) == (own.start, own.stop) if stop > start else first == last
+        shared = encode_frames_distributed(tower, frames[first:last], group=dist.group.WORLD, total_frames=n)
+        max_diff = torch.maximum(max_diff, (shared - reference).abs().max())
         results.append((n, got))
     dist.all_reduce(max_diff, op=dist.ReduceOp.MAX)
     return float(max_diff), results

@@ -11,34 +11,14 @@ import torch.distributed as dist
 
 from megatron_apbv.apbv.decode import DecodeStep
 from megatron_apbv.inference.prefill import apbv_prefill
+from megatron_apbv.inference.sampling import Sampler
 from megatron_apbv.models.chat_prompt import has_tokenizer, load_tokenizer
 from megatron_apbv.models.checkpoint import read_hf_config
 from megatron_apbv.models.gpt import decoder_hidden, vocab_logits
-from megatron_apbv.runtime.config import GenerateConfig, RunConfig
+from megatron_apbv.runtime.config import RunConfig
 from megatron_apbv.runtime.groups import context_parallel_group
 from megatron_apbv.runtime.numerics import FiniteTracker, check_finite
 from megatron_apbv.runtime.timing import sync
-
-
-class Sampler:
-    """Greedy (``temperature == 0``) or temperature / top-p sampling from a seeded generator."""
-
-    def __init__(self, settings: GenerateConfig, seed: int):
-        self.settings = settings
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """Next ids ``[b]`` from logits ``[b, vocab]``."""
-        if self.settings.temperature == 0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits.double().cpu() / self.settings.temperature, dim=-1)
-        if self.settings.top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-            drop = sorted_probs.cumsum(-1) - sorted_probs >= self.settings.top_p
-            sorted_probs[drop] = 0
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0].to(logits.device)
 
 
 def apbv_generate(cfg: RunConfig, device: torch.device) -> dict:
@@ -55,7 +35,7 @@ def apbv_generate(cfg: RunConfig, device: torch.device) -> dict:
     cache, seq = run.cache, run.seq
     group = context_parallel_group()
     tail = dist.get_global_rank(group, seq.tail_rank) if dist.get_world_size(group) > 1 else dist.get_rank()
-    sampler = Sampler(settings, cfg.seed)
+    sampler = Sampler(settings, cfg.seed, prompt_ids=run.prompt.input_ids)
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
 
     def broadcast(ids):

@@ -34,6 +34,7 @@ class Prefill:
     seq: SequenceLayout
     cache: Optional[DistributedKVCache] = None
     tower: Optional[torch.nn.Module] = None  # the vision tower (input.kind: video)
+    video: Optional[dict] = None  # the sampled video and each rank's decode seconds (input.kind: video)
 
 
 def apbv_prefill(cfg: RunConfig, device: torch.device, *, max_new_tokens: int = 0, repeat: int = 0) -> Prefill:
@@ -45,7 +46,11 @@ def apbv_prefill(cfg: RunConfig, device: torch.device, *, max_new_tokens: int = 
     """
     seq = SequenceLayout.from_config(cfg)
     layout = seq.rank(context_parallel_rank())
-    prompt = build_prompt(cfg)
+    group = context_parallel_group()
+    # each rank decodes only the frames of the temporal groups its vision tower share encodes
+    share = (layout.rank, dist.get_world_size(group)) if cfg.input.kind == "video" else None
+    prompt = build_prompt(cfg, share=share)
+    video = _video_record(cfg, prompt, device)
     local = prompt.local(layout.global_indices)
     cache = DistributedKVCache(layout, max_new_tokens) if max_new_tokens else None
     mask = APBVMask.from_config(cfg, layout, cache)
@@ -56,11 +61,25 @@ def apbv_prefill(cfg: RunConfig, device: torch.device, *, max_new_tokens: int = 
 
     def forward():
         with torch.inference_mode():
-            embeds = input_embeddings(model, tower, prompt, layout.global_indices, device, group=context_parallel_group())
+            embeds = input_embeddings(model, tower, prompt, layout.global_indices, device, group=group)
         return last_token_logits(model, rope, ids, pos, mask, inputs_embeds=embeds)
 
     logits, seconds = timed(forward, device, repeat)
-    return Prefill(logits, seconds, model, rope, prompt, seq, cache, tower)
+    return Prefill(logits, seconds, model, rope, prompt, seq, cache, tower, video)
+
+
+def _video_record(cfg: RunConfig, prompt: Prompt, device: torch.device) -> Optional[dict]:
+    """``FramePlan.record`` plus every rank's video-decode seconds (all-gathered over the world)."""
+    if prompt.plan is None:
+        return None
+    mine = torch.tensor([prompt.decode_seconds], dtype=torch.float64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return {
+        **prompt.plan.record(cfg.vision.tokens_per_second),
+        "decoder": "pyav" if cfg.input.video_path else "synthetic",
+        "decode_seconds_per_rank": [round(float(t), 6) for t in every],
+    }
 
 
 def run_prefill(
@@ -108,6 +127,8 @@ def run_prefill(
         "next_token_id": logits.argmax(-1).tolist() if logits.shape[0] > 1 else int(logits[0].argmax()),
         "rank_logit_spread": spread,
     }
+    if run.video is not None:
+        record["video"] = run.video
     if compare == "dense" and env.rank == 0:
         record.update(_compare_dense(cfg, run, device, repeat))
     return record
@@ -130,6 +151,8 @@ def _compare_dense(cfg: RunConfig, run: Prefill, device: torch.device, repeat: i
     dense = build_gpt_model(cfg, method="dense", device=device)
     dense.load_state_dict(run.model.state_dict())  # same weights by construction; loading makes it certain
     logits, prompt = run.logits, run.prompt
+    if prompt.shared:  # rank 0 alone encodes every frame
+        prompt = build_prompt(cfg)
 
     def forward():
         with torch.inference_mode():

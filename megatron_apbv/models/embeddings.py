@@ -44,8 +44,9 @@ def input_embeddings(
     """``[s, b, h]`` embeddings of the tokens at ``global_indices``, video rows from the tower.
 
     ``None`` for a text-only prompt (the model embeds the ids itself). With
-    ``group`` the frames are split over its ranks and the embeddings all-gathered;
-    without, one process encodes every frame.
+    ``group`` the frames are split over its ranks and the embeddings all-gathered
+    (a prompt built with ``share`` holds only this rank's frames); without, one
+    process encodes every frame.
     """
     if prompt.frames is None:
         return None
@@ -56,8 +57,11 @@ def input_embeddings(
     )
 
     if group is None:
+        if prompt.shared:
+            raise ValueError("single-process encoding needs every frame: build the prompt without a share")
         video = encode_frames(tower, prompt.frames, device=device)
     else:
-        video = encode_frames_distributed(tower, prompt.frames, group=group, device=device)
+        total = prompt.plan.num_frames if prompt.shared else None
+        video = encode_frames_distributed(tower, prompt.frames, group=group, device=device, total_frames=total)
     text = model.embedding(input_ids=prompt.input_ids[:, global_indices].to(device), position_ids=None)
     return insert_video_embeddings(text, video, global_indices, prompt.video)

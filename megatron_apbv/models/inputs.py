@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -10,6 +11,7 @@ import torch
 
 from megatron_apbv.apbv.layout import Span
 from megatron_apbv.models.rope import video_position_ids
+from megatron_apbv.models.video_sampling import FramePlan
 from megatron_apbv.runtime.config import RunConfig
 
 
@@ -17,8 +19,11 @@ from megatron_apbv.runtime.config import RunConfig
 class Prompt:
     input_ids: torch.Tensor  # [b, N]
     position_ids: torch.Tensor  # [N] or [3, N] (multimodal RoPE)
-    frames: Optional[torch.Tensor] = None  # [T, H, W, 3] uint8 (input.kind: video)
+    frames: Optional[torch.Tensor] = None  # [T, H, W, 3] uint8 (input.kind: video): all, or this rank's share
     video: Optional[Span] = None  # global span of the video tokens the vision tower fills
+    plan: Optional[FramePlan] = None  # which frames, at which size (input.kind: video)
+    shared: bool = False  # frames are only this rank's temporal groups (vision.frame_share)
+    decode_seconds: float = 0.0  # reading / making the frames
 
     def local(self, global_indices: torch.Tensor) -> "Prompt":
         """The rank's tokens, with their global positions (frames and video span stay global)."""
@@ -32,33 +37,30 @@ def frame_grid(tokens_per_frame: int) -> tuple[int, int]:
     return h, tokens_per_frame // h
 
 
-def build_prompt(cfg: RunConfig) -> Prompt:
+def build_prompt(cfg: RunConfig, *, share: Optional[tuple[int, int]] = None) -> Prompt:
     """The configured prompt: text around a synthetic or real video.
 
     The text is ``input.system_prompt`` / ``input.question`` in the tokenizer's chat
     template when a question is set, else seeded random ids. Positions are 1-D, or
-    Qwen2.5-VL 3-D when ``model.mrope_section`` is set. With ``input.kind: video``
+    Qwen2.5-VL 3-D when ``model.mrope_section`` is set (the time step of a temporal
+    group from the sampled fps, ``FramePlan.time_step``). With ``input.kind: video``
     the video tokens are placeholders (the tokenizer's ``<|video_pad|>``, else the
-    last vocab id) that the vision embeddings replace.
+    last vocab id) that the vision embeddings replace. ``share = (rank, world)``
+    reads only the frames of that rank's temporal groups (``vision.frame_share``).
     """
     inp = cfg.input
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     # the last id is reserved for video placeholders, so text never looks like video
     ids = torch.randint(0, cfg.model.vocab_size - 1, (inp.batch_size, cfg.prompt_len), generator=generator)
-    if inp.kind == "synthetic":
-        grid = (inp.video_frames,) + frame_grid(inp.tokens_per_frame)
-        frames = video = None
+    plan = frames = video = None
+    decode_seconds, shared = 0.0, False
+    if inp.kind != "video":
+        grid = (inp.frame_count,) + frame_grid(inp.tokens_per_frame)
     else:
-        from megatron_apbv.models.video import load_video, synthetic_video
-
-        height, width = inp.frame_size
-        if inp.video_path is None:
-            frames = synthetic_video(inp.video_frames, height, width, seed=cfg.seed)
-        else:
-            frames = load_video(inp.video_path, num_frames=inp.video_frames, size=(height, width))
+        plan = inp.frame_plan(cfg.vision)
+        frames, decode_seconds, shared = _frames(cfg, plan, share)
         unit = cfg.vision.patch_size * cfg.vision.spatial_merge_size
-        groups = -(-inp.video_frames // cfg.vision.temporal_patch_size)
-        grid = (groups, height // unit, width // unit)
+        grid = (plan.groups, plan.size[0] // unit, plan.size[1] // unit)
         video = Span(inp.system_tokens, inp.system_tokens + inp.video_tokens(cfg.vision))
         ids[:, video.start : video.stop] = cfg.model.vocab_size - 1  # placeholder id
     if inp.question is not None:
@@ -66,12 +68,27 @@ def build_prompt(cfg: RunConfig) -> Prompt:
     if cfg.model.mrope_section is None:
         positions = torch.arange(cfg.prompt_len)
     else:
-        interval = 1.0
-        if inp.kind == "video" and inp.seconds_per_frame is not None:
-            group_seconds = cfg.vision.temporal_patch_size * inp.seconds_per_frame
-            interval = cfg.vision.tokens_per_second * group_seconds
-        positions = video_position_ids(inp.system_tokens, grid[0], grid[1:], inp.query_tokens, interval)
-    return Prompt(ids, positions, frames, video)
+        step = plan.time_step(cfg.vision.tokens_per_second) if plan is not None else 1.0
+        positions = video_position_ids(inp.system_tokens, grid[0], grid[1:], inp.query_tokens, step)
+    return Prompt(ids, positions, frames, video, plan, shared, decode_seconds)
+
+
+def _frames(cfg: RunConfig, plan: FramePlan, share) -> tuple[torch.Tensor, float, bool]:
+    """The video's frames (all, or the share's), the seconds it took, and whether they are a share."""
+    from megatron_apbv.models.video import decode_frames, resize_frames, synthetic_video
+    from megatron_apbv.models.vision import frame_share
+
+    first, last = 0, plan.num_frames
+    if share is not None:
+        first, last = frame_share(plan.num_frames, plan.temporal_patch_size, share[1], share[0])
+    start = time.perf_counter()
+    if cfg.input.video_path is None:
+        frames = synthetic_video(plan.num_frames, *plan.size, seed=cfg.seed)[first:last]
+    elif last > first:
+        frames = resize_frames(decode_frames(cfg.input.video_path, plan.indices[first:last]), plan.size)
+    else:
+        frames = torch.empty(0, *plan.size, 3, dtype=torch.uint8)
+    return frames, time.perf_counter() - start, (first, last) != (0, plan.num_frames)
 
 
 def _with_chat_text(cfg: RunConfig, ids: torch.Tensor, video: Optional[Span]) -> torch.Tensor:

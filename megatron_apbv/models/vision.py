@@ -227,26 +227,34 @@ def encode_frames(tower, frames: torch.Tensor, *, device=None, **norm) -> torch.
 
 
 def encode_frames_distributed(
-    tower, frames: torch.Tensor, *, group=None, device=None, **norm
+    tower, frames: torch.Tensor, *, group=None, device=None, total_frames: Optional[int] = None, **norm
 ) -> torch.Tensor:
     """Encode ``[T, H, W, 3]`` frames over the ranks of ``group``: ``[num_video_tokens, out_hidden]`` on every rank.
 
     Every rank passes the same frames (or at least frames of the same shape with
-    its own share filled in: a rank reads only its temporal groups). Rank ``r``
-    encodes groups ``split_groups(G, W)[r]``; the results are all-gathered over
-    ``group`` on ``device`` (the tower's device by default: CPU for gloo, CUDA for
-    NCCL) and concatenated in frame order. Without an initialised process group
-    (and ``group=None``) this is :func:`encode_frames`.
+    its own share filled in: a rank reads only its temporal groups), or, with
+    ``total_frames`` (the video's frame count), only the frames of its own share
+    (:func:`frame_share`). Rank ``r`` encodes groups ``split_groups(G, W)[r]``; the
+    results are all-gathered over ``group`` on ``device`` (the tower's device by
+    default: CPU for gloo, CUDA for NCCL) and concatenated in frame order. Without
+    an initialised process group (and ``group=None``) this is :func:`encode_frames`.
     """
     if group is None and not (dist.is_available() and dist.is_initialized()):
         return encode_frames(tower, frames, device=device, **norm)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     cfg = tower.config
     tp = _cfg(cfg, "temporal_patch_size")
-    grid = vision_grid(cfg, frames.shape[0], tuple(frames.shape[1:3]))
+    count = frames.shape[0] if total_frames is None else total_frames
+    grid = vision_grid(cfg, count, tuple(frames.shape[1:3]))
     shares = split_groups(grid.groups, world)
     start, stop = shares[rank]
-    mine = pad_frames(frames, tp)[start * tp : stop * tp]
+    if total_frames is None:
+        mine = pad_frames(frames, tp)[start * tp : stop * tp]
+    else:
+        first, last = frame_share(total_frames, tp, world, rank)
+        if frames.shape[0] != last - first:
+            raise ValueError(f"rank {rank} passed {frames.shape[0]} frames; its share is frames [{first}, {last})")
+        mine = pad_frames(frames, tp)
     if stop > start:
         patches, local_grid = patchify_for(cfg, mine, **norm)
         assert local_grid.groups == stop - start
@@ -261,6 +269,13 @@ def encode_frames_distributed(
     gathered = [torch.empty_like(buf) for _ in range(world)]
     dist.all_gather(gathered, buf, group=group)
     return torch.cat([g[:n] for g, n in zip(gathered, rows)])
+
+
+def frame_share(num_frames: int, temporal_patch_size: int, world_size: int, rank: int) -> tuple[int, int]:
+    """``[first, last)`` frames of ``rank``'s temporal groups (:func:`split_groups`); the last group may be short."""
+    groups = -(-num_frames // temporal_patch_size)
+    start, stop = split_groups(groups, world_size)[rank]
+    return min(start * temporal_patch_size, num_frames), min(stop * temporal_patch_size, num_frames)
 
 
 def scatter_into_local(

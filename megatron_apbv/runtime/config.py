@@ -202,12 +202,22 @@ class VisionConfig(_Section):
         return (frame_size[0] // unit) * (frame_size[1] // unit)
 
 
+class VideoSource(_Section):
+    """What ``input.video_path``'s container holds; ``load_config`` reads it from the file (not a user key)."""
+
+    total_frames: int = Field(ge=1, strict=True, description="decodable frames")
+    fps: float = Field(gt=0, allow_inf_nan=False, description="the stream's average frame rate")
+    height: int = Field(ge=1, strict=True)
+    width: int = Field(ge=1, strict=True)
+
+
 class InputConfig(_Section):
     """The prompt ``[system | video | question]``; the question (+ assistant header) is the query span.
 
     ``kind: synthetic`` uses random token ids for everything (``tokens_per_frame``
     ids per frame); ``kind: video`` encodes frames (``video_path``, or a seeded
-    synthetic video when null) with the vision tower over the APB-V group.
+    synthetic video when null) with the vision tower over the APB-V group. A file's
+    frames are sampled and resized by Qwen2.5-VL's rules (models/video_sampling.py).
     """
 
     kind: Literal["synthetic", "video", "needle"] = Field(
@@ -216,14 +226,31 @@ class InputConfig(_Section):
     system_tokens: int = Field(
         16, ge=0, description="random ids before the video (set by the text with input.question)"
     )
-    video_frames: int = Field(8, ge=0, description="frames in the prompt")
+    video_frames: Optional[int] = Field(
+        None, ge=0, description="explicit frame count (wins over input.fps); null: sampled at input.fps "
+        "from input.video_path, else 8"
+    )
     tokens_per_frame: int = Field(32, ge=1, description="synthetic kind only")
     video_path: Optional[str] = Field(None, description="video kind: a file PyAV can decode; null = synthetic video")
-    frame_size: IntPair = Field((56, 56), description="video kind: frames are resized to (H, W)")
+    fps: float = Field(2.0, gt=0, allow_inf_nan=False, description="video file: frames sampled per second")
+    min_frames: int = Field(4, ge=1, description="video file, sampling by fps: at least this many frames")
+    max_frames: int = Field(768, ge=1, description="video file, sampling by fps: at most this many frames")
+    frame_size: Optional[IntPair] = Field(
+        None, description="explicit (H, W) frames are resized to; null: smart_resize of the file's size "
+        "within min/max/total_pixels, else (56, 56)"
+    )
+    min_pixels: int = Field(128 * 28 * 28, ge=1, description="video file: fewest pixels per frame")
+    max_pixels: int = Field(768 * 28 * 28, ge=1, description="video file: most pixels per frame")
+    total_pixels: int = Field(
+        int(128000 * 28 * 28 * 0.9), ge=1,
+        description="video file: pixel budget of the whole video (caps max_pixels per frame)",
+    )
     seconds_per_frame: Optional[float] = Field(
         None, gt=0, allow_inf_nan=False,
-        description="time between sampled frames; sets the temporal RoPE step (null: one step per temporal group)",
+        description="explicit time between sampled frames for the temporal RoPE step (null: from the "
+        "sampled fps of input.video_path, else one step per temporal group)",
     )
+    source: Optional[VideoSource] = Field(None, description="read from input.video_path by the loader")
     query_tokens: int = Field(
         16, ge=1, description="question + assistant header: the query span Q (set by the text with input.question)"
     )
@@ -233,11 +260,34 @@ class InputConfig(_Section):
     system_prompt: Optional[str] = Field(None, description="system turn text (with input.question)")
     question: Optional[str] = Field(None, min_length=1, description="the user's question after the video")
 
+    @model_validator(mode="after")
+    def _check_video(self):
+        if self.min_frames > self.max_frames:
+            raise ValueError(f"input.min_frames={self.min_frames} exceeds input.max_frames={self.max_frames}")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"input.min_pixels={self.min_pixels} exceeds input.max_pixels={self.max_pixels}")
+        if self.source is not None and self.video_path is None:
+            raise ValueError("input.source describes input.video_path, which is not set: remove input.source")
+        return self
+
     def video_tokens(self, vision: VisionConfig) -> int:
         if self.kind != "video":  # synthetic and needle: tokens_per_frame tokens per frame
-            return self.video_frames * self.tokens_per_frame
-        groups = -(-self.video_frames // vision.temporal_patch_size)
-        return groups * vision.tokens_per_group(self.frame_size)
+            return self.frame_count * self.tokens_per_frame
+        plan = self.frame_plan(vision)
+        return plan.groups * vision.tokens_per_group(plan.size)
+
+    @property
+    def frame_count(self) -> int:
+        """Frames of the synthetic and needle kinds: ``video_frames``, else 8."""
+        from megatron_apbv.models.video_sampling import SYNTHETIC_FRAMES
+
+        return SYNTHETIC_FRAMES if self.video_frames is None else self.video_frames
+
+    def frame_plan(self, vision: VisionConfig):
+        """The sampled frames of the video kind (:func:`megatron_apbv.models.video_sampling.frame_plan`)."""
+        from megatron_apbv.models.video_sampling import frame_plan
+
+        return frame_plan(self, vision)
 
 
 class NeedleConfig(_Section):
@@ -258,8 +308,19 @@ class GenerateConfig(_Section):
     """Decoding after the prefill (``apbv generate``)."""
 
     max_new_tokens: int = Field(16, ge=1, description="tokens to decode")
-    temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (with temperature > 0)")
+    # null sampling keys: model.checkpoint's generation_config.json (set by load_config), else the neutral value
+    temperature: Optional[float] = Field(
+        None, ge=0.0, allow_inf_nan=False,
+        description="0 = greedy; null: generation_config.json's (0 unless it sets do_sample), else 0",
+    )
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0, description="nucleus mass; null: generation_config.json's, else 1")
+    top_k: Optional[int] = Field(
+        None, ge=0, strict=True, description="keep the k most likely ids (0 = off); null: generation_config.json's, else 0"
+    )
+    repetition_penalty: Optional[float] = Field(
+        None, gt=0.0, allow_inf_nan=False,
+        description="HF repetition penalty on ids already in the sequence; null: generation_config.json's, else 1",
+    )
     stop_ids: list[Annotated[int, Field(ge=0)]] = Field(
         default_factory=list, description="token ids that end the generation (each below model.vocab_size)"
     )
@@ -297,11 +358,17 @@ class RunConfig(_Section):
             )
         if self.input.kind == "video":
             unit = self.vision.patch_size * self.vision.spatial_merge_size
-            if any(side % unit for side in self.input.frame_size) or min(self.input.frame_size) < unit:
+            size = self.input.frame_size
+            if size is not None and (any(side % unit for side in size) or min(size) < unit):
                 raise ValueError(
-                    f"input.frame_size={list(self.input.frame_size)} must be multiples of vision.patch_size x "
+                    f"input.frame_size={list(size)} must be multiples of vision.patch_size x "
                     f"vision.spatial_merge_size = {unit}"
                 )
+            if self.input.video_path is not None and self.input.source is None:
+                raise ValueError(
+                    "input.source is missing: load the config with load_config, which reads it from input.video_path"
+                )
+            self.input.frame_plan(self.vision)  # raises naming the input field (e.g. a video too short)
             if self.input.batch_size != 1:
                 raise ValueError("input.batch_size must be 1 with input.kind=video")
         prompt = self.prompt_len

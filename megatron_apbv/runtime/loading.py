@@ -220,6 +220,40 @@ def _with_chat_lengths(data: dict) -> dict:
     return {**data, "input": {**inp, **derived}}
 
 
+def _with_video_source(data: dict) -> dict:
+    """Set ``input.source`` (frame count, rate, size) from the file ``input.video_path`` of the video kind."""
+    inp = data.get("input")
+    if not isinstance(inp, dict) or inp.get("kind") != "video" or not isinstance(inp.get("video_path"), str):
+        return data
+    if "source" in inp:
+        raise ConfigError("input.source is read from input.video_path: remove it from the config")
+    from megatron_apbv.models.video import VideoError, probe_video
+
+    try:
+        source = probe_video(inp["video_path"])
+    except (VideoError, ImportError) as err:
+        raise ConfigError(f"input.video_path: {err}") from None
+    return {**data, "input": {**inp, "source": source.model_dump()}}
+
+
+def _with_generation_defaults(data: dict) -> dict:
+    """Fill unset ``generate`` sampling keys from ``model.checkpoint``'s generation_config.json."""
+    model = data.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("checkpoint"), str):
+        return data
+    given = data.get("generate") or {}
+    if not isinstance(given, dict):
+        return data  # pydantic reports the wrong type
+    from megatron_apbv.inference.sampling import checkpoint_sampling_defaults
+
+    try:
+        defaults = checkpoint_sampling_defaults(model["checkpoint"])
+    except ValueError as err:
+        raise ConfigError(f"model.checkpoint: {err}") from None
+    unset = {k: v for k, v in defaults.items() if given.get(k) is None}
+    return {**data, "generate": {**given, **unset}} if unset else data
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
     """Load a YAML config (or the built-in defaults) and apply ``key=value`` overrides."""
     data: dict = {}
@@ -249,6 +283,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     data = _merge(data, extra)
     data = _with_checkpoint_shape(data)
     data = _with_chat_lengths(data)
+    data = _with_video_source(data)
+    data = _with_generation_defaults(data)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
