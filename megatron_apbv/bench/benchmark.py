@@ -381,6 +381,10 @@ def run_bench(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, methods=M
                     if timing.status == "ok":
                         logits[method] = _share_logits(timing.result, inputs, plan.cfg, device)
                         timing.result = None
+                if method in APBV_METHODS and plan.mask is not None:
+                    from megatron_apbv.apbv.attention_routes import describe_layer
+
+                    row["attention_backend"] = describe_layer(plan.mask.layout, cfg.model.head_dim, dtype, device)
                 rows.append(row)
                 bar.update()
                 if device.type == "cuda":
