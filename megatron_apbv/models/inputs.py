@@ -32,16 +32,20 @@ def frame_grid(tokens_per_frame: int) -> tuple[int, int]:
     return h, tokens_per_frame // h
 
 
-def build_prompt(cfg: RunConfig) -> Prompt:
+def build_prompt(cfg: RunConfig, frames: Optional[torch.Tensor] = None) -> Prompt:
     """The configured prompt: text around a synthetic or real video.
 
     The text is ``input.system_prompt`` / ``input.question`` in the tokenizer's chat
     template when a question is set, else seeded random ids. Positions are 1-D, or
     Qwen2.5-VL 3-D when ``model.mrope_section`` is set. With ``input.kind: video``
     the video tokens are placeholders (the tokenizer's ``<|video_pad|>``, else the
-    last vocab id) that the vision embeddings replace.
+    last vocab id) that the vision embeddings replace. ``frames`` (``input.kind: video``)
+    are used instead of decoding ``input.video_path`` or making the synthetic video;
+    they must have ``input.video_frames`` frames of ``input.frame_size``.
     """
     inp = cfg.input
+    if frames is not None and inp.kind != "video":
+        raise ValueError(f"frames given for input.kind={inp.kind!r}: they need input.kind=video")
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     # the last id is reserved for video placeholders, so text never looks like video
     ids = torch.randint(0, cfg.model.vocab_size - 1, (inp.batch_size, cfg.prompt_len), generator=generator)
@@ -52,7 +56,11 @@ def build_prompt(cfg: RunConfig) -> Prompt:
         from megatron_apbv.models.video import load_video, synthetic_video
 
         height, width = inp.frame_size
-        if inp.video_path is None:
+        if frames is not None:
+            if tuple(frames.shape[:3]) != (inp.video_frames, height, width):
+                raise ValueError(f"frames {tuple(frames.shape)} do not match input.video_frames={inp.video_frames} "
+                                 f"and input.frame_size={[height, width]}")
+        elif inp.video_path is None:
             frames = synthetic_video(inp.video_frames, height, width, seed=cfg.seed)
         else:
             frames = load_video(inp.video_path, num_frames=inp.video_frames, size=(height, width))
