@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from distributed_utils import free_port
 from megatron.core import parallel_state
 
 from megatron_apbv.bench.e2e import STAGES, run_e2e
 from megatron_apbv.runtime.config import ConfigError
 from megatron_apbv.runtime.loading import load_config
-from distributed_utils import free_port
 
 TINY = [
     "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",

@@ -19,7 +19,10 @@ token with the vision encoder included. One run of the pipeline is
 4. ``first_token``: final norm, LM head on the last token, argmax.
 
 Each stage is timed with ``perf_counter`` after a device synchronisation; the
-record gives the median over ``--repeat`` runs after ``--warmup`` runs. Weights
+record gives the median over ``--repeat`` runs after ``--warmup`` runs. Stages 1-2
+are the same work for both methods at W = 1, so each repetition runs them once
+and both methods' prefills follow on the same embeddings (each method's total
+counts them). Weights
 are random; the model is built with its parameters initialised on the GPU
 (``init`` in the record; seeded, but not the same numbers as a CPU build).
 
@@ -110,15 +113,11 @@ class Pipeline:
             frames = resize_frames(self.source.to(self.device), size)
         return patchify_for(self.tower.config, frames)
 
-    def run(self, method: str, mask, layout) -> tuple[dict, int]:
-        """Seconds per stage of one end-to-end run, and the first token's id."""
-        from megatron_apbv.models.gpt import decoder_hidden, vocab_logits
-        from megatron_apbv.models.vision import encode_groups, insert_video_embeddings
+    def encode(self) -> tuple[torch.Tensor, dict]:
+        """Stages 1-2: the video embeddings ``[video_tokens, hidden]`` and the seconds of each stage."""
+        from megatron_apbv.models.vision import encode_groups
 
         dev, times = self.device, {}
-        idx = layout.global_indices if layout is not None else torch.arange(self.prompt.input_ids.shape[1])
-        local = self.prompt.local(idx)
-        ids, pos = local.input_ids.to(dev), local.position_ids.to(dev)
         with torch.inference_mode():
             _sync(dev)
             t = time.perf_counter()
@@ -128,10 +127,24 @@ class Pipeline:
             video = encode_groups(self.tower, patches, grid, grid.groups, device=dev)
             del patches
             _sync(dev)
-            times["vision"], t = time.perf_counter() - t, time.perf_counter()
+            times["vision"] = time.perf_counter() - t
+        return video, times
+
+    def prefill(self, video: torch.Tensor, mask, layout) -> tuple[dict, int]:
+        """Stages 3-4 of one method (``layout`` None: dense over the whole prompt); seconds and the first token."""
+        from megatron_apbv.models.gpt import decoder_hidden, vocab_logits
+        from megatron_apbv.models.vision import insert_video_embeddings
+
+        dev, times = self.device, {}
+        idx = layout.global_indices if layout is not None else torch.arange(self.prompt.input_ids.shape[1])
+        local = self.prompt.local(idx)
+        ids, pos = local.input_ids.to(dev), local.position_ids.to(dev)
+        with torch.inference_mode():
+            _sync(dev)
+            t = time.perf_counter()
             text = self.model.embedding(input_ids=ids, position_ids=None)
             embeds = insert_video_embeddings(text, video, idx, self.prompt.video)
-            del text, video
+            del text
             hidden = decoder_hidden(self.model, self.rope, ids, pos, mask, inputs_embeds=embeds)
             del embeds
             _sync(dev)
@@ -180,35 +193,44 @@ def run_e2e(cfg: RunConfig, device: torch.device, *, methods=E2E_METHODS, source
         "weights": "random", "init": pipe.init, "build_seconds": round(pipe.build_seconds, 3),
         "decode_source": pipe.decode_source, "warmup": warmup, "repeat": repeat, "methods": {},
     }
+    plans = {}
     for method in methods:
         if method == "apbv":
             layout = SequenceLayout.from_config(cfg).rank(0)
-            mask = APBVMask.from_config(cfg, layout)
             backend = describe_layer(layout, m.head_dim, dtype, device)
+            plans[method] = (APBVMask.from_config(cfg, layout), layout, backend)
         else:
-            layout = mask = None
-            backend = describe_layer(SequenceLayout(cfg.prompt_len, 0, 0, 1, zigzag=False).rank(0), m.head_dim,
-                                     dtype, device)["block0"]
-        use_core_attention(pipe.model, method, cfg)
-        runs, token = [], None
-        for i in range(warmup + repeat):
-            times, token = pipe.run(method, mask, layout)
+            whole = SequenceLayout(cfg.prompt_len, 0, 0, 1, zigzag=False).rank(0)
+            plans[method] = (None, None, describe_layer(whole, m.head_dim, dtype, device)["block0"])
+    runs = {method: [] for method in methods}
+    tokens = {}
+    # Decode and vision are the same work for every method at W = 1: they run once per repetition
+    # and count in every method's total; each method's prefill then runs on the same embeddings.
+    for i in range(warmup + repeat):
+        video, shared = pipe.encode()
+        for method in methods:
+            mask, layout, _ = plans[method]
+            use_core_attention(pipe.model, method, cfg)
+            times, tokens[method] = pipe.prefill(video, mask, layout)
+            times = {**shared, **times}
             print(f"e2e {method} run {i}: " + " ".join(f"{k} {s:.3f}s" for k, s in times.items()), file=sys.stderr,
                   flush=True)
             if i >= warmup:
-                runs.append(times)
-        stages = {k: statistics.median(r[k] for r in runs) for k in STAGES}
+                runs[method].append(times)
+        del video
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for method in methods:
+        stages = {k: statistics.median(r[k] for r in runs[method]) for k in STAGES}
         record["methods"][method] = {
             "stages_s": {k: round(s, 4) for k, s in stages.items()},
             "total_s": round(sum(stages.values()), 4),
-            "runs_s": [{k: round(s, 4) for k, s in r.items()} for r in runs],
-            "first_token_id": token,
-            "attention_backend": backend,
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda"
-            else None,
+            "runs_s": [{k: round(s, 4) for k, s in r.items()} for r in runs[method]],
+            "first_token_id": tokens[method],
+            "attention_backend": plans[method][2],
         }
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" \
+        else None
     if predict_gpus:
         record["predicted"] = predict_scaling(cfg, record, predict_gpus)
     if out:
