@@ -21,7 +21,7 @@ step() {  # step NAME SECONDS CMD...: run under a timeout, log to scratch, say h
   tail -4 "$scratch/$name.log"
 }
 
-step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -x --tb=short tests/test_kernels_gpu.py tests/test_gpu_integration.py
+step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_kernels_gpu.py tests/test_gpu_integration.py tests/test_vision_attention.py::test_batched_tower_matches_transformers_tower_gpu
 cp "$scratch/gpu_tests.log" "$out/gpu_tests.log"
 step bench_kernels 240 python3 benchmarks/bench_kernels.py --no-tests --out "$out/kernels_h200.json"
 for model in 7b 3b; do

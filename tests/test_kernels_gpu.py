@@ -256,8 +256,9 @@ def _poison_allocator(nbytes=1 << 30):
     """Fill the caching allocator's free memory with NaN so outputs a route allocates start as NaN."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    junk = torch.full((nbytes // 4,), float("nan"), device=DEV)
-    del junk  # the block goes back to the cache, NaN-filled, and is handed to the next allocations
+    junk = torch.full((nbytes // 4,), float("nan"), device=DEV)  # large pool (> 1 MiB allocations)
+    small = [torch.full((1 << 17,), float("nan"), device=DEV) for _ in range(64)]  # small pool (LSE rows)
+    del junk, small  # the blocks go back to the cache, NaN-filled, and are handed to the next allocations
     torch.cuda.synchronize()
 
 

@@ -12,7 +12,9 @@ token with the vision encoder included. One run of the pipeline is
    and patchifies them: no codec work, which the record says
    (``decode_source``);
 2. ``vision``: the Qwen2.5-VL vision tower (``transformers``) on every temporal
-   group, one process (W = 1);
+   group, one process (W = 1), its attention batched over segments
+   (:mod:`megatron_apbv.models.vision_attention`: same result, one SDPA call per
+   layer instead of one per window);
 3. ``prefill``: text embedding with the video embeddings scattered in, then the
    decoder over the whole prompt with the method's core attention (``dense``:
    causal attention over everything; ``apbv``: the APB-V layer at W = 1);
@@ -71,6 +73,7 @@ class Pipeline:
     def __init__(self, cfg: RunConfig, device: torch.device, source_size: tuple[int, int], workdir: Path):
         from megatron_apbv.models.embeddings import build_vision_tower_for
         from megatron_apbv.models.gpt import build_gpt_model, build_rope
+        from megatron_apbv.models.vision_attention import batch_vision_segments
 
         self.cfg, self.device = cfg, device
         t0 = time.perf_counter()
@@ -79,7 +82,7 @@ class Pipeline:
         # a CPU draw of the 7B model's weights takes about a minute.
         with torch.device(device):
             self.model = build_gpt_model(cfg, method="apbv", device=device)
-            self.tower = build_vision_tower_for(cfg, device)
+            self.tower = batch_vision_segments(build_vision_tower_for(cfg, device))
         self.rope = build_rope(cfg, device)
         _sync(device)
         self.build_seconds = time.perf_counter() - t0
@@ -186,7 +189,7 @@ def run_e2e(cfg: RunConfig, device: torch.device, *, methods=E2E_METHODS, source
                   "kv_heads": m.num_query_groups, "ffn": m.ffn_hidden_size, "vocab": m.vocab_size},
         "vision": {"depth": v.depth, "hidden": v.hidden_size, "heads": v.num_heads,
                    "fullatt_block_indexes": list(v.fullatt_block_indexes),
-                   "attn_implementation": getattr(pipe.tower.config, "_attn_implementation", None)},
+                   "attention": "one SDPA call per layer over all segments (models/vision_attention.py)"},
         "frames": cfg.input.video_frames, "source_size": list(source_size), "frame_size": list(cfg.input.frame_size),
         "prompt_tokens": cfg.prompt_len, "video_tokens": len(pipe.prompt.video), "anchor_len": cfg.anchor_len,
         "passing_len": max(cfg.passing_lens()), "query_len": cfg.query_len,
