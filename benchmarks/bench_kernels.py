@@ -1,30 +1,42 @@
-"""Benchmark (and GPU-test) the APB-V Triton kernels.
+"""Benchmark APB-V's block attention against every SDPA backend of the GPU, on the same work, in one run.
 
-    python benchmarks/bench_kernels.py --out $OUT/            # writes kernels_<device>.json (+ .png)
+    python benchmarks/bench_kernels.py --out $OUT/            # writes kernels_<gpu>.json
 
-1. runs ``pytest tests/test_kernels_gpu.py`` (unless ``--no-tests``);
-2. measures the bf16 matrix-product ceiling of the card;
-3. sweeps a few tile configs of ``apb_attention`` at the first length;
-4. per local length L: ``apb_attention`` on the "causal block + dense prefix"
-   workload (block queries over n_pass passing keys, ``a`` anchor keys and a
-   causal block of L keys) against SDPA-flash on the same work (one causal
-   L x L call plus one dense L x (n_pass + a) call), TFLOP/s counted on the
-   visible part of the mask (4 * d * hq * visible pairs); a spot check of
-   sampled rows against an fp32 reference; the "first block" layout with
-   anchor query rows; the scoring + top-p + gather step and its share of the
-   attention time; the LSE merge of the query partials.
+Work (Qwen2.5-VL-7B attention: 28 query / 4 KV heads, d 128, batch 1, bf16), per
+block length L = 32K, 64K, 128K, with the paper's W = 2 defaults for a prompt of
+N = 4L tokens (anchor a = roundup(N/64, 128), passing p = roundup(N/128, 128), the
+last virtual block sees n_pass = 3p passing keys):
 
-Shapes: Qwen2.5-VL-7B attention (28 query heads, 4 KV heads, head dim 128),
-batch 1, bf16. Prefix sizes follow the paper's defaults for a global prompt of
-N = 4L tokens (W = 2, zigzag: 4 virtual blocks): a = roundup(N/64, 128),
-p = roundup(N/128, 128), and the last virtual block sees 3 passing blocks.
+* ``block``: L block rows over ``[passing | anchor | block]`` (dense prefix, causal block);
+* ``first_block``: the same plus the a anchor rows (causal over the anchor only);
+* ``causal``: plain causal attention of L tokens.
+
+Implementations timed on each:
+
+* ours: ``triton`` (one fused kernel call), ``cudnn`` (our cuDNN route: two cuDNN
+  calls merged by LSE, anchor rows on Triton, K/V expanded inside the timing) and
+  ``routed`` (what ``apb_attention`` dispatches to by ``attention_routes``);
+* SDPA with each backend (``default``, ``CUDNN_ATTENTION``, ``FLASH_ATTENTION``,
+  ``EFFICIENT_ATTENTION``), GQA through ``enable_gqa`` where the backend takes it,
+  else K/V expanded outside the timing, two ways: ``lower_right`` (one call with
+  ``causal_lower_right`` over the concatenated keys: the complete block-row work;
+  anchor rows a second, causal call) and ``split`` (a causal L x L call plus a
+  dense L x prefix call, *without* the merge: SDPA returns no log-sum-exp, so this
+  is not the complete work and favours SDPA).
+
+TFLOP/s count visible pairs only (4 * d * hq * pairs). The ``summary`` compares
+ours (routed) with the best SDPA way on the block work that produces the result
+(``lower_right``), and also lists the best ``split`` as an upper bound. Further
+rows: ours vs SDPA at head dims 64 / 80 / 96 (32K causal + prefix), the
+Triton-vs-cuDNN crossover at L = 4K..16K (which sets ``attention_routes``), the
+bf16 matmul ceiling, sampled-row fp32 spot checks, score + select cost.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
 import os
 import pathlib
 import subprocess
@@ -36,138 +48,236 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.nn.attention.bias import causal_lower_right  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import kernels  # noqa: E402  (kernels/ uses relative imports only)
+from megatron_apbv.apbv import attention_routes  # noqa: E402
+from megatron_apbv.apbv.attend import apb_attention  # noqa: E402
+from megatron_apbv.apbv.cudnn_attention import cudnn_block_attention  # noqa: E402
 
 attn_mod = sys.modules["kernels.apb_attention"]
 
 HQ, HKV, D = 28, 4, 128
 DT = torch.bfloat16
-
-CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages, use_tma)
-    (128, 64, 8, 3, True),
-    (128, 128, 8, 2, True),
-    (128, 128, 8, 3, True),
-    (128, 64, 8, 4, True),
-    (128, 64, 8, 3, False),
-    (64, 64, 4, 3, True),
-]
+F = torch.nn.functional.scaled_dot_product_attention
+BACKENDS = {
+    "default": None,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
 
 
 def roundup(x, m):
     return (x + m - 1) // m * m
 
 
-def timed(fn, target_ms=1200.0):
-    """Median milliseconds (CUDA events through do_bench), >= ~5 timed runs."""
+def workload(L):
+    """(anchor, p, n_pass) of a block of L tokens: W = 2 defaults at N = 4L."""
+    n = 4 * L
+    a, p = roundup(n // 64, 128), roundup(n // 128, 128)
+    return a, p, 3 * p
+
+
+def timed(fn, target_ms=200.0):
+    """Median milliseconds (CUDA events through do_bench), >= ~2 timed runs."""
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
     torch.cuda.synchronize()
     est = (time.perf_counter() - t0) * 1e3
-    rep = max(target_ms, 5 * est)
-    return do_bench(fn, warmup=max(25.0, 2 * est), rep=rep, return_mode="median")
+    return do_bench(fn, warmup=max(1.0, est), rep=max(target_ms, 2 * est), return_mode="median")
 
 
 def run_tests():
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "tests/test_kernels_gpu.py"], cwd=str(ROOT), capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_gpu.py"],
+                          cwd=str(ROOT), capture_output=True, text=True)
     tail = proc.stdout.strip().splitlines()[-40:] if proc.stdout.strip() else []
-    print("\n".join(tail))
-    if proc.returncode != 0:
-        print(proc.stderr[-3000:])
+    print("\n".join(tail), file=sys.stderr)
     return {"returncode": proc.returncode, "summary": tail[-1] if tail else "", "seconds": time.time() - t0,
-            "output_tail": "\n".join(tail)}
+            "output_tail": "\n".join(tail) + ("\n" + proc.stderr[-2000:] if proc.returncode else "")}
 
 
 def matmul_ceiling():
     a = torch.randn(8192, 8192, device="cuda", dtype=DT)
     b = torch.randn(8192, 8192, device="cuda", dtype=DT)
-    ms = timed(lambda: a @ b, 500)
-    return 2 * 8192 ** 3 / ms / 1e9
+    return 2 * 8192 ** 3 / timed(lambda: a @ b, 300) / 1e9
 
 
-def make_inputs(L, n_pass, a, anchor_rows=0):
-    g = torch.Generator(device="cuda").manual_seed(L)
-
-    def r(*shape):
-        return torch.randn(shape, device="cuda", dtype=DT, generator=g)
-
-    q = r(anchor_rows + L, 1, HQ, D)
-    return q, r(n_pass, 1, HKV, D), r(n_pass, 1, HKV, D), r(a, 1, HKV, D), r(a, 1, HKV, D), \
-        r(L, 1, HKV, D), r(L, 1, HKV, D)
+def rand(*shape, gen):
+    return torch.randn(shape, device="cuda", dtype=DT, generator=gen)
 
 
-def spot_check(q, kp, vp, ka, va, kb, vb, out, lse, scale, n_rows=48):
-    """fp32 reference on sampled block rows (anchor_rows = 0 layout)."""
-    L = q.shape[0]
-    rows = torch.unique(torch.cat([torch.tensor([0, 1, 127, 128, L // 2, L - 1]),
-                                   torch.randint(0, L, (n_rows,))])).cuda()
-    keys = torch.cat([kp, ka, kb])[:, 0].float()        # [T, hkv, d]
-    vals = torch.cat([vp, va, vb])[:, 0].float()
-    prefix = kp.shape[0] + ka.shape[0]
-    g = HQ // HKV
-    qs = q[rows, 0].float().view(len(rows), HKV, g, D)  # [R, hkv, g, d]
-    s = torch.einsum("rhgd,thd->hgrt", qs, keys) * scale
+class Work:
+    """Inputs of one work item, seq-first ([s, b, h, d]) for ours and [b, h, s, d] views for SDPA."""
+
+    def __init__(self, L, n_pass, a, anchor_rows, d=D, hq=HQ, hkv=HKV):
+        g = torch.Generator(device="cuda").manual_seed(L + anchor_rows + d)
+        self.L, self.n_pass, self.a, self.ar, self.d, self.hq, self.hkv = L, n_pass, a, anchor_rows, d, hq, hkv
+        self.q = rand(anchor_rows + L, 1, hq, d, gen=g)
+        self.kp, self.vp = rand(n_pass, 1, hkv, d, gen=g), rand(n_pass, 1, hkv, d, gen=g)
+        self.ka, self.va = rand(a, 1, hkv, d, gen=g), rand(a, 1, hkv, d, gen=g)
+        self.kb, self.vb = rand(L, 1, hkv, d, gen=g), rand(L, 1, hkv, d, gen=g)
+        self.scale = d ** -0.5
+
+    @property
+    def segs(self):
+        return self.q, self.kp, self.vp, self.ka, self.va, self.kb, self.vb
+
+    def flops(self):
+        return 4 * self.d * self.hq * attn_mod.visible_pairs(self.ar + self.L, self.ar, self.n_pass, self.a, self.L)
+
+    def ours(self, route):
+        if route == "triton":
+            return lambda: attn_mod.apb_attention_impl(*self.segs, anchor_rows=self.ar, softmax_scale=self.scale)
+        if route == "cudnn":
+            return lambda: cudnn_block_attention(kernels.apb_attention, *self.segs, anchor_rows=self.ar,
+                                                 softmax_scale=self.scale)
+        return lambda: apb_attention(*self.segs, anchor_rows=self.ar, softmax_scale=self.scale)
+
+    def sdpa(self, backend, how):
+        """A callable for SDPA ``backend`` doing this work ``how`` (lower_right / split), and its GQA mode."""
+        bhsd = lambda t: t.permute(1, 2, 0, 3)  # noqa: E731
+        q_anchor, q_block = bhsd(self.q[: self.ar]), bhsd(self.q[self.ar :])
+        prefix_k, prefix_v = torch.cat([self.kp, self.ka]), torch.cat([self.vp, self.va])
+        if how == "lower_right":
+            calls = [(q_block, torch.cat([prefix_k, self.kb]), torch.cat([prefix_v, self.vb]), "lower_right")]
+        else:
+            calls = [(q_block, self.kb, self.vb, "causal")]
+            if prefix_k.shape[0]:
+                calls.append((q_block, prefix_k, prefix_v, "dense"))
+        if self.ar:
+            calls.append((q_anchor, self.ka, self.va, "causal"))
+
+        def make(expand):
+            prepared = []
+            for q, k, v, mask in calls:
+                k, v = bhsd(k), bhsd(v)
+                if expand:
+                    k = k.repeat_interleave(self.hq // self.hkv, 1)
+                    v = v.repeat_interleave(self.hq // self.hkv, 1)
+                prepared.append((q, k, v, mask))
+
+            def run():
+                outs = []
+                with sdpa_kernel([BACKENDS[backend]]) if BACKENDS[backend] else contextlib.nullcontext():
+                    for q, k, v, mask in prepared:
+                        kw = {"enable_gqa": True} if not expand else {}
+                        if mask == "lower_right":
+                            kw["attn_mask"] = causal_lower_right(q.shape[2], k.shape[2])
+                        outs.append(F(q, k, v, is_causal=mask == "causal", scale=self.scale, **kw))
+                return outs
+            return run
+
+        for expand in (False, True):
+            fn = make(expand)
+            try:
+                fn()
+                torch.cuda.synchronize()
+                return fn, "expanded_kv" if expand else "enable_gqa"
+            except RuntimeError as exc:
+                last = repr(exc)[:300]
+        raise RuntimeError(last)
+
+
+def spot_check(w: Work, out, lse, n_rows=48):
+    """fp32 reference on sampled block rows."""
+    L = w.L
+    rows = torch.unique(torch.cat([torch.tensor([0, 1, 127, 128, L // 2, L - 1]), torch.randint(0, L, (n_rows,))]))
+    rows = rows.cuda()
+    keys = torch.cat([w.kp, w.ka, w.kb])[:, 0].float()
+    vals = torch.cat([w.vp, w.va, w.vb])[:, 0].float()
+    prefix = w.kp.shape[0] + w.ka.shape[0]
+    g = w.hq // w.hkv
+    qs = w.q[w.ar + rows, 0].float().view(len(rows), w.hkv, g, w.d)
+    s = torch.einsum("rhgd,thd->hgrt", qs, keys) * w.scale
     t = torch.arange(keys.shape[0], device="cuda")
-    vis = t[None, :] < (prefix + rows[:, None] + 1)      # Lk == Lq: block row i sees j <= i
-    s = s.masked_fill(~vis, float("-inf"))
-    ref_lse = torch.logsumexp(s, -1)                      # [hkv, g, R]
-    ref = torch.einsum("hgrt,thd->rhgd", torch.softmax(s, -1), vals).reshape(len(rows), HQ, D)
-    got = out[rows, 0].float()
+    s = s.masked_fill(~(t[None, :] < (prefix + rows[:, None] + 1)), float("-inf"))
+    ref_lse = torch.logsumexp(s, -1)
+    ref = torch.einsum("hgrt,thd->rhgd", torch.softmax(s, -1), vals).reshape(len(rows), w.hq, w.d)
+    got = out[w.ar + rows, 0].float()
     rel = ((got - ref).norm() / ref.norm()).item()
-    lse_err = (lse[0][:, rows].view(HKV, g, -1) - ref_lse).abs().max().item()
+    lse_err = (lse[0][:, w.ar + rows].view(w.hkv, g, -1) - ref_lse).abs().max().item()
     return rel, lse_err
 
 
-def sdpa_fns(q, kp, vp, ka, va, kb, vb, scale):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    qs = q.permute(1, 2, 0, 3).contiguous()
-    kb_s, vb_s = kb.permute(1, 2, 0, 3).contiguous(), vb.permute(1, 2, 0, 3).contiguous()
-    kpre = torch.cat([kp, ka]).permute(1, 2, 0, 3).contiguous()
-    vpre = torch.cat([vp, va]).permute(1, 2, 0, 3).contiguous()
-    F = torch.nn.functional.scaled_dot_product_attention
-    mode = "enable_gqa"
+def measure(w: Work, *, ours=("triton", "cudnn", "routed"), sdpa=tuple(BACKENDS), ways=("lower_right", "split")):
+    """TFLOP/s of every implementation on work ``w``."""
+    flops = w.flops()
+    row = {"L": w.L, "anchor_rows": w.ar, "n_pass": w.n_pass, "anchor": w.a, "d": w.d, "hq": w.hq, "hkv": w.hkv,
+           "tflop": flops / 1e12}
+    route = attention_routes.route_for(w.q.device, w.q.dtype, w.d, rows=w.ar + w.L, anchor_rows=w.ar,
+                                       n_pass=w.n_pass, n_anchor=w.a, n_block=w.L)
+    row["route"] = str(route)
+    for name in ours:
+        if name == "cudnn" and not attention_routes.cudnn_op_available():
+            row["ours_cudnn_error"] = "no cuDNN attention op"
+            continue
+        try:
+            fn = w.ours(name)
+            out, lse = fn()
+            torch.cuda.synchronize()
+            if name == "routed":
+                row["spot_rel_err"], row["spot_lse_abs_err"] = spot_check(w, out, lse)
+            del out, lse
+            ms = timed(fn)
+            row[f"ours_{name}_ms"], row[f"ours_{name}_tflops"] = ms, flops / ms / 1e9
+        except Exception as exc:  # recorded, not hidden: the row says what failed
+            row[f"ours_{name}_error"] = repr(exc)[:300]
+        torch.cuda.empty_cache()
+    for backend in sdpa:
+        for how in ways:
+            key = f"sdpa_{backend}_{how}"
+            try:
+                fn, mode = w.sdpa(backend, how)
+                ms = timed(fn)
+                row[f"{key}_ms"], row[f"{key}_tflops"], row[f"{key}_gqa"] = ms, flops / ms / 1e9, mode
+            except Exception as exc:
+                row[f"{key}_error"] = repr(exc)[:300]
+            torch.cuda.empty_cache()
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
 
-    def causal():
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            return F(qs, kb_s, vb_s, is_causal=True, scale=scale, enable_gqa=True)
 
-    def dense():
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            return F(qs, kpre, vpre, is_causal=False, scale=scale, enable_gqa=True)
-
+def probe_cudnn_op():
+    """What the private cuDNN op returns here: LSE shape and units, and whether it takes GQA (hkv < hq) directly."""
+    if not attention_routes.cudnn_op_available():
+        return {"available": False}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = rand(1, HQ, 1000, D, gen=g)
+    k, v = rand(1, HKV, 1000, D, gen=g), rand(1, HKV, 1000, D, gen=g)
+    ke, ve = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
+    op = torch.ops.aten._scaled_dot_product_cudnn_attention
+    out, lse = op(q, ke, ve, None, True, 0.0, True, False, scale=D ** -0.5)[:2]
+    s = (q.float() @ ke.float().transpose(-1, -2)) * D ** -0.5
+    s = s.masked_fill(torch.ones(1000, 1000, device="cuda", dtype=torch.bool).triu(1), float("-inf"))
+    ref_lse = torch.logsumexp(s, -1)
+    res = {"available": True, "lse_shape": list(lse.shape), "lse_stride": list(lse.stride()),
+           "lse_dtype": str(lse.dtype), "out_stride": list(out.stride()),
+           "lse_max_abs_err_natural_log": (lse.reshape(ref_lse.shape) - ref_lse).abs().max().item()}
     try:
-        causal()
-        dense()
-    except Exception as exc:  # flash without GQA support: repeat K/V outside the timing
-        print("SDPA flash with enable_gqa failed, repeating K/V:", repr(exc)[:200])
-        mode = "repeat_kv"
-        g = HQ // HKV
-        kb_s, vb_s = kb_s.repeat_interleave(g, 1), vb_s.repeat_interleave(g, 1)
-        kpre, vpre = kpre.repeat_interleave(g, 1), vpre.repeat_interleave(g, 1)
+        out_g = op(q, k, v, None, True, 0.0, True, False, scale=D ** -0.5)[0]
+        res["native_gqa_max_abs_diff"] = (out_g.float() - out.float()).abs().max().item()
+    except Exception as exc:
+        res["native_gqa_error"] = repr(exc)[:300]
+    return res
 
-        def causal():
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                return F(qs, kb_s, vb_s, is_causal=True, scale=scale)
 
-        def dense():
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                return F(qs, kpre, vpre, is_causal=False, scale=scale)
-    return causal, dense, mode
+def best(row, how):
+    cands = [(row[f"sdpa_{b}_{how}_tflops"], b) for b in BACKENDS if f"sdpa_{b}_{how}_tflops" in row]
+    return max(cands) if cands else (None, None)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
-                    help="output directory, or a .json path")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="output directory, or a .json path")
     ap.add_argument("--lengths", default="32768,65536,131072")
+    ap.add_argument("--crossover", default="4096,8192,16384", help="block lengths for the Triton/cuDNN crossover")
     ap.add_argument("--no-tests", action="store_true")
-    ap.add_argument("--no-sweep", action="store_true")
-    ap.add_argument("--nq", type=int, default=128, help="query tokens for the scoring step")
     args = ap.parse_args()
 
     name = torch.cuda.get_device_name()
@@ -176,155 +286,83 @@ def main():
     if out_path.suffix != ".json":
         out_path = out_path / f"kernels_{tag}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    res = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
-           "shapes": {"hq": HQ, "hkv": HKV, "d": D, "batch": 1, "dtype": "bf16"}}
-    print(f"device {name}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
+    res = {"device": name, "capability": list(torch.cuda.get_device_capability()), "torch": torch.__version__,
+           "triton": triton.__version__, "cudnn": torch.backends.cudnn.version(),
+           "shapes": {"hq": HQ, "hkv": HKV, "d": D, "batch": 1, "dtype": "bf16"},
+           "route_table_in_use": {f"{k[0]}/{k[1]}": v for k, v in attention_routes.MEASURED.items()}}
+    print(f"device {name}  torch {torch.__version__}  triton {triton.__version__}  cudnn {res['cudnn']}",
+          file=sys.stderr, flush=True)
+
+    def save():
+        with open(out_path, "w") as f:
+            json.dump(res, f, indent=1)
 
     if not args.no_tests:
         res["gpu_tests"] = run_tests()
-
+        save()
     res["matmul_bf16_tflops"] = matmul_ceiling()
-    print(f"bf16 8192^3 matmul: {res['matmul_bf16_tflops']:.0f} TFLOP/s", flush=True)
+    res["cudnn_op_probe"] = probe_cudnn_op()
+    print("cudnn op probe:", json.dumps(res["cudnn_op_probe"]), file=sys.stderr, flush=True)
 
-    lengths = [int(x) for x in args.lengths.split(",")]
-    scale = D ** -0.5
-
-    def workload(L):
-        N = 4 * L
-        a = roundup(N // 64, 128)
-        p = roundup(N // 128, 128)
-        return a, p, 3 * p
-
-    # ---- config sweep at the first length ----
-    best = attn_mod.default_config(torch.device("cuda"), D, DT)
-    sweep = []
-    if not args.no_sweep:
-        L = lengths[0]
-        a, p, n_pass = workload(L)
-        inp = make_inputs(L, n_pass, a)
-        flops = 4 * D * HQ * attn_mod.visible_pairs(L, 0, n_pass, a, L)
-        best_ms = math.inf
-        for cfg in CONFIGS:
-            try:
-                t0 = time.time()
-                attn_mod.apb_attention_impl(*inp, anchor_rows=0, softmax_scale=scale, config=cfg)
-                torch.cuda.synchronize()
-                comp = time.time() - t0
-                ms = timed(lambda: attn_mod.apb_attention_impl(*inp, anchor_rows=0, softmax_scale=scale,
-                                                               config=cfg), 800)
-            except Exception as exc:
-                print(f"config {cfg}: failed {repr(exc)[:200]}", flush=True)
-                sweep.append({"config": list(cfg), "error": repr(exc)[:300]})
-                continue
-            sweep.append({"config": list(cfg), "ms": ms, "tflops": flops / ms / 1e9, "first_call_s": comp})
-            print(f"config {cfg}: {ms:.3f} ms  {flops / ms / 1e9:.0f} TFLOP/s  (first call {comp:.1f}s)",
-                  flush=True)
-            if ms < best_ms:
-                best_ms, best = ms, cfg
-        del inp
-        torch.cuda.empty_cache()
-    res["sweep_L"] = lengths[0]
-    res["sweep"] = sweep
-    res["best_config"] = list(best)
-    print(f"best config {best}", flush=True)
-
-    rows = []
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    res["block"], res["first_block"], res["causal"] = [], [], []
     for L in lengths:
-        a, p, n_pass = workload(L)
-        inp = make_inputs(L, n_pass, a)
-        q, kp, vp, ka, va, kb, vb = inp
-        pairs = attn_mod.visible_pairs(L, 0, n_pass, a, L)
-        flops = 4 * D * HQ * pairs
-        fn = lambda: attn_mod.apb_attention_impl(*inp, anchor_rows=0, softmax_scale=scale, config=best)  # noqa: E731
-        out, lse = fn()
-        torch.cuda.synchronize()
-        rel, lse_err = spot_check(q, kp, vp, ka, va, kb, vb, out, lse, scale)
-        del out, lse
-        ms = timed(fn)
-        causal, dense, mode = sdpa_fns(q, kp, vp, ka, va, kb, vb, scale)
-        ms_c = timed(causal)
-        ms_d = timed(dense)
-        fl_c = 4 * D * HQ * (L * (L + 1) // 2)
-        fl_d = 4 * D * HQ * L * (n_pass + a)
+        a, _, n_pass = workload(L)
+        for key, w in (("block", Work(L, n_pass, a, 0)), ("first_block", Work(L, n_pass, a, a)),
+                       ("causal", Work(L, 0, 0, 0))):
+            res[key].append(measure(w))
+            del w
+            torch.cuda.empty_cache()
+            save()
+
+    # head dims of other models (vision tower d = 80): 32K block work, ours vs SDPA
+    res["head_dims"] = []
+    for d, hq, hkv in ((64, 32, 8), (80, 16, 16), (96, 24, 4)):
+        a, _, n_pass = workload(32768)
+        res["head_dims"].append(measure(Work(32768, n_pass, a, 0, d=d, hq=hq, hkv=hkv), ways=("lower_right", "split")))
         torch.cuda.empty_cache()
+        save()
 
-        # first virtual block layout: [A | B] queries (anchor rows causal inside A)
-        q1 = torch.randn(a + L, 1, HQ, D, device="cuda", dtype=DT)
-        fn1 = lambda: attn_mod.apb_attention_impl(q1, kp, vp, ka, va, kb, vb, anchor_rows=a,  # noqa: E731
-                                                  softmax_scale=scale, config=best)
-        ms1 = timed(fn1)
-        fl1 = 4 * D * HQ * attn_mod.visible_pairs(a + L, a, n_pass, a, L)
-        del q1
-        torch.cuda.empty_cache()
+    # Triton vs cuDNN route on smaller blocks: where the route table switches
+    res["crossover"] = []
+    for L in [int(x) for x in args.crossover.split(",") if x]:
+        a, _, n_pass = workload(L)
+        res["crossover"].append(measure(Work(L, n_pass, a, 0), ours=("triton", "cudnn"), sdpa=()))
+    ladder = sorted(res["crossover"] + res["block"], key=lambda r: r["L"])
+    faster = [r["L"] for r in ladder if r.get("ours_cudnn_tflops", 0) > r.get("ours_triton_tflops", 0)]
+    res["cudnn_faster_from_L"] = next((L for L in faster if all(x in faster for x in
+                                                               [r["L"] for r in ladder if r["L"] >= L])), None)
 
-        # scoring + top-p + gather of one block
-        qq = torch.randn(args.nq, 1, HQ, D, device="cuda", dtype=DT)
-        sc = kernels.passing_scores(qq, kb, window=5)
-        ms_score = timed(lambda: kernels.passing_scores(qq, kb, window=5), 300)
-        ms_topk = timed(lambda: torch.topk(sc, p, dim=-1, sorted=False), 300)
-        ms_select = timed(lambda: kernels.select_passing(kb, vb, sc, p), 300)
-        ms_all = timed(lambda: kernels.select_passing(kb, vb, kernels.passing_scores(qq, kb, window=5), p), 300)
+    # the scoring + select step of one block (L = first length)
+    L = lengths[0]
+    kb = torch.randn(L, 1, HKV, D, device="cuda", dtype=DT)
+    qq = torch.randn(128, 1, HQ, D, device="cuda", dtype=DT)
+    p = workload(L)[1]
+    res["score_select_ms"] = timed(lambda: kernels.select_passing(kb, kb, kernels.passing_scores(qq, kb, window=5), p))
 
-        # merge of W = 4 query partials (q = nq rows)
-        outs = torch.randn(4, args.nq, 1, HQ, D, device="cuda", dtype=DT)
-        lses = torch.randn(4, 1, HQ, args.nq, device="cuda")
-        ms_merge = timed(lambda: kernels.merge_partials(outs, lses), 200)
+    res["summary"] = []
+    for r in res["block"]:
+        lr, lr_b = best(r, "lower_right")
+        sp, sp_b = best(r, "split")
+        ours = r.get("ours_routed_tflops")
+        res["summary"].append({
+            "L": r["L"], "ours_tflops": ours, "ours_route": r["route"],
+            "best_sdpa_tflops": lr, "best_sdpa_backend": lr_b, "ours_vs_best_sdpa": ours / lr if ours and lr else None,
+            "best_sdpa_split_no_merge_tflops": sp, "best_sdpa_split_backend": sp_b,
+            "ours_vs_split_no_merge": ours / sp if ours and sp else None,
+            "ours_triton_tflops": r.get("ours_triton_tflops"), "ours_cudnn_tflops": r.get("ours_cudnn_tflops"),
+        })
+    save()
 
-        row = {
-            "L": L, "anchor": a, "p": p, "n_pass": n_pass, "visible_pairs": pairs,
-            "ours_ms": ms, "ours_tflops": flops / ms / 1e9,
-            "sdpa_mode": mode, "sdpa_causal_ms": ms_c, "sdpa_causal_tflops": fl_c / ms_c / 1e9,
-            "sdpa_dense_ms": ms_d, "sdpa_dense_tflops": fl_d / ms_d / 1e9,
-            "sdpa_equal_work_ms": ms_c + ms_d, "sdpa_equal_work_tflops": (fl_c + fl_d) / (ms_c + ms_d) / 1e9,
-            "ratio_vs_sdpa_equal_work": (ms_c + ms_d) / ms,
-            "spot_rel_err": rel, "spot_lse_abs_err": lse_err,
-            "first_block_ms": ms1, "first_block_tflops": fl1 / ms1 / 1e9,
-            "score_ms": ms_score, "topk_ms": ms_topk, "select_gather_ms": ms_select,
-            "score_select_ms": ms_all, "score_select_pct_of_attention": 100 * ms_all / ms,
-            "merge_w4_ms": ms_merge,
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        del inp, q, kp, vp, ka, va, kb, vb, outs, lses, qq, sc, causal, dense
-        torch.cuda.empty_cache()
-    res["lengths"] = rows
-
-    with open(out_path, "w") as f:
-        json.dump(res, f, indent=1)
-
-    print()
-    print(f"device: {name}; config {best}; bf16, hq={HQ}, hkv={HKV}, d={D}, batch 1")
-    hdr = (f"{'L':>7} {'a':>5} {'n_pass':>6} | {'ours ms':>8} {'TF/s':>5} | {'SDPA c+d ms':>11} {'TF/s':>5} "
-           f"{'ours/SDPA':>9} | {'SDPA causal TF/s':>16} | {'1st blk TF/s':>12} | {'score+sel ms':>12} {'%':>5} "
-           f"| {'relerr':>7}")
-    print(hdr)
-    for r in rows:
-        print(f"{r['L']:>7} {r['anchor']:>5} {r['n_pass']:>6} | {r['ours_ms']:>8.2f} {r['ours_tflops']:>5.0f} | "
-              f"{r['sdpa_equal_work_ms']:>11.2f} {r['sdpa_equal_work_tflops']:>5.0f} "
-              f"{r['ours_tflops'] / r['sdpa_equal_work_tflops']:>9.2f} | {r['sdpa_causal_tflops']:>16.0f} | "
-              f"{r['first_block_tflops']:>12.0f} | {r['score_select_ms']:>12.3f} "
-              f"{r['score_select_pct_of_attention']:>5.2f} | {r['spot_rel_err']:>7.1e}")
+    print(f"\n{name}: APB-V block work (L block rows + prefix keys), TFLOP/s", file=sys.stderr)
+    for s in res["summary"]:
+        print(f"L={s['L']:>6}  ours {s['ours_tflops'] or 0:6.0f} ({s['ours_route']})  best SDPA "
+              f"{s['best_sdpa_tflops'] or 0:6.0f} ({s['best_sdpa_backend']}, lower_right)  ratio "
+              f"{s['ours_vs_best_sdpa'] or 0:.2f}  | SDPA split no merge {s['best_sdpa_split_no_merge_tflops'] or 0:6.0f} "
+              f"({s['best_sdpa_split_backend']})  ratio {s['ours_vs_split_no_merge'] or 0:.2f}", file=sys.stderr)
     if "gpu_tests" in res:
-        print("gpu tests:", res["gpu_tests"]["summary"])
-    print("wrote", out_path)
-
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        xs = range(len(rows))
-        ax.bar([x - 0.2 for x in xs], [r["ours_tflops"] for r in rows], 0.4, label="apb_attention (Triton)")
-        ax.bar([x + 0.2 for x in xs], [r["sdpa_equal_work_tflops"] for r in rows], 0.4,
-               label="SDPA flash, equal work")
-        ax.set_xticks(list(xs), [f"{r['L'] // 1024}K" for r in rows])
-        ax.set_ylabel("TFLOP/s (visible pairs)")
-        ax.set_title(f"APB-V attention, {name}")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_path.with_suffix(".png"), dpi=100)
-    except Exception as exc:  # pragma: no cover
-        print("no plot:", exc)
+        print("gpu tests:", res["gpu_tests"]["summary"], file=sys.stderr)
+    print(json.dumps({"out": str(out_path), "summary": res["summary"]}))
 
 
 if __name__ == "__main__":

@@ -234,3 +234,95 @@ def test_select_passing_gpu(L, p):
         assert torch.equal(k_sel[:, 0, h].float(), k_block[got_idx, 0, h].float())
         assert torch.equal(v_sel[:, 0, h].float(), v_block[got_idx, 0, h].float())
         assert ref_k.shape == ref_v.shape
+
+
+# Head dims other than 128: the Triton kernel pads the tile to the next power of two and masks
+# the padding (pointer loads; TMA needs d == padded d). d = 80 is Qwen2.5-VL's vision tower.
+@pytest.mark.parametrize("d", [64, 80, 96])
+@pytest.mark.parametrize("hq,hkv", [(16, 16), (28, 4), (7, 1)])
+def test_apb_attention_gpu_head_dims(d, hq, hkv):
+    torch.manual_seed(d + hq)
+    ar, n_pass, a, lq, lk = 65, 131, 65, 301, 301
+    sq, b = ar + lq, 1
+    q = _rand((sq, b, hq, d), torch.bfloat16)
+    kp, vp = _rand((n_pass, b, hkv, d), torch.bfloat16), _rand((n_pass, b, hkv, d), torch.bfloat16)
+    ka, va = _rand((a, b, hkv, d), torch.bfloat16), _rand((a, b, hkv, d), torch.bfloat16)
+    kb, vb = _rand((lk, b, hkv, d), torch.bfloat16), _rand((lk, b, hkv, d), torch.bfloat16)
+    out, lse = _run_poisoned(q, kp, vp, ka, va, kb, vb, ar, d ** -0.5)
+    _check(out, lse, *ref_attention(q, kp, vp, ka, va, kb, vb, ar, d ** -0.5))
+
+
+def _poison_allocator(nbytes=1 << 30):
+    """Fill the caching allocator's free memory with NaN so outputs a route allocates start as NaN."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    junk = torch.full((nbytes // 4,), float("nan"), device=DEV)  # large pool (> 1 MiB allocations)
+    small = [torch.full((1 << 17,), float("nan"), device=DEV) for _ in range(64)]  # small pool (LSE rows)
+    del junk, small  # the blocks go back to the cache, NaN-filled, and are handed to the next allocations
+    torch.cuda.synchronize()
+
+
+def _cudnn_ok():
+    from megatron_apbv.apbv.attention_routes import cudnn_op_available
+
+    return cudnn_op_available()
+
+
+# (anchor_rows, n_pass, a, L, hq, hkv, d): the cuDNN route needs as many block keys as block rows
+CUDNN_CASES = [
+    (0, 0, 0, 1000, 28, 4, 128),        # causal block only
+    (0, 300, 77, 777, 28, 4, 128),      # second block: passing + anchor + block
+    (0, 0, 129, 513, 28, 4, 128),       # empty passing
+    (0, 257, 0, 513, 28, 4, 128),       # empty anchor
+    (130, 257, 130, 700, 28, 4, 128),   # first block: anchor rows on Triton, block rows on cuDNN
+    (33, 65, 33, 257, 7, 1, 128),       # GQA 7
+    (0, 100, 50, 333, 8, 8, 128),       # GQA 1
+    (17, 41, 17, 301, 16, 2, 64),       # d 64
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and not _cudnn_ok(), reason="no cuDNN attention op")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CUDNN_CASES, ids=[f"cudnn{i}" for i in range(len(CUDNN_CASES))])
+def test_cudnn_route_gpu(case, dtype):
+    from megatron_apbv.apbv.cudnn_attention import cudnn_block_attention
+
+    ar, n_pass, a, lq, hq, hkv, d = case
+    torch.manual_seed(2000 + lq + n_pass)
+    b = 1
+    q = _rand((ar + lq, b, hq, d), dtype)
+    kp, vp = _rand((n_pass, b, hkv, d), dtype), _rand((n_pass, b, hkv, d), dtype)
+    ka, va = _rand((a, b, hkv, d), dtype), _rand((a, b, hkv, d), dtype)
+    kb, vb = _rand((lq, b, hkv, d), dtype), _rand((lq, b, hkv, d), dtype)
+    scale = d ** -0.5
+    _poison_allocator()
+    out, lse = cudnn_block_attention(K.apb_attention, q, kp, vp, ka, va, kb, vb, anchor_rows=ar,
+                                     softmax_scale=scale)
+    torch.cuda.synchronize()
+    assert out.shape == q.shape and lse.shape == (b, hq, ar + lq) and lse.dtype == torch.float32
+    _check(out, lse, *ref_attention(q, kp, vp, ka, va, kb, vb, ar, scale))
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and not _cudnn_ok(), reason="no cuDNN attention op")
+def test_dispatch_takes_the_measured_route_gpu(monkeypatch):
+    """apb_attention on CUDA takes the route the table names (threshold lowered to test shapes) and is exact."""
+    from megatron_apbv.apbv import attention_routes
+    from megatron_apbv.apbv.attend import apb_attention
+    from megatron_apbv.apbv.attention_routes import CUDNN, TRITON, route_for
+
+    gen = torch.cuda.get_device_capability()[0]
+    monkeypatch.setitem(attention_routes.MEASURED, (gen, 128), {"cudnn_from_rows": 256, "tflops": {}})
+    torch.manual_seed(7)
+    ar, n_pass, a, lq, hq, hkv, d = 64, 200, 64, 400, 28, 4, 128
+    q = _rand((ar + lq, 1, hq, d), torch.bfloat16)
+    kp, vp = _rand((n_pass, 1, hkv, d), torch.bfloat16), _rand((n_pass, 1, hkv, d), torch.bfloat16)
+    ka, va = _rand((a, 1, hkv, d), torch.bfloat16), _rand((a, 1, hkv, d), torch.bfloat16)
+    kb, vb = _rand((lq, 1, hkv, d), torch.bfloat16), _rand((lq, 1, hkv, d), torch.bfloat16)
+    route = route_for(q.device, q.dtype, d, rows=ar + lq, anchor_rows=ar, n_pass=n_pass, n_anchor=a, n_block=lq)
+    assert (route.anchor_rows, route.block_rows) == (TRITON, CUDNN)
+    _poison_allocator()
+    out, lse = apb_attention(q, kp, vp, ka, va, kb, vb, anchor_rows=ar, softmax_scale=d ** -0.5)
+    _check(out, lse, *ref_attention(q, kp, vp, ka, va, kb, vb, ar, d ** -0.5))
+    # bottom-right causal (more block keys than rows) is not a cuDNN mask: Triton
+    route = route_for(q.device, q.dtype, d, rows=lq, anchor_rows=0, n_pass=0, n_anchor=0, n_block=lq + 5)
+    assert route.block_rows == TRITON

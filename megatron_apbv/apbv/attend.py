@@ -1,6 +1,8 @@
 """Attention of one block over passing, anchor and block keys, with log-sum-exp (docs/design.md §3 steps 4-6).
 
-This is the function boundary the Triton kernel implements for CUDA tensors.
+This is the function boundary the Triton kernel implements for CUDA tensors; on
+CUDA each part takes the backend :mod:`megatron_apbv.apbv.attention_routes`
+chose by measurement (the Triton kernel, its split-keys form, or two cuDNN calls).
 The torch version builds the small APB-V mask explicitly and is meant for CPU
 runs and tests, not for long sequences.
 """
@@ -9,6 +11,14 @@ from __future__ import annotations
 
 import torch
 
+from megatron_apbv.apbv.attention_routes import (
+    CUDNN,
+    FEW_QUERY_ROWS,  # noqa: F401  (re-exported: the split-keys threshold)
+    KEY_CHUNK,
+    TRITON_SPLIT_KEYS,
+    route_for,
+)
+from megatron_apbv.apbv.cudnn_attention import cudnn_block_attention
 from megatron_apbv.apbv.kernels_dispatch import kernel_for
 from megatron_apbv.apbv.merge import merge_partials
 
@@ -42,21 +52,21 @@ def apb_attention(
             q, k_pass, v_pass, k_anchor, v_anchor, k_block, v_block, anchor_rows=anchor_rows,
             softmax_scale=softmax_scale,
         )
-    if anchor_rows == 0 and q.shape[0] <= FEW_QUERY_ROWS and k_pass.shape[0] + k_anchor.shape[0] >= 2 * KEY_CHUNK:
+    route = route_for(q.device, q.dtype, q.shape[-1], rows=q.shape[0], anchor_rows=anchor_rows,
+                      n_pass=k_pass.shape[0], n_anchor=k_anchor.shape[0], n_block=k_block.shape[0])
+    if route.block_rows == TRITON_SPLIT_KEYS:
         return attend_split_keys(
             kernel, q, torch.cat([k_pass, k_anchor]), torch.cat([v_pass, v_anchor]), k_block, v_block,
             softmax_scale=softmax_scale, chunk=KEY_CHUNK,
         )
+    if route.block_rows == CUDNN:
+        return cudnn_block_attention(
+            kernel, q, k_pass, v_pass, k_anchor, v_anchor, k_block, v_block, anchor_rows=anchor_rows,
+            softmax_scale=softmax_scale,
+        )
     return kernel(
         q, k_pass, v_pass, k_anchor, v_anchor, k_block, v_block, anchor_rows=anchor_rows, softmax_scale=softmax_scale
     )
-
-
-# Query tokens and decoded tokens are few rows over many keys: one kernel launch would
-# then run only (heads x one row tile) programs, far too few for the GPU. Splitting the
-# keys into chunks that ride along the batch dimension fills it (split-K, then LSE merge).
-FEW_QUERY_ROWS = 128
-KEY_CHUNK = 4096
 
 
 def attend_split_keys(

@@ -1,8 +1,11 @@
-"""Choose the Triton kernel for CUDA tensors, the torch code for everything else.
+"""Which implementation runs an operation: the Triton kernels for CUDA tensors, the torch code for CPU tensors.
 
 The torch functions in this package define each operation; ``megatron_apbv.kernels``
-implements the same functions for CUDA tensors. ``APBV_DISABLE_KERNELS=1`` forces
-the torch path everywhere (useful to compare the two on a GPU).
+implements the same functions for CUDA tensors. There is no silent fallback: a
+CUDA tensor whose kernel cannot be loaded raises :class:`KernelUnavailable`
+(the torch path builds ``O(N^2)`` masks, out of memory or minutes per layer at
+long prompts). ``APBV_DISABLE_KERNELS=1`` is the one explicit way to run the
+torch path on a GPU (useful to compare the two).
 """
 
 from __future__ import annotations
@@ -13,20 +16,47 @@ import os
 
 import torch
 
+DISABLE_ENV = "APBV_DISABLE_KERNELS"
+
+
+class KernelUnavailable(RuntimeError):
+    """CUDA tensors met a kernel that cannot be loaded; the message names the missing piece and the fix."""
+
+
+def kernels_disabled() -> bool:
+    """True when ``APBV_DISABLE_KERNELS=1`` asks for the torch path on every device."""
+    return os.environ.get(DISABLE_ENV) == "1"
+
 
 @functools.lru_cache(maxsize=None)
-def _kernels():
-    if os.environ.get("APBV_DISABLE_KERNELS") == "1":
-        return None
+def _load_kernels():
+    """``(module, None)`` or ``(None, reason)``: the import is tried once per process."""
     try:
-        return importlib.import_module("megatron_apbv.kernels")
-    except ImportError:
-        return None
+        return importlib.import_module("megatron_apbv.kernels"), None
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or str(exc)
+        if missing in ("triton", "triton.language") or "triton" in str(exc):
+            return None, "Triton is not installed: pip install triton"
+        return None, (
+            f"megatron_apbv.kernels cannot be imported ({exc}): install the package (pip install -e .) so that "
+            "kernels/ is importable as megatron_apbv.kernels"
+        )
 
 
 def kernel_for(name: str, tensor: torch.Tensor):
-    """The kernel ``name`` if ``tensor`` lives on a CUDA device and the kernel exists, else None."""
-    if not tensor.is_cuda:
+    """The kernel ``name`` for a CUDA ``tensor``; None for CPU tensors or with ``APBV_DISABLE_KERNELS=1``.
+
+    Raises :class:`KernelUnavailable` when ``tensor`` is on CUDA and the kernel
+    module (or the kernel) cannot be loaded.
+    """
+    if not tensor.is_cuda or kernels_disabled():
         return None
-    module = _kernels()
-    return getattr(module, name, None) if module is not None else None
+    module, reason = _load_kernels()
+    kernel = getattr(module, name, None) if module is not None else None
+    if kernel is None:
+        reason = reason or f"megatron_apbv.kernels has no kernel {name!r}: reinstall the package"
+        raise KernelUnavailable(
+            f"{name} on CUDA tensors needs the Triton kernels. {reason}; or set {DISABLE_ENV}=1 to use the slow "
+            "torch path (O(N^2) masks)"
+        )
+    return kernel

@@ -1,8 +1,10 @@
 """Dense causal core attention: the single-process baseline, same model and inputs as APB-V.
 
 Megatron's own ``DotProductAttention`` allocates its buffers on CUDA, so it cannot
-serve as the CPU baseline; this module runs PyTorch's scaled_dot_product_attention
-(flash on GPUs) over the whole local sequence.
+serve as the CPU baseline; this module runs PyTorch's scaled_dot_product_attention on CPUs
+and, on GPUs, ``apb_attention`` with no prefix keys: causal attention on the route
+``attention_routes`` measured fastest (cuDNN or the Triton kernel), so that the
+baseline runs at the same kernel speed as APB-V.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ class DenseCoreAttention(CoreAttentionBase):
         if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
             raise NotImplementedError("dense baseline attention is causal only: pass attention_mask=None")
         sq, b, hq, d = query.shape
+        if query.is_cuda:  # the measured-fastest route for causal attention (attention_routes), as APB-V gets
+            from megatron_apbv.apbv.attend import apb_attention
+
+            none = key[:0]
+            out, _ = apb_attention(query, none, none, none, none, key, value, anchor_rows=0,
+                                   softmax_scale=self.softmax_scale)
+            return out.reshape(sq, b, hq * d)
         # SDPA wants [b, h, s, d]; GQA without repeating K/V.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = F.scaled_dot_product_attention(

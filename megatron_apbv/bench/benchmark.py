@@ -95,8 +95,11 @@ def add_arguments(parser) -> None:
                         help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
     parser.add_argument("--lengths", type=_lengths, default=None,
                         help="prompt lengths in tokens (default: 32768,65536,131072 on GPUs, the config's prompt on CPUs)")
-    parser.add_argument("--level", choices=("layer", "model", "both"), default="both",
-                        help="one core-attention call, the whole model's prefill, or both (default)")
+    parser.add_argument("--level", choices=("layer", "model", "both", "e2e"), default="both",
+                        help="one core-attention call, the whole model's prefill, or both (default); e2e: video "
+                             "decode + vision tower + prefill + first token on one GPU (megatron_apbv/bench/e2e.py)")
+    parser.add_argument("--source-size", default=None, metavar="HxW",
+                        help="e2e: size of the source video frames before the resize to input.frame_size")
     parser.add_argument("--warmup", type=_count(0), default=2, help="untimed runs first (default 2)")
     parser.add_argument("--repeat", type=_count(1), default=5, help="timed runs; the median is reported (default 5)")
     parser.add_argument("--out", default=None, metavar="DIR", help="write DIR/bench.jsonl and DIR/bench.png")
@@ -343,6 +346,10 @@ def run_bench(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, methods=M
                     if timing.status == "ok":
                         logits[method] = _share_logits(timing.result, inputs, plan.cfg, device)
                         timing.result = None
+                if get_method(method).variant is not None and plan.mask is not None:
+                    from megatron_apbv.apbv.attention_routes import describe_layer
+
+                    row["attention_backend"] = describe_layer(plan.mask.layout, cfg.model.head_dim, dtype, device)
                 rows.append(row)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -479,7 +486,15 @@ def command(args, cfg: RunConfig, env: LaunchEnv, device: torch.device) -> dict:
     if args.out:  # every rank, before any model is built: not after all the compute, on rank 0
         from megatron_apbv.runtime.outputs import check_output_dir
 
-        check_output_dir(args.out, "--out", ("bench.jsonl", "bench.png"))
+        names = ("e2e.jsonl",) if args.level == "e2e" else ("bench.jsonl", "bench.png")
+        check_output_dir(args.out, "--out", names)
+    if args.level == "e2e":
+        from megatron_apbv.bench.e2e import E2E_METHODS, run_e2e
+
+        size = tuple(int(x) for x in args.source_size.lower().split("x")) if args.source_size else None
+        methods = tuple(m for m in args.methods if m in E2E_METHODS) if args.methods != METHODS else E2E_METHODS
+        return run_e2e(cfg, device, methods=methods, source_size=size, warmup=args.warmup, repeat=args.repeat,
+                       out=args.out)
     levels = LEVELS if args.level == "both" else (args.level,)
     return run_bench(cfg, env, device, methods=args.methods, lengths=args.lengths, levels=levels,
                      warmup=args.warmup, repeat=args.repeat, out=args.out, ulysses_kernel=args.ulysses_kernel)

@@ -9,11 +9,17 @@ import torch
 import torch.distributed as dist
 
 from megatron_apbv.apbv.attention import APBVMask
+from megatron_apbv.apbv.attention_routes import describe_layer
 from megatron_apbv.apbv.decode import DistributedKVCache
 from megatron_apbv.apbv.layout import SequenceLayout
 from megatron_apbv.inference.divergence import kl_from_dense
 from megatron_apbv.models.embeddings import build_vision_tower_for, input_embeddings
-from megatron_apbv.models.gpt import build_gpt_model, build_rope, last_token_logits
+from megatron_apbv.models.gpt import (
+    DTYPES,
+    build_gpt_model,
+    build_rope,
+    last_token_logits,
+)
 from megatron_apbv.models.inputs import Prompt, build_prompt
 from megatron_apbv.runtime.config import ConfigError, RunConfig
 from megatron_apbv.runtime.distributed import LaunchEnv
@@ -126,6 +132,9 @@ def run_prefill(
         "prefill_seconds": round(run.seconds, 6),
         "next_token_id": logits.argmax(-1).tolist() if logits.shape[0] > 1 else int(logits[0].argmax()),
         "rank_logit_spread": spread,
+        "attention_backend": describe_layer(
+            seq.rank(context_parallel_rank()), cfg.model.head_dim, DTYPES[cfg.dtype], device
+        ),
     }
     if run.video is not None:
         record["video"] = run.video

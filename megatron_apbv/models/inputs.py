@@ -37,7 +37,9 @@ def frame_grid(tokens_per_frame: int) -> tuple[int, int]:
     return h, tokens_per_frame // h
 
 
-def build_prompt(cfg: RunConfig, *, share: Optional[tuple[int, int]] = None) -> Prompt:
+def build_prompt(
+    cfg: RunConfig, *, share: Optional[tuple[int, int]] = None, frames: Optional[torch.Tensor] = None
+) -> Prompt:
     """The configured prompt: text around a synthetic or real video.
 
     The text is ``input.system_prompt`` / ``input.question`` in the tokenizer's chat
@@ -46,9 +48,13 @@ def build_prompt(cfg: RunConfig, *, share: Optional[tuple[int, int]] = None) -> 
     group from the sampled fps, ``FramePlan.time_step``). With ``input.kind: video``
     the video tokens are placeholders (the tokenizer's ``<|video_pad|>``, else the
     last vocab id) that the vision embeddings replace. ``share = (rank, world)``
-    reads only the frames of that rank's temporal groups (``vision.frame_share``).
+    reads only the frames of that rank's temporal groups (``vision.frame_share``);
+    ``frames`` (all the sampled frames, at the plan's size) are used instead of
+    decoding ``input.video_path`` or making the synthetic video.
     """
     inp = cfg.input
+    if frames is not None and inp.kind != "video":
+        raise ValueError(f"frames given for input.kind={inp.kind!r}: they need input.kind=video")
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     # the last id is reserved for video placeholders, so text never looks like video
     ids = torch.randint(0, cfg.model.vocab_size - 1, (inp.batch_size, cfg.prompt_len), generator=generator)
@@ -58,7 +64,12 @@ def build_prompt(cfg: RunConfig, *, share: Optional[tuple[int, int]] = None) -> 
         grid = (inp.frame_count,) + frame_grid(inp.tokens_per_frame)
     else:
         plan = inp.frame_plan(cfg.vision)
-        frames, decode_seconds, shared = _frames(cfg, plan, share)
+        if frames is not None:
+            if tuple(frames.shape[:3]) != (plan.num_frames, *plan.size):
+                raise ValueError(f"frames {tuple(frames.shape)} do not match the {plan.num_frames} frames of "
+                                 f"{list(plan.size)} the input section samples")
+        else:
+            frames, decode_seconds, shared = _frames(cfg, plan, share)
         unit = cfg.vision.patch_size * cfg.vision.spatial_merge_size
         grid = (plan.groups, plan.size[0] // unit, plan.size[1] // unit)
         video = Span(inp.system_tokens, inp.system_tokens + inp.video_tokens(cfg.vision))

@@ -135,7 +135,7 @@ def patchify(
     if len(mean) != C or len(std) != C:
         raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries for {C} channels")
     x = frames.to(torch.float32) / 255.0
-    x = (x - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std, dtype=torch.float32)
+    x = (x - x.new_tensor(mean)) / x.new_tensor(std)  # on the frames' device (CPU or GPU)
     x = pad_frames(x.permute(0, 3, 1, 2), tp)  # [T', C, H, W]
     groups, gh, gw = x.shape[0] // tp, H // p, W // p
     x = x.reshape(groups, tp, C, gh // m, m, p, gw // m, m, p)

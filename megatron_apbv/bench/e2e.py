@@ -1,0 +1,310 @@
+"""``apbv bench --level e2e``: time to first token of a video prompt on one GPU, per stage.
+
+The paper's setting: Qwen2.5-VL on a 64-frame video, prefill plus the first
+token with the vision encoder included. One run of the pipeline is
+
+1. ``decode``: the video's frames become the tower's patches on the GPU. With
+   PyAV installed the source frames are written once (untimed) to an ``.mp4``
+   file and the stage decodes it (``models.video.load_video``: decode, sample,
+   resize on the CPU), then copies the frames to the GPU and patchifies them.
+   Without PyAV the source frames are synthetic ``uint8`` frames in memory and
+   the stage copies them to the GPU, resizes them to ``input.frame_size`` there
+   and patchifies them: no codec work, which the record says
+   (``decode_source``);
+2. ``vision``: the Qwen2.5-VL vision tower (``transformers``) on every temporal
+   group, one process (W = 1), its attention batched over segments
+   (:mod:`megatron_apbv.models.vision_attention`: same result, one SDPA call per
+   layer instead of one per window);
+3. ``prefill``: text embedding with the video embeddings scattered in, then the
+   decoder over the whole prompt with the method's core attention (``dense``:
+   causal attention over everything; ``apbv``: the APB-V layer at W = 1);
+4. ``first_token``: final norm, LM head on the last token, argmax.
+
+Each stage is timed with ``perf_counter`` after a device synchronisation; the
+record gives the median over ``--repeat`` runs after ``--warmup`` runs. Stages 1-2
+are the same work for both methods at W = 1, so each repetition runs them once
+and both methods' prefills follow on the same embeddings (each method's total
+counts them). Weights
+are random; the model is built with its parameters initialised on the GPU
+(``init`` in the record; seeded, but not the same numbers as a CPU build).
+
+:func:`predict_scaling` turns the measured per-stage times into W = 2, 4, 8
+predictions with the cost model (``megatron_apbv.costmodel``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_apbv.runtime.config import ConfigError, RunConfig
+
+STAGES = ("decode", "vision", "prefill", "first_token")
+E2E_METHODS = ("dense", "apbv")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def source_frames(cfg: RunConfig, source_size: tuple[int, int]) -> torch.Tensor:
+    """Synthetic ``uint8 [T, H, W, 3]`` frames at the camera's ``source_size`` (before the model's resize).
+
+    A smooth synthetic video at 1/8 of the size, upsampled by pixel repetition
+    (generating at full size in float64 would take longer than everything timed).
+    """
+    from megatron_apbv.models.video import synthetic_video
+
+    h, w = source_size
+    small = synthetic_video(cfg.input.video_frames, -(-h // 8), -(-w // 8), seed=cfg.seed)
+    return small.repeat_interleave(8, 1).repeat_interleave(8, 2)[:, :h, :w].contiguous()
+
+
+class Pipeline:
+    """The model, tower and inputs of one config; :meth:`run` times the four stages once."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device, source_size: tuple[int, int], workdir: Path):
+        from megatron_apbv.models.embeddings import build_vision_tower_for
+        from megatron_apbv.models.gpt import build_gpt_model, build_rope
+        from megatron_apbv.models.vision_attention import batch_vision_segments
+
+        self.cfg, self.device = cfg, device
+        t0 = time.perf_counter()
+        self.init = "device"
+        # Parameters are created and drawn where they live (torch's default-device context):
+        # a CPU draw of the 7B model's weights takes about a minute.
+        with torch.device(device):
+            self.model = build_gpt_model(cfg, method="apbv", device=device)
+            self.tower = batch_vision_segments(build_vision_tower_for(cfg, device))
+        self.rope = build_rope(cfg, device)
+        _sync(device)
+        self.build_seconds = time.perf_counter() - t0
+        self.source = source_frames(cfg, source_size)
+        self.video_path = None
+        try:
+            import av  # noqa: F401
+
+            from megatron_apbv.models.video import write_video
+
+            self.video_path = workdir / f"e2e_{source_size[0]}x{source_size[1]}.mp4"
+            write_video(self.video_path, self.source)
+            self.decode_source = f"PyAV decode of {self.video_path.name} (libx264/mpeg4), CPU resize"
+        except ImportError:
+            self.decode_source = ("synthetic uint8 frames in memory (PyAV not installed): the stage is copy to GPU, "
+                                  "GPU resize and patchify, no codec decode")
+        from megatron_apbv.models.inputs import build_prompt
+
+        h, w = cfg.input.frame_size
+        self.prompt = build_prompt(cfg, frames=torch.zeros(cfg.input.video_frames, h, w, 3, dtype=torch.uint8))
+
+    def _decode(self):
+        from megatron_apbv.models.video import load_video, resize_frames
+        from megatron_apbv.models.vision import patchify_for
+
+        size = tuple(self.cfg.input.frame_size)
+        if self.video_path is not None:
+            frames = load_video(self.video_path, num_frames=self.cfg.input.video_frames, size=size)
+            frames = frames.to(self.device, non_blocking=False)
+        else:
+            frames = resize_frames(self.source.to(self.device), size)
+        return patchify_for(self.tower.config, frames)
+
+    def encode(self) -> tuple[torch.Tensor, dict]:
+        """Stages 1-2: the video embeddings ``[video_tokens, hidden]`` and the seconds of each stage."""
+        from megatron_apbv.models.vision import encode_groups
+
+        dev, times = self.device, {}
+        with torch.inference_mode():
+            _sync(dev)
+            t = time.perf_counter()
+            patches, grid = self._decode()
+            _sync(dev)
+            times["decode"], t = time.perf_counter() - t, time.perf_counter()
+            video = encode_groups(self.tower, patches, grid, grid.groups, device=dev)
+            del patches
+            _sync(dev)
+            times["vision"] = time.perf_counter() - t
+        return video, times
+
+    def prefill(self, model, video: torch.Tensor, mask, layout) -> tuple[dict, int]:
+        """Stages 3-4 of one method (``layout`` None: dense over the whole prompt); seconds and the first token."""
+        from megatron_apbv.models.gpt import decoder_hidden, vocab_logits
+        from megatron_apbv.models.vision import insert_video_embeddings
+
+        dev, times = self.device, {}
+        idx = layout.global_indices if layout is not None else torch.arange(self.prompt.input_ids.shape[1])
+        local = self.prompt.local(idx)
+        ids, pos = local.input_ids.to(dev), local.position_ids.to(dev)
+        with torch.inference_mode():
+            _sync(dev)
+            t = time.perf_counter()
+            text = model.embedding(input_ids=ids, position_ids=None)
+            embeds = insert_video_embeddings(text, video, idx, self.prompt.video)
+            del text
+            hidden = decoder_hidden(model, self.rope, ids, pos, mask, inputs_embeds=embeds)
+            del embeds
+            _sync(dev)
+            times["prefill"], t = time.perf_counter() - t, time.perf_counter()
+            last = hidden.shape[0] - 1  # the prompt's last token is the last local row in both layouts
+            token = int(vocab_logits(model, hidden[last : last + 1]).argmax(-1)[0])
+            _sync(dev)
+            times["first_token"] = time.perf_counter() - t
+        return times, token
+
+
+def run_e2e(cfg: RunConfig, device: torch.device, *, methods=E2E_METHODS, source_size=None, warmup: int = 1,
+            repeat: int = 1, out: Optional[str] = None, predict_gpus=(2, 4, 8)) -> dict:
+    """Time every method end to end on one GPU; returns the record (also ``OUT/e2e.jsonl`` with ``out``)."""
+    from megatron_apbv.apbv.attention import APBVMask
+    from megatron_apbv.apbv.attention_routes import describe_layer
+    from megatron_apbv.apbv.layout import SequenceLayout
+    from megatron_apbv.bench.benchmark import method_model
+    from megatron_apbv.models.gpt import DTYPES
+
+    if cfg.input.kind != "video":
+        raise ConfigError("apbv bench --level e2e needs input.kind=video (the vision tower is a stage)")
+    if cfg.parallel.context_parallel_size != 1 or cfg.parallel.tensor_parallel_size != 1:
+        raise ConfigError("apbv bench --level e2e runs on one GPU: parallel.context_parallel_size=1 and "
+                          "tensor_parallel_size=1 (W > 1 is predicted from the measured stages)")
+    bad = [m for m in methods if m not in E2E_METHODS]
+    if bad:
+        raise ConfigError(f"--methods {bad}: the e2e level times {', '.join(E2E_METHODS)}")
+    source_size = tuple(source_size or cfg.input.frame_size)
+    workdir = Path(out) if out else Path(".")
+    workdir.mkdir(parents=True, exist_ok=True)
+    pipe = Pipeline(cfg, device, source_size, workdir)
+    dtype = DTYPES[cfg.dtype]
+    m, v = cfg.model, cfg.vision
+    record = {
+        "command": "bench", "level": "e2e", "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda" else "cpu", "world_size": 1, "dtype": cfg.dtype,
+        "model": {"layers": m.num_layers, "hidden": m.hidden_size, "heads": m.num_attention_heads,
+                  "kv_heads": m.num_query_groups, "ffn": m.ffn_hidden_size, "vocab": m.vocab_size},
+        "vision": {"depth": v.depth, "hidden": v.hidden_size, "heads": v.num_heads,
+                   "fullatt_block_indexes": list(v.fullatt_block_indexes),
+                   "attention": "one SDPA call per layer over all segments (models/vision_attention.py)"},
+        "frames": cfg.input.video_frames, "source_size": list(source_size), "frame_size": list(cfg.input.frame_size),
+        "prompt_tokens": cfg.prompt_len, "video_tokens": len(pipe.prompt.video), "anchor_len": cfg.anchor_len,
+        "passing_len": max(cfg.passing_lens()), "query_len": cfg.query_len,
+        "weights": "random", "init": pipe.init, "build_seconds": round(pipe.build_seconds, 3),
+        "decode_source": pipe.decode_source, "warmup": warmup, "repeat": repeat, "methods": {},
+    }
+    plans = {}
+    for method in methods:
+        if method == "apbv":
+            layout = SequenceLayout.from_config(cfg).rank(0)
+            backend = describe_layer(layout, m.head_dim, dtype, device)
+            plans[method] = (APBVMask.from_config(cfg, layout), layout, backend)
+        else:
+            whole = SequenceLayout(cfg.prompt_len, 0, 0, 1, zigzag=False).rank(0)
+            plans[method] = (None, None, describe_layer(whole, m.head_dim, dtype, device)["block0"])
+    models = {method: method_model(pipe.model, method, cfg, device) for method in methods}  # shared weights
+    runs = {method: [] for method in methods}
+    tokens = {}
+    # Decode and vision are the same work for every method at W = 1: they run once per repetition
+    # and count in every method's total; each method's prefill then runs on the same embeddings.
+    for i in range(warmup + repeat):
+        video, shared = pipe.encode()
+        for method in methods:
+            mask, layout, _ = plans[method]
+            times, tokens[method] = pipe.prefill(models[method], video, mask, layout)
+            times = {**shared, **times}
+            print(f"e2e {method} run {i}: " + " ".join(f"{k} {s:.3f}s" for k, s in times.items()), file=sys.stderr,
+                  flush=True)
+            if i >= warmup:
+                runs[method].append(times)
+        del video
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for method in methods:
+        stages = {k: statistics.median(r[k] for r in runs[method]) for k in STAGES}
+        record["methods"][method] = {
+            "stages_s": {k: round(s, 4) for k, s in stages.items()},
+            "total_s": round(sum(stages.values()), 4),
+            "runs_s": [{k: round(s, 4) for k, s in r.items()} for r in runs[method]],
+            "first_token_id": tokens[method],
+            "attention_backend": plans[method][2],
+        }
+    record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" \
+        else None
+    if predict_gpus:
+        record["predicted"] = predict_scaling(cfg, record, predict_gpus)
+    if out:
+        with open(Path(out) / "e2e.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    sys.stderr.write(format_e2e(record) + "\n")
+    return record
+
+
+def predict_scaling(cfg: RunConfig, record: dict, gpus=(2, 4, 8), gpu: str = "h200",
+                    interconnect: str = "nvlink") -> dict:
+    """W-GPU time to first token of APB-V from the measured W = 1 stages.
+
+    * ``decode``: unchanged (every rank decodes the video: the frames reach
+      every rank, as ``build_prompt`` does today);
+    * ``vision``: ``1 / W`` (each rank encodes its temporal groups,
+      ``models.vision.encode_frames_distributed``) plus the all-gather of the
+      embeddings (``Cluster.allgather_s``);
+    * ``prefill``: the measured W = 1 time times the cost model's ratio
+      ``predict(apbv, W) / predict(apbv, 1)`` (same prompt and budgets);
+    * ``first_token``: unchanged.
+
+    Also the same for ``dense`` (one GPU whatever W), so ``speedup_vs_dense``.
+    The limiting stage is the one with the largest share of the W-GPU time.
+    """
+    from megatron_apbv.costmodel.calibration import Profiles
+    from megatron_apbv.costmodel.predict import predict
+    from megatron_apbv.costmodel.shapes import ModelShape
+
+    measured = record["methods"].get("apbv")
+    if measured is None:
+        return {}
+    profiles = Profiles.load()
+    shape = ModelShape.from_config(cfg)
+    n = cfg.prompt_len
+    kwargs = dict(anchor_len=cfg.anchor_len, query_len=cfg.query_len, passing=list(cfg.passing_lens()))
+    base = predict("apbv", shape, profiles.cluster(gpu, interconnect, 1), n, **kwargs).seconds
+    stages = measured["stages_s"]
+    dense_total = record["methods"].get("dense", {}).get("total_s")
+    emb_bytes = record["video_tokens"] * cfg.model.hidden_size * shape.dtype_bytes
+    out = {"model": f"costmodel {gpu}/{interconnect}, prefill scaled from the measured W = 1 apbv prefill"}
+    for w in gpus:
+        cluster = profiles.cluster(gpu, interconnect, w)
+        ratio = predict("apbv", shape, cluster, n, **kwargs).seconds / base
+        pred = {
+            "decode": stages["decode"],
+            "vision": stages["vision"] / w + cluster.allgather_s(emb_bytes),
+            "prefill": stages["prefill"] * ratio,
+            "first_token": stages["first_token"],
+        }
+        total = sum(pred.values())
+        out[str(w)] = {
+            "stages_s": {k: round(s, 4) for k, s in pred.items()},
+            "total_s": round(total, 4),
+            "speedup_vs_w1": round(measured["total_s"] / total, 3),
+            "speedup_vs_dense": round(dense_total / total, 3) if dense_total else None,
+            "limiting_stage": max(pred, key=pred.get),
+            "stage_share": {k: round(s / total, 3) for k, s in pred.items()},
+        }
+    return out
+
+
+def format_e2e(record: dict) -> str:
+    head = f"e2e {record['device_name']}: {record['frames']} frames {record['frame_size']}, " \
+           f"{record['prompt_tokens']} tokens, {record['model']['layers']} layers"
+    lines = [head, f"{'method':<8} " + " ".join(f"{s:>12}" for s in STAGES) + f" {'total':>9}"]
+    for name, r in record["methods"].items():
+        lines.append(f"{name:<8} " + " ".join(f"{r['stages_s'][s]:>12.3f}" for s in STAGES) + f" {r['total_s']:>9.3f}")
+    for w, p in record.get("predicted", {}).items():
+        if w == "model":
+            continue
+        lines.append(f"apbv W={w:<2} " + " ".join(f"{p['stages_s'][s]:>12.3f}" for s in STAGES)
+                     + f" {p['total_s']:>9.3f}  limit: {p['limiting_stage']}")
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""No silent fallback: CPU tensors take torch, CUDA tensors a kernel or a clear error; the route table's choices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_apbv.apbv import attention_routes, kernels_dispatch
+from megatron_apbv.apbv.attend import apb_attention, apb_mask, masked_attention
+from megatron_apbv.apbv.attention_routes import (
+    CUDNN,
+    TORCH,
+    TRITON,
+    TRITON_SPLIT_KEYS,
+    route_for,
+)
+from megatron_apbv.apbv.kernels_dispatch import KernelUnavailable, kernel_for
+
+
+class _FakeCudaTensor:
+    """Only what kernel_for reads: a tensor that says it lives on CUDA."""
+
+    is_cuda = True
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """The kernel module fails to import because Triton is missing (simulated for this test only)."""
+
+    def fail(name, *args, **kwargs):
+        raise ModuleNotFoundError("No module named 'triton'", name="triton")
+
+    kernels_dispatch._load_kernels.cache_clear()
+    monkeypatch.setattr(kernels_dispatch.importlib, "import_module", fail)
+    monkeypatch.delenv(kernels_dispatch.DISABLE_ENV, raising=False)
+    yield
+    kernels_dispatch._load_kernels.cache_clear()
+
+
+def test_cpu_tensors_take_the_torch_path(no_kernels):
+    assert kernel_for("apb_attention", torch.zeros(1)) is None
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(9, 1, 4, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(13, 1, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    out, lse = apb_attention(q, k[:3], v[:3], k[3:7], v[3:7], k[7:], v[7:], anchor_rows=4, softmax_scale=0.3)
+    ref_out, ref_lse = masked_attention(q, k, v, apb_mask(4, 5, 3, 4, 6), softmax_scale=0.3)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+
+
+def test_cuda_tensors_without_kernels_raise_naming_the_fix(no_kernels):
+    with pytest.raises(KernelUnavailable) as err:
+        kernel_for("apb_attention", _FakeCudaTensor())
+    message = str(err.value)
+    assert "Triton is not installed: pip install triton" in message
+    assert "APBV_DISABLE_KERNELS=1" in message
+
+
+def test_missing_kernel_module_names_the_package(monkeypatch):
+    def fail(name, *args, **kwargs):
+        raise ModuleNotFoundError("No module named 'megatron_apbv.kernels'", name="megatron_apbv.kernels")
+
+    kernels_dispatch._load_kernels.cache_clear()
+    monkeypatch.setattr(kernels_dispatch.importlib, "import_module", fail)
+    monkeypatch.delenv(kernels_dispatch.DISABLE_ENV, raising=False)
+    try:
+        with pytest.raises(KernelUnavailable, match="pip install -e"):
+            kernel_for("merge_partials", _FakeCudaTensor())
+    finally:
+        kernels_dispatch._load_kernels.cache_clear()
+
+
+def test_disable_switch_is_the_explicit_torch_path(no_kernels, monkeypatch):
+    monkeypatch.setenv(kernels_dispatch.DISABLE_ENV, "1")
+    assert kernel_for("apb_attention", _FakeCudaTensor()) is None
+
+
+@pytest.fixture
+def hopper_with_cudnn(monkeypatch):
+    monkeypatch.setattr(attention_routes, "_generation", lambda device: 9)
+    monkeypatch.setattr(attention_routes, "cudnn_op_available", lambda: True)
+    monkeypatch.delenv(kernels_dispatch.DISABLE_ENV, raising=False)
+
+
+CUDA = torch.device("cuda")
+
+
+def test_routes_follow_the_measured_table(hopper_with_cudnn):
+    bf16 = torch.bfloat16
+    big = attention_routes.MEASURED[(9, 128)]["cudnn_from_rows"]
+    # second block: square causal block + dense prefix, measured faster on cuDNN
+    r = route_for(CUDA, bf16, 128, rows=big, anchor_rows=0, n_pass=3000, n_anchor=2000, n_block=big)
+    assert (r.anchor_rows, r.block_rows) == (None, CUDNN)
+    # first block: anchor rows stay on Triton
+    r = route_for(CUDA, bf16, 128, rows=2048 + big, anchor_rows=2048, n_pass=0, n_anchor=2048, n_block=big)
+    assert (r.anchor_rows, r.block_rows) == (TRITON, CUDNN)
+    # below the measured crossover, not square (bottom-right causal), fp32, unmeasured head dim: Triton
+    assert route_for(CUDA, bf16, 128, rows=big // 2, anchor_rows=0, n_pass=0, n_anchor=0,
+                     n_block=big // 2).block_rows == TRITON
+    assert route_for(CUDA, bf16, 128, rows=big, anchor_rows=0, n_pass=0, n_anchor=0,
+                     n_block=big + 1).block_rows == TRITON
+    assert route_for(CUDA, torch.float32, 128, rows=big, anchor_rows=0, n_pass=0, n_anchor=0,
+                     n_block=big).block_rows == TRITON
+    assert route_for(CUDA, bf16, 80, rows=big, anchor_rows=0, n_pass=0, n_anchor=0, n_block=big).block_rows == TRITON
+    # few query rows over many keys: split keys
+    assert route_for(CUDA, bf16, 128, rows=64, anchor_rows=0, n_pass=20000, n_anchor=0,
+                     n_block=64).block_rows == TRITON_SPLIT_KEYS
+
+
+def test_routes_without_cudnn_or_on_other_gpus_are_triton(monkeypatch):
+    monkeypatch.delenv(kernels_dispatch.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(attention_routes, "cudnn_op_available", lambda: False)
+    monkeypatch.setattr(attention_routes, "_generation", lambda device: 9)
+    assert route_for(CUDA, torch.bfloat16, 128, rows=1 << 17, anchor_rows=0, n_pass=0, n_anchor=0,
+                     n_block=1 << 17).block_rows == TRITON
+    monkeypatch.setattr(attention_routes, "cudnn_op_available", lambda: True)
+    monkeypatch.setattr(attention_routes, "_generation", lambda device: 8)
+    assert route_for(CUDA, torch.bfloat16, 128, rows=1 << 17, anchor_rows=0, n_pass=0, n_anchor=0,
+                     n_block=1 << 17).block_rows == TRITON
+
+
+def test_describe_layer_reports_every_part():
+    from megatron_apbv.apbv.layout import SequenceLayout
+
+    layout = SequenceLayout(4096, 128, 64, 2, zigzag=True).rank(0)
+    report = attention_routes.describe_layer(layout, 128, torch.bfloat16, torch.device("cpu"))
+    assert report == {"block0": f"anchor rows: {TORCH}; block rows: {TORCH}", "block1": f"block rows: {TORCH}",
+                      "query_partial": f"block rows: {TORCH}"}
