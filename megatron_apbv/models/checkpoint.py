@@ -222,12 +222,13 @@ def _canonical(name: str) -> tuple[Optional[str], str]:
 class _Tensors:
     """Canonical name -> lazily read (sliced) tensor over the open safetensors files."""
 
-    def __init__(self, files: list[Path], stack: contextlib.ExitStack):
+    def __init__(self, files: list[Path], stack: contextlib.ExitStack, device: torch.device = torch.device("cpu")):
+        self.device = device  # tensors are read straight onto the model's device
         self.where: dict[str, tuple] = {}  # canonical -> (handle, stored name)
         self.ignored: list[str] = []
         prefixes: Counter = Counter()
         for path in files:
-            handle = stack.enter_context(safe_open(str(path), framework="pt"))
+            handle = stack.enter_context(safe_open(str(path), framework="pt", device=str(device)))
             for name in handle.keys():
                 canon, prefix = _canonical(name)
                 if canon is None:
@@ -258,9 +259,9 @@ class _Tensors:
         """The whole tensor, or ``[start:stop]`` along ``dim`` (0 or 1) read from the memory map."""
         handle, name = self.where[canon]
         if dim is None:
-            return handle.get_tensor(name)
+            return handle.get_tensor(name).to(self.device)
         part = handle.get_slice(name)
-        return part[start:stop] if dim == 0 else part[:, start:stop]
+        return (part[start:stop] if dim == 0 else part[:, start:stop]).to(self.device)
 
 
 class _Shapes:
@@ -402,7 +403,7 @@ def load_hf_checkpoint(model, path: str | Path, *, tp_rank: int = 0, tp_size: in
     tied = bool(getattr(model, "share_embeddings_and_output_weights", False))
 
     with contextlib.ExitStack() as stack:
-        tensors = _Tensors(files, stack)
+        tensors = _Tensors(files, stack, next(iter(params.values())).device)
         problems: list[str] = []
         expected: dict[str, tuple[int, ...]] = {}
         for recipe in recipes.values():

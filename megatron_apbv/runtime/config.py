@@ -219,6 +219,10 @@ class GenerateConfig(_Section):
     stop_at_eos: StrictBool = Field(
         True, description="also stop at model.checkpoint's end-of-sequence ids (generation_config.json, config.json)"
     )
+    cuda_graphs: Union[Literal["auto"], StrictBool] = Field(
+        "auto", description="replay each decode step from a CUDA graph: auto = on for CUDA, off on the CPU; "
+        "true needs a CUDA device"
+    )
 
 
 class RunConfig(_Section):
@@ -257,6 +261,8 @@ class RunConfig(_Section):
                 )
             if self.input.batch_size != 1:
                 raise ValueError("input.batch_size must be 1 with input.kind=video")
+        if self.device == "cpu" and self.generate.cuda_graphs is True:
+            raise ValueError("generate.cuda_graphs=true needs device: cuda (CUDA graphs); set generate.cuda_graphs=auto")
         prompt = self.prompt_len
         anchor = resolve_budget(self.apbv.anchor, prompt, "anchor")
         if anchor + self.input.query_tokens > prompt:
