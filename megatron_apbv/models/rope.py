@@ -55,7 +55,7 @@ class PositionRotaryEmbedding(torch.nn.Module):
         return self._format(angles)
 
     def per_sequence(self, position_ids: torch.Tensor) -> torch.Tensor:
-        """RoPE for a batch whose sequences sit at different positions: ``[b, s]`` or ``[3, b, s]`` -> ``[s, b, 1, dim]``.
+        """RoPE of a batch whose sequences sit at different positions: ``[b, s]``, ``[3, b, s]`` -> ``[s, b, 1, dim]``.
 
         Megatron's ``apply_rotary_pos_emb`` broadcasts the batch dimension, so each
         sequence gets its own angles (decoding a batch of different prompt lengths).
