@@ -258,7 +258,7 @@ class _Tensors:
     def read(self, canon: str, dim: Optional[int] = None, start: int = 0, stop: int = 0) -> torch.Tensor:
         """The whole tensor, or ``[start:stop]`` along ``dim`` (0 or 1) read from the memory map."""
         handle, name = self.where[canon]
-        if dim is None:
+        if dim is None or (start == 0 and stop == self.shape(canon)[dim]):
             return handle.get_tensor(name).to(self.device)
         part = handle.get_slice(name)
         return (part[start:stop] if dim == 0 else part[:, start:stop]).to(self.device)
