@@ -6,7 +6,7 @@ tensor, so one compiled launch serves every step (and can be captured in a CUDA
 graph). One program handles one (sequence, KV head, key split): it loads each
 K/V tile of its split once for the whole GQA group (``hq / hkv`` heads x ``t``
 tokens as the rows of one ``tl.dot``), runs an online softmax over the split and
-writes a partial ``(out, lse)``; :func:`merge_partials` then combines the splits.
+writes a partial ``(out, lse)``; a second kernel combines the splits by log-sum-exp.
 The split count depends on the capacity (static), not on the lengths: splits past
 a sequence's end write ``lse = -inf`` and are ignored by the merge.
 """
@@ -16,8 +16,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from .lse_merge import merge_partials
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -93,6 +91,53 @@ def _decode_split_kernel(
     tl.store(L + split * s_ls + b * s_lb + q_head * s_lh + j, lse, mask=row_ok)
 
 
+@triton.jit
+def _combine_splits_kernel(
+    OUTS, LSES, O, L,
+    n_splits, n_heads,
+    s_is, s_it, s_ib, s_ih,
+    s_ls, s_lb, s_lh,
+    s_ot, s_ob, s_oh,
+    s_mb, s_mh,
+    T: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # one program per (token, sequence, query head): all splits at once, BLOCK_S at a time
+    pid = tl.program_id(0)
+    j = pid % T
+    bh = pid // T
+    h = (bh % n_heads).to(tl.int64)
+    b = (bh // n_heads).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    l_base = LSES + b * s_lb + h * s_lh + j
+    m_vec = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        m_vec = tl.maximum(m_vec, tl.load(l_base + (s0 + offs_s) * s_ls, mask=s0 + offs_s < n_splits,
+                                          other=float("-inf")))
+    m = tl.max(m_vec, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([D_PAD], dtype=tl.float32)
+    den = tl.zeros([BLOCK_S], dtype=tl.float32)
+    o_base = OUTS + j * s_it + b * s_ib + h * s_ih
+    for s0 in range(0, n_splits, BLOCK_S):
+        split = s0 + offs_s
+        lw = tl.load(l_base + split * s_ls, mask=split < n_splits, other=float("-inf"))
+        live = lw != float("-inf")
+        w = tl.where(live, tl.exp(lw - m_use), 0.0)
+        ow = tl.load(o_base + split.to(tl.int64)[:, None] * s_is + offs_d[None, :],
+                     mask=live[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * ow, 0)
+        den += w
+    total = tl.sum(den, 0)
+    empty = total == 0.0
+    total_div = tl.where(empty, 1.0, total)
+    out = acc / total_div
+    lse = tl.where(empty, float("-inf"), m_use + tl.log(total_div))
+    tl.store(O + j * s_ot + b * s_ob + h * s_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
+    tl.store(L + b * s_mb + h * s_mh + j, lse)
+
+
 def num_splits(capacity: int, batch: int, kv_heads: int, device: torch.device) -> int:
     """Key splits per (sequence, KV head): enough programs for every SM, each split >= MIN_SPLIT_KEYS keys."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -131,8 +176,17 @@ def decode_attention(
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=3,
     )
-    out, lse = merge_partials(outs, lses)
-    return out.to(q.dtype), lse
+    out = torch.empty_like(q)
+    lse = torch.empty((b, hq, t), dtype=torch.float32, device=q.device)
+    _combine_splits_kernel[(t * b * hq,)](
+        outs, lses, out, lse, splits, hq,
+        outs.stride(0), outs.stride(1), outs.stride(2), outs.stride(3),
+        lses.stride(0), lses.stride(1), lses.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        T=t, HEAD_DIM=d, D_PAD=d_pad, BLOCK_S=32, num_warps=4,
+    )
+    return out, lse
 
 
 __all__ = ["decode_attention", "num_splits"]
