@@ -360,3 +360,40 @@ def test_tensor_parallel_shards(tmp_path):
         ref = hf(ids).logits[:, -1].float()
     assert (result["logits"] - ref).abs().max().item() <= 1e-4
     assert math.isfinite(result["logits"].sum().item())
+
+
+def test_building_from_a_checkpoint_never_initialises_randomly(megatron_single, tmp_path, monkeypatch):
+    """With model.checkpoint the model is built on the meta device: no initialiser runs, the weights are the file's."""
+    import megatron.core.tensor_parallel.layers as tp_layers
+
+    hf = hf_causal_lm("qwen2", tie=False)
+    hf_config = save(hf, tmp_path / "ckpt")
+    calls = []
+
+    def spy(name, original):
+        def wrapped(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+        return wrapped
+
+    for name in ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+                 "trunc_normal_"):
+        monkeypatch.setattr(torch.nn.init, name, spy(name, getattr(torch.nn.init, name)))
+    for name in ("normal_", "uniform_"):
+        monkeypatch.setattr(torch.Tensor, name, spy("Tensor." + name, getattr(torch.Tensor, name)))
+    for name in ("_initialize_affine_weight_cpu", "_initialize_affine_weight_gpu"):
+        monkeypatch.setattr(tp_layers, name, spy(name, getattr(tp_layers, name)))
+
+    cfg = run_config(hf_config)
+    build_gpt_model(cfg, method="dense", device=CPU)
+    assert calls, "the spies must see Megatron's random initialisation of a model without checkpoint"
+    calls.clear()
+    folder = str(tmp_path / "ckpt")
+    with_checkpoint = cfg.model_copy(update={"model": cfg.model.model_copy(update={"checkpoint": folder})})
+    timings = {}
+    model = build_gpt_model(with_checkpoint, method="dense", device=CPU, timings=timings)
+    assert calls == []
+    assert set(timings) == {"build_seconds", "load_seconds"}
+    expected, _, _ = load_ours(tmp_path / "ckpt", hf_config)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, dict(expected.named_parameters())[name]), name

@@ -30,6 +30,12 @@ def _dense_generation(rank, world, overrides, steps):
     """Greedy decoding by re-running the dense model over the whole growing sequence (one process)."""
     cfg = load_config(CONFIG, overrides + ["parallel.context_parallel_size=1"])
     init_distributed(cfg, LaunchEnv(0, 1, 0), torch.device("cpu"))
+    out = _dense_ids(cfg, steps)
+    shutdown()
+    return out
+
+
+def _dense_ids(cfg, steps):
     prompt = build_prompt(cfg)
     model = build_gpt_model(cfg, method="dense", device=torch.device("cpu"))
     rope = build_rope(cfg, torch.device("cpu"))
@@ -40,7 +46,6 @@ def _dense_generation(rank, world, overrides, steps):
         out.append(int(token[0]))
         ids = torch.cat([ids, token[:, None]], dim=1)
         pos = torch.cat([pos, pos[..., -1:] + 1], dim=-1)
-    shutdown()
     return out
 
 
@@ -51,6 +56,52 @@ def test_exact_mode_generation_equals_dense(world):
     dense = run_on_ranks(1, _dense_generation, overrides, 16)
     assert record["generated_ids"][0] == dense
     assert len(set(dense)) > 3  # the check is meaningful: the model does not repeat one token
+
+
+def _batch_worker(rank, world, overrides, frames, new_tokens):
+    """Each prompt prefilled on its own (one model), then all decoded together in one batch."""
+    from megatron_apbv.inference.generate import generate_batch
+    from megatron_apbv.inference.prefill import apbv_prefill
+
+    runs, run = [], None
+    for n in frames:
+        cfg = load_config(CONFIG, overrides + [f"parallel.context_parallel_size={world}", f"input.video_frames={n}"])
+        if run is None:
+            init_distributed(cfg, LaunchEnv(rank, world, rank), torch.device("cpu"))
+        run = apbv_prefill(cfg, torch.device("cpu"), max_new_tokens=new_tokens, reuse=run)
+        runs.append(run)
+    try:
+        batch = generate_batch(runs, cfg.generate, seed=cfg.seed, stop_ids=[], cuda_graphs=False)
+        return batch.generated_ids, [r.seq.prompt_len for r in runs]
+    finally:
+        shutdown()
+
+
+def _dense_generations(rank, world, overrides, frames, steps):
+    cfgs = [load_config(CONFIG, overrides + ["parallel.context_parallel_size=1", f"input.video_frames={n}"])
+            for n in frames]
+    init_distributed(cfgs[0], LaunchEnv(0, 1, 0), torch.device("cpu"))
+    try:
+        return [_dense_ids(cfg, steps) for cfg in cfgs]
+    finally:
+        shutdown()
+
+
+def test_batched_generation_of_different_prompt_lengths_equals_dense():
+    overrides = ["apbv.variant=exact", "generate.max_new_tokens=8", "model.init_std=0.3"]
+    frames = [12, 7, 4]
+    dense = run_on_ranks(1, _dense_generations, overrides, frames, 8)
+    for world in (2, 3):
+        ids, lengths = run_on_ranks(world, _batch_worker, overrides, frames, 8)
+        assert len(set(lengths)) == 3
+        assert ids == dense, world
+
+
+def test_cuda_graphs_on_the_cpu_is_a_config_error():
+    from megatron_apbv.runtime.config import ConfigError
+
+    with pytest.raises(ConfigError, match="generate.cuda_graphs"):
+        load_config(CONFIG, ["device=cpu", "generate.cuda_graphs=true"])
 
 
 def test_caches_partition_the_sequence_and_only_the_tail_grows():

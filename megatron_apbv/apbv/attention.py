@@ -84,7 +84,7 @@ class APBVCoreAttention(CoreAttentionBase):
         self.reject_bias_and_packing("APB-V attention", attention_bias, packed_seq_params)
         if isinstance(attention_mask, DecodeStep):
             out = decode_layer_attention(
-                query, key, value, attention_mask.cache, self.layer_number,
+                query, key, value, attention_mask, self.layer_number,
                 softmax_scale=self.softmax_scale, group=self.cp_group,
             )
             return out.reshape(out.shape[0], out.shape[1], -1)

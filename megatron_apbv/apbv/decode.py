@@ -5,6 +5,11 @@ the last block) also caches ``Q`` and every generated token. A new token's query
 attends to each rank's cache and the partial ``(out, lse)`` are merged across the
 group, which is exact attention over the whole cache. Passing blocks are never
 cached.
+
+The decode step has static shapes so that it can be captured in a CUDA graph:
+every layer's cache is preallocated to its capacity, the number of valid rows of
+each sequence lives in a device tensor, new keys are scattered at device-side
+positions, and the attention reads the lengths from the device (no host sync).
 """
 
 from __future__ import annotations
@@ -14,38 +19,22 @@ from functools import cached_property
 
 import torch
 
-from megatron_apbv.apbv.attend import apb_attention
+from megatron_apbv.apbv.kernels_dispatch import kernel_for
 from megatron_apbv.apbv.layout import RankLayout
 from megatron_apbv.apbv.merge import MergeAcrossRanks
 
 
-class LayerCache:
-    """Preallocated K/V of one layer: appending a token costs no copy of the cache."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, capacity: int):
-        shape = (capacity,) + tuple(k.shape[1:])
-        self.k, self.v = k.new_empty(shape), v.new_empty(shape)
-        self.length = 0
-        self.append(k, v)
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        end = self.length + k.shape[0]
-        if end > self.k.shape[0]:
-            raise RuntimeError(f"KV cache full: {end} tokens > capacity {self.k.shape[0]} (raise max_new_tokens)")
-        self.k[self.length : end], self.v[self.length : end] = k, v
-        self.length = end
-
-    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[: self.length], self.v[: self.length]
-
-
 @dataclass
 class DistributedKVCache:
-    """The rank's caches for all layers, filled by the prefill and extended while decoding."""
+    """One prefill's cache on this rank: the rows it keeps, for all layers, at decoding capacity.
+
+    Filled by the prefill (``APBVMask.cache``); :meth:`DecodeCache.from_prefills`
+    turns one or several of them into the batched cache a decode step reads.
+    """
 
     layout: RankLayout
     max_new_tokens: int
-    layers: dict[int, LayerCache] = field(default_factory=dict)
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def is_tail(self) -> bool:
@@ -62,40 +51,152 @@ class DistributedKVCache:
             parts.append(torch.arange(lay.local_query_slice.start, lay.local_len))
         return torch.cat(parts)
 
-    def store_prefill(self, layer_number: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        rows = self.cached_rows.to(k.device)
-        capacity = len(rows) + (self.max_new_tokens if self.is_tail else 0)
-        self.layers[layer_number] = LayerCache(k[rows], v[rows], capacity)
-
     @property
     def num_tokens(self) -> int:
-        """Tokens cached on this rank (per layer)."""
-        return next(iter(self.layers.values())).length if self.layers else 0
+        """Prompt tokens cached on this rank (per layer and sequence)."""
+        return len(self.cached_rows)
+
+    @property
+    def capacity(self) -> int:
+        # every rank, not only the tail, keeps room for the new tokens: a decode step writes
+        # the new keys of every row at its length (non-tail rows never count them), static shapes
+        return self.num_tokens + self.max_new_tokens
+
+    def store_prefill(self, layer_number: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        rows = self.cached_rows.to(k.device)
+        shape = (self.capacity,) + tuple(k.shape[1:])
+        k_cache, v_cache = k.new_empty(shape), v.new_empty(shape)
+        k_cache[: len(rows)], v_cache[: len(rows)] = k[rows], v[rows]
+        self.layers[layer_number] = (k_cache, v_cache)
+
+
+@dataclass
+class DecodeCache:
+    """The batched, static-shape cache of a decode step: per layer ``k``, ``v`` ``[capacity, b, hkv, d]``.
+
+    ``lengths[i]`` counts the valid rows of sequence ``i`` on this rank; ``tail[i]``
+    is 1 where this rank owns sequence ``i``'s new tokens (it caches them and
+    attends to them causally), else 0. Both are int32 device tensors.
+    """
+
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    lengths: torch.Tensor
+    tail: torch.Tensor
+    world_size: int
+
+    @classmethod
+    def from_prefills(cls, caches: list[DistributedKVCache]) -> "DecodeCache":
+        """One batch of the prefills' sequences, in order; a single prefill is adopted without a copy."""
+        device = next(iter(caches[0].layers.values()))[0].device
+        lengths = torch.tensor(
+            [c.num_tokens for c in caches for _ in range(_batch(c))], dtype=torch.int32, device=device
+        )
+        tail = torch.tensor([int(c.is_tail) for c in caches for _ in range(_batch(c))], dtype=torch.int32,
+                            device=device)
+        world = caches[0].layout.seq.world_size
+        if len(caches) == 1:
+            return cls(dict(caches[0].layers), lengths, tail, world)
+        capacity = max(c.capacity for c in caches)
+        layers = {}
+        for n in caches[0].layers:
+            k0 = caches[0].layers[n][0]
+            shape = (capacity, int(lengths.numel())) + tuple(k0.shape[2:])
+            k_all, v_all = k0.new_empty(shape), k0.new_empty(shape)
+            row = 0
+            for c in caches:
+                k, v = c.layers[n]
+                b = k.shape[1]
+                k_all[: c.num_tokens, row : row + b] = k[: c.num_tokens]
+                v_all[: c.num_tokens, row : row + b] = v[: c.num_tokens]
+                row += b
+            layers[n] = (k_all, v_all)
+        return cls(layers, lengths, tail, world)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.lengths.numel())
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.layers.values()))[0].shape[0]
+
+
+def _batch(cache: DistributedKVCache) -> int:
+    return next(iter(cache.layers.values()))[0].shape[1]
 
 
 @dataclass(frozen=True)
 class DecodeStep:
-    """``attention_mask`` of a decoding step: the new token attends to the distributed cache."""
+    """``attention_mask`` of a decoding step: ``t`` new tokens per sequence over the distributed cache.
 
-    cache: DistributedKVCache
+    ``visible`` ``[b]`` (device) is the number of keys each sequence's last new
+    token sees on this rank: the cached rows plus, on the tail, the new tokens.
+    """
+
+    cache: DecodeCache
+    visible: torch.Tensor
+
+    @classmethod
+    def begin(cls, cache: DecodeCache, new_tokens: int) -> "DecodeStep":
+        return cls(cache, cache.lengths + cache.tail * new_tokens)
+
+    def commit(self) -> None:
+        """After all layers: the tail's new tokens become part of the cache (in place, on the device)."""
+        self.cache.lengths.copy_(self.visible)
 
 
 def decode_layer_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: DistributedKVCache, layer_number: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: DecodeStep, layer_number: int,
     *, softmax_scale: float, group,
 ) -> torch.Tensor:
     """Exact attention of new tokens ``q`` ``[t, b, hq, d]`` over the whole distributed cache.
 
-    The tail owner includes the new tokens' own keys (causally) and appends them
-    to its cache afterwards; the partials of all ranks are merged by log-sum-exp.
+    The new keys are written at each sequence's length first (on a non-tail rank
+    that row is scratch space the visible length leaves out), then the tail owner
+    attends to them causally; the partials of all ranks are merged by log-sum-exp.
     """
-    layer = cache.layers[layer_number]
-    k_cache, v_cache = layer.view()
-    empty = k[:0]
-    k_new, v_new = (k, v) if cache.is_tail else (empty, empty)
-    out, lse = apb_attention(
-        q, k_cache, v_cache, empty, empty, k_new, v_new, anchor_rows=0, softmax_scale=softmax_scale
-    )
-    if cache.is_tail:
-        layer.append(k, v)
-    return MergeAcrossRanks(out, lse, cache.layout.seq.world_size, group, async_op=False).result()
+    cache = step.cache
+    k_cache, v_cache = cache.layers[layer_number]
+    t, b = k.shape[:2]
+    positions = cache.lengths.long()[None, :] + torch.arange(t, device=k.device)[:, None]  # [t, b]
+    rows = torch.arange(b, device=k.device).expand(t, b)
+    k_cache.index_put_((positions, rows), k)
+    v_cache.index_put_((positions, rows), v)
+    out, lse = decode_attention(q, k_cache, v_cache, step.visible, cache.tail, softmax_scale=softmax_scale)
+    if cache.world_size == 1:
+        return out
+    return MergeAcrossRanks(out, lse, cache.world_size, group, async_op=False).result()
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, tail: torch.Tensor,
+    *, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``t`` new tokens ``q`` ``[t, b, hq, d]`` over a cache ``[capacity, b, hkv, d]``.
+
+    Sequence ``i`` has ``lengths[i]`` valid keys; where ``tail[i]`` is 1 its last
+    ``t`` keys are the new tokens themselves, seen causally (token ``j`` sees keys
+    ``< lengths[i] - (t - 1 - j)``), else every token sees all of them. GQA: query
+    head ``h`` reads KV head ``h // (hq // hkv)``. Returns ``(out [t, b, hq, d],
+    lse [b, hq, t] fp32)``; a token that sees no key gets ``out = 0``, ``lse = -inf``.
+    Rows past a length are never read into the result (they may hold anything).
+    This torch version defines the operation (CPU, tests); CUDA runs the kernel.
+    """
+    kernel = kernel_for("decode_attention", q)
+    if kernel is not None:
+        return kernel(q, k_cache, v_cache, lengths, tail, softmax_scale=softmax_scale)
+    t, b, hq, d = q.shape
+    capacity, _, hkv, _ = k_cache.shape
+    new = torch.arange(t, device=q.device)
+    bound = lengths.long()[:, None] - tail.long()[:, None] * (t - 1 - new)[None, :]  # [b, t]
+    visible = torch.arange(capacity, device=q.device)[None, None, :] < bound[:, :, None]  # [b, t, capacity]
+    valid = (torch.arange(capacity, device=q.device)[:, None] < lengths.long()[None, :])[..., None, None]
+    kf = torch.where(valid, k_cache.float(), 0.0)
+    vf = torch.where(valid, v_cache.float(), 0.0)
+    qf = q.float().view(t, b, hkv, hq // hkv, d)
+    scores = torch.einsum("tbhgd,nbhd->bhgtn", qf, kf) * softmax_scale
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [b, hkv, g, t]
+    probs = torch.exp(scores - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min))
+    out = torch.einsum("bhgtn,nbhd->tbhgd", probs, vf)
+    return out.reshape(t, b, hq, d).to(q.dtype), lse.reshape(b, hq, t)

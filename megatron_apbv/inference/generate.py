@@ -4,76 +4,153 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from megatron_apbv.apbv.decode import DecodeStep
-from megatron_apbv.inference.prefill import apbv_prefill
+from megatron_apbv.apbv.decode import DecodeCache
+from megatron_apbv.inference.decode_step import DecodeRunner
+from megatron_apbv.inference.prefill import Prefill, apbv_prefill
 from megatron_apbv.inference.sampling import Sampler
 from megatron_apbv.models.chat_prompt import has_tokenizer, load_tokenizer
 from megatron_apbv.models.checkpoint import read_hf_config
-from megatron_apbv.models.gpt import decoder_hidden, vocab_logits
-from megatron_apbv.runtime.config import RunConfig
+from megatron_apbv.runtime.config import ConfigError, GenerateConfig, RunConfig
 from megatron_apbv.runtime.groups import context_parallel_group
 from megatron_apbv.runtime.numerics import FiniteTracker, check_finite
 from megatron_apbv.runtime.timing import sync
 
 
+# Finished rows are only detected on the host every this many steps (one sync each), not per token.
+STOP_CHECK_EVERY = 8
+
+
+def decode_mode_for(settings: GenerateConfig, device: torch.device) -> bool:
+    """Whether decoding replays a CUDA graph: ``generate.cuda_graphs`` (``auto`` = on for CUDA devices)."""
+    if settings.cuda_graphs == "auto":
+        return device.type == "cuda"
+    if settings.cuda_graphs and device.type != "cuda":
+        raise ConfigError(
+            f"generate.cuda_graphs=true needs a CUDA device, the run is on {device.type}: set generate.cuda_graphs=auto"
+        )
+    return bool(settings.cuda_graphs)
+
+
 def apbv_generate(cfg: RunConfig, device: torch.device) -> dict:
     """Prefill with APB-V, then decode ``cfg.generate.max_new_tokens`` tokens; returns ids and timings.
 
-    Every rank runs the layers for each new token (their outputs are identical
-    after the merge); only the tail owner appends K/V, projects onto the
-    vocabulary and samples, and the id is broadcast to the group.
+    ``input.batch_size`` sequences are prefilled together and decoded together
+    (:func:`generate_batch`).
     """
     settings = cfg.generate
     cfg.check_generation_fits()  # a ConfigError on every rank, before the prefill's first collective
     stop_ids = stop_token_ids(cfg)  # a broken generation_config.json fails here, on every rank, before collectives
+    graphs = decode_mode_for(settings, device)
     run = apbv_prefill(cfg, device, max_new_tokens=settings.max_new_tokens)
-    cache, seq = run.cache, run.seq
+    result = generate_batch([run], settings, seed=cfg.seed, stop_ids=stop_ids, cuda_graphs=graphs)
+    return {
+        "prompt_tokens": run.seq.prompt_len,
+        "generated_ids": result.generated_ids,
+        "prefill_seconds": round(run.seconds, 6),
+        **run.build_timings,
+        **result.record(),
+        "cache_tokens_on_rank0": run.cache.num_tokens,
+        "stop_ids": stop_ids,
+    }
+
+
+@dataclass
+class BatchGeneration:
+    """What :func:`generate_batch` produced: one id list per sequence, in the prefills' order."""
+
+    generated_ids: list[list[int]]
+    decode_seconds: float
+    decode_tokens: int  # tokens emitted by decode steps (the first token of each comes from its prefill)
+    decode_mode: str  # "cuda_graph" or "eager"
+    capture_seconds: float
+
+    def record(self) -> dict:
+        return {
+            "decode_seconds": round(self.decode_seconds, 6),
+            "decode_tokens_per_second": (
+                round(self.decode_tokens / self.decode_seconds, 3) if self.decode_tokens else None
+            ),
+            "decode_mode": self.decode_mode,
+            "graph_capture_seconds": round(self.capture_seconds, 6),
+        }
+
+
+@torch.inference_mode()
+def generate_batch(
+    prefills: list[Prefill], settings: GenerateConfig, *, seed: int, stop_ids: list[int], cuda_graphs: bool
+) -> BatchGeneration:
+    """Decode every sequence of ``prefills`` together, one static-shape step per token.
+
+    Each :class:`~megatron_apbv.inference.prefill.Prefill` (run with
+    ``max_new_tokens=settings.max_new_tokens``, all with the same model) may hold
+    one or several sequences and its own prompt length; their caches are placed
+    in one batched cache with per-sequence lengths. Every sequence stops on its
+    own (at a stop id, or after ``max_new_tokens``); a finished one emits padding,
+    which is dropped from its ids and not counted in the speed. Every rank of the
+    APB-V group calls this with its own prefills of the same requests.
+    """
+    first = prefills[0]
+    device = first.logits.device
     group = context_parallel_group()
-    tail = dist.get_global_rank(group, seq.tail_rank) if dist.get_world_size(group) > 1 else dist.get_rank()
-    sampler = Sampler(settings, cfg.seed, prompt_ids=run.prompt.input_ids)
+    world = dist.get_world_size(group)
+    src = dist.get_global_rank(group, 0) if world > 1 else dist.get_rank()
+    sampler = Sampler(settings, seed, prompt_ids=[p.prompt.input_ids for p in prefills])
+    plain_greedy = sampler.temperature == 0 and sampler.penalty == 1.0  # the step's own argmax will do
     stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    cache = DecodeCache.from_prefills([p.cache for p in prefills])
+    positions = torch.cat([_next_positions(p) for p in prefills], dim=-1)
 
-    def broadcast(ids):
-        dist.broadcast(ids, src=tail, group=group)
-        return ids
+    def choose(logits, greedy):
+        token = greedy if plain_greedy else sampler(logits)
+        if world > 1:  # every rank holds the same logits; one source keeps sampling in lockstep
+            dist.broadcast(token, src=src, group=group)
+        return token
 
-    check_finite(run.logits, "the logits at the end of prefill", group)
-    token = broadcast(sampler(run.logits) if cache.is_tail else torch.empty_like(run.logits[:, 0], dtype=torch.long))
+    logits = torch.cat([p.logits for p in prefills])
+    check_finite(logits, "the logits at the end of prefill", group)
+    token = choose(logits, logits.argmax(-1))
     generated = [token]
     finite = FiniteTracker(device)  # decode steps: a device-side flag, checked once after the loop
     done = torch.isin(token, stop)
-    last_position = run.prompt.position_ids[..., -1:].to(device)
+    capture_start = time.perf_counter()
+    runner = DecodeRunner(first.model, first.rope, cache, positions, cuda_graph=cuda_graphs)
+    capture_seconds = time.perf_counter() - capture_start if cuda_graphs else 0.0
+    sync(device)
     start = time.perf_counter()
     for step in range(1, settings.max_new_tokens):
-        if bool(done.all()):
+        if step % STOP_CHECK_EVERY == 0 and bool(done.all()):
             break
-        position = last_position + step
-        hidden = decoder_hidden(run.model, run.rope, token[:, None], position, DecodeStep(cache))
-        logits = vocab_logits(run.model, hidden) if cache.is_tail else None
-        finite.update(logits if logits is not None else hidden, step)
-        token = broadcast(sampler(logits) if cache.is_tail else torch.empty_like(token))
-        token = torch.where(done, token.new_tensor(-1), token)  # finished rows emit padding
-        generated.append(token)
-        done |= torch.isin(token, stop)
+        runner.feed(token)
+        runner.step()
+        finite.update(runner.logits, step)
+        token = choose(runner.logits, runner.greedy)
+        generated.append(torch.where(done, token.new_tensor(-1), token))  # finished rows emit padding
+        done = done | torch.isin(token, stop)
     sync(device)
     decode_seconds = time.perf_counter() - start
-    finite.check("the hidden states or logits of a decode step", group)
+    finite.check("the logits of a decode step", group)
     ids = torch.stack(generated, dim=1)  # [b, steps]
-    steps = ids.shape[1]
-    return {
-        "prompt_tokens": seq.prompt_len,
-        "generated_ids": [[int(t) for t in row if t >= 0] for row in ids.tolist()],
-        "prefill_seconds": round(run.seconds, 6),
-        "decode_seconds": round(decode_seconds, 6),
-        "decode_tokens_per_second": round((steps - 1) * ids.shape[0] / decode_seconds, 3) if steps > 1 else None,
-        "cache_tokens_on_rank0": cache.num_tokens,
-        "stop_ids": stop_ids,
-    }
+    rows = [[int(t) for t in row if t >= 0] for row in ids.tolist()]
+    return BatchGeneration(
+        generated_ids=rows,
+        decode_seconds=decode_seconds,
+        decode_tokens=int((ids[:, 1:] >= 0).sum()),
+        decode_mode=runner.mode,
+        capture_seconds=capture_seconds,
+    )
+
+
+def _next_positions(run: Prefill) -> torch.Tensor:
+    """The position of each sequence's first generated token: ``[b]`` or ``[3, b]`` (text advances every axis)."""
+    last = run.prompt.position_ids[..., -1:] + 1  # [1] or [3, 1]
+    b = run.logits.shape[0]
+    return last.expand(*last.shape[:-1], b).to(run.logits.device)
 
 
 def stop_token_ids(cfg: RunConfig) -> list[int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -41,14 +41,19 @@ class Prefill:
     cache: Optional[DistributedKVCache] = None
     tower: Optional[torch.nn.Module] = None  # the vision tower (input.kind: video)
     video: Optional[dict] = None  # the sampled video and each rank's decode seconds (input.kind: video)
+    build_timings: dict = field(default_factory=dict)  # build_seconds, load_seconds of the model (when built here)
 
 
-def apbv_prefill(cfg: RunConfig, device: torch.device, *, max_new_tokens: int = 0, repeat: int = 0) -> Prefill:
+def apbv_prefill(
+    cfg: RunConfig, device: torch.device, *, max_new_tokens: int = 0, repeat: int = 0, reuse: Optional[Prefill] = None
+) -> Prefill:
     """Build the APB-V model and run this rank's ``[A | blocks | Q]`` through it.
 
     With ``max_new_tokens > 0`` each layer keeps the rank's own K/V in
     ``Prefill.cache`` for distributed decoding. ``repeat`` > 0 times the median
-    of that many prefills after a warm-up one.
+    of that many prefills after a warm-up one. ``reuse``: take the model, RoPE
+    and vision tower of an earlier prefill instead of building them (another
+    request for the same model, e.g. one of a batch decoded together).
     """
     seq = SequenceLayout.from_config(cfg)
     layout = seq.rank(context_parallel_rank())
@@ -60,9 +65,15 @@ def apbv_prefill(cfg: RunConfig, device: torch.device, *, max_new_tokens: int = 
     local = prompt.local(layout.global_indices)
     cache = DistributedKVCache(layout, max_new_tokens) if max_new_tokens else None
     mask = APBVMask.from_config(cfg, layout, cache)
-    model = build_gpt_model(cfg, method="apbv", device=device)
-    rope = build_rope(cfg, device)
-    tower = build_vision_tower_for(cfg, device) if prompt.frames is not None else None
+    timings: dict = {}
+    if reuse is None:
+        model = build_gpt_model(cfg, method="apbv", device=device, timings=timings)
+        rope = build_rope(cfg, device)
+        tower = build_vision_tower_for(cfg, device) if prompt.frames is not None else None
+    else:
+        model, rope, tower = reuse.model, reuse.rope, reuse.tower
+        if prompt.frames is not None and tower is None:
+            tower = build_vision_tower_for(cfg, device)
     ids, pos = local.input_ids.to(device), local.position_ids.to(device)
 
     def forward():
@@ -71,7 +82,7 @@ def apbv_prefill(cfg: RunConfig, device: torch.device, *, max_new_tokens: int = 
         return last_token_logits(model, rope, ids, pos, mask, inputs_embeds=embeds)
 
     logits, seconds = timed(forward, device, repeat)
-    return Prefill(logits, seconds, model, rope, prompt, seq, cache, tower, video)
+    return Prefill(logits, seconds, model, rope, prompt, seq, cache, tower, video, timings)
 
 
 def _video_record(cfg: RunConfig, prompt: Prompt, device: torch.device) -> Optional[dict]:
@@ -130,6 +141,7 @@ def run_prefill(
         "dtype": cfg.dtype,
         "device": device.type,
         "prefill_seconds": round(run.seconds, 6),
+        **run.build_timings,
         "next_token_id": logits.argmax(-1).tolist() if logits.shape[0] > 1 else int(logits[0].argmax()),
         "rank_logit_spread": spread,
         "attention_backend": describe_layer(

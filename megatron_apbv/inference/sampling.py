@@ -52,7 +52,8 @@ def checkpoint_sampling_defaults(folder: str) -> dict:
 class Sampler:
     """Next ids from logits with ``settings`` (a ``GenerateConfig``), seeded by ``seed``.
 
-    ``prompt_ids`` ``[b, N]`` start the repetition-penalty history; every id the
+    ``prompt_ids`` ``[b, N]`` (or a list of them, for rows of different prompt lengths) start the
+    repetition-penalty history; every id the
     sampler returns joins it. The generator lives on the logits' device (made at
     the first call).
     """
@@ -103,7 +104,12 @@ class Sampler:
     def _seen(self, logits: torch.Tensor) -> torch.Tensor:
         if self.seen is None:
             self.seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-            if self.prompt_ids is not None:
-                prompt = self.prompt_ids.to(logits.device)
-                self.seen.scatter_(1, prompt.expand(logits.shape[0], -1), True)
+            if self.prompt_ids is not None:  # one [b, N] tensor, or one per group of rows (different N)
+                chunks = self.prompt_ids if isinstance(self.prompt_ids, (list, tuple)) else [self.prompt_ids]
+                row = 0
+                for prompt in chunks:
+                    prompt = prompt.to(logits.device)
+                    rows = logits.shape[0] if len(chunks) == 1 else prompt.shape[0]
+                    self.seen[row : row + rows].scatter_(1, prompt.expand(rows, -1), True)
+                    row += rows
         return self.seen

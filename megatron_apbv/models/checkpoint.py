@@ -93,10 +93,10 @@ def read_hf_config(path: str | Path) -> dict:
     return config
 
 
-def _open_safetensors(path: Path, stack: contextlib.ExitStack):
-    """``safe_open`` of one file, with a corrupt or truncated file reported by name."""
+def _open_safetensors(path: Path, stack: contextlib.ExitStack, device: torch.device):
+    """``safe_open`` of one file onto ``device``, with a corrupt or truncated file reported by name."""
     try:
-        return stack.enter_context(safe_open(str(path), framework="pt"))
+        return stack.enter_context(safe_open(str(path), framework="pt", device=str(device)))
     except Exception as err:
         raise CheckpointError(
             f"{str(path)!r} is not a readable safetensors file ({type(err).__name__}: {err}): "
@@ -260,13 +260,14 @@ def _canonical(name: str) -> tuple[Optional[str], str]:
 class _Tensors:
     """Canonical name -> lazily read (sliced) tensor over the open safetensors files."""
 
-    def __init__(self, files: list[Path], stack: contextlib.ExitStack):
+    def __init__(self, files: list[Path], stack: contextlib.ExitStack, device: torch.device = torch.device("cpu")):
+        self.device = device  # tensors are read straight onto the model's device
         self.where: dict[str, tuple] = {}  # canonical -> (handle, stored name)
         self.file_of: dict[int, Path] = {}  # id(handle) -> its file
         self.ignored: list[str] = []
         prefixes: Counter = Counter()
         for path in files:
-            handle = _open_safetensors(path, stack)
+            handle = _open_safetensors(path, stack, device)
             self.file_of[id(handle)] = path
             for name in handle.keys():
                 canon, prefix = _canonical(name)
@@ -299,10 +300,10 @@ class _Tensors:
         handle, name = self.where[canon]
 
         def read():
-            if dim is None:
-                return handle.get_tensor(name)
+            if dim is None or (start == 0 and stop == self.shape(canon)[dim]):
+                return handle.get_tensor(name).to(self.device)
             part = handle.get_slice(name)
-            return part[start:stop] if dim == 0 else part[:, start:stop]
+            return (part[start:stop] if dim == 0 else part[:, start:stop]).to(self.device)
 
         return _read_tensor(self.file_of[id(handle)], read)
 
@@ -452,7 +453,7 @@ def load_hf_checkpoint(model, path: str | Path, *, tp_rank: int = 0, tp_size: in
     tied = bool(getattr(model, "share_embeddings_and_output_weights", False))
 
     with contextlib.ExitStack() as stack:
-        tensors = _Tensors(files, stack)
+        tensors = _Tensors(files, stack, next(iter(params.values())).device)
         problems: list[str] = []
         expected: dict[str, tuple[int, ...]] = {}
         for recipe in recipes.values():
@@ -545,7 +546,7 @@ def load_vision_weights(tower, path: str | Path) -> int:
     found: dict[str, torch.Tensor] = {}
     for file in _checkpoint_files(Path(path)):
         with contextlib.ExitStack() as stack:
-            f = _open_safetensors(file, stack)
+            f = _open_safetensors(file, stack, torch.device("cpu"))
             for name in f.keys():
                 prefix = next((p for p in _VISION_PREFIXES if name.startswith(p)), None)
                 if prefix is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import time
 from typing import Optional
 
 import torch
@@ -12,13 +12,21 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_apbv.methods import get_method
 from megatron_apbv.models.rope import PositionRotaryEmbedding
+from megatron_apbv.models.weights import build_device, initialise_on_build, materialise, randomise
 from megatron_apbv.runtime.config import RunConfig
+from megatron_apbv.runtime.timing import sync
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def transformer_config(cfg: RunConfig, *, tensor_parallel_size: int, context_parallel_size: int) -> TransformerConfig:
-    """Megatron ``TransformerConfig`` of a Qwen2/Llama-style decoder (RMSNorm, SwiGLU, GQA)."""
+def transformer_config(
+    cfg: RunConfig, *, tensor_parallel_size: int, context_parallel_size: int, perform_initialization: bool = True
+) -> TransformerConfig:
+    """Megatron ``TransformerConfig`` of a Qwen2/Llama-style decoder (RMSNorm, SwiGLU, GQA).
+
+    ``perform_initialization=False`` skips Megatron's random initialisation (the
+    weights come from a checkpoint or :func:`megatron_apbv.models.weights.randomise`).
+    """
     m, dtype = cfg.model, DTYPES[cfg.dtype]
     return TransformerConfig(
         num_layers=m.num_layers,
@@ -43,6 +51,7 @@ def transformer_config(cfg: RunConfig, *, tensor_parallel_size: int, context_par
         # CPU initialisation draws the full weight from the seeded generator before
         # splitting it over tensor-parallel ranks: every rank agrees on the weights.
         use_cpu_initialization=True,
+        perform_initialization=perform_initialization,
         tensor_model_parallel_size=tensor_parallel_size,
         context_parallel_size=context_parallel_size,
         apply_rope_fusion=False,
@@ -56,7 +65,7 @@ def transformer_config(cfg: RunConfig, *, tensor_parallel_size: int, context_par
 
 def build_gpt_model(
     cfg: RunConfig, *, method: str, device: torch.device, layer_spec=None, core_params: Optional[dict] = None,
-    weights_of: Optional[GPTModel] = None,
+    weights_of: Optional[GPTModel] = None, timings: Optional[dict] = None,
 ) -> GPTModel:
     """GPTModel whose core attention is ``method``'s (``megatron_apbv.methods``: apbv, dense, ring, ulysses, ...).
 
@@ -67,6 +76,12 @@ def build_gpt_model(
     :class:`PositionRotaryEmbedding`, so Megatron's own position embedding is off.
     ``layer_spec`` replaces the method's layer spec (single-process, e.g. a
     reference attention in tests); ``core_params`` go to the core attention's constructor.
+
+    With ``model.checkpoint`` the model is built on the meta device and its
+    storage allocated on ``device`` straight away, then loaded: no random
+    initialisation. Random weights are drawn on the GPU for CUDA runs and by
+    Megatron on the CPU for CPU runs (see :mod:`megatron_apbv.models.weights`).
+    ``timings``, when given, receives ``build_seconds`` and ``load_seconds``.
     """
     chosen = get_method(method)
     spec = layer_spec or chosen.layer_spec(**(core_params or {}))
@@ -75,9 +90,13 @@ def build_gpt_model(
     else:
         tp, cp = cfg.parallel.tensor_parallel_size, cfg.parallel.context_parallel_size
     torch.manual_seed(cfg.seed)
-    with torch.device("meta") if weights_of is not None else contextlib.nullcontext():
+    initialise = weights_of is None and initialise_on_build(cfg.model.checkpoint, device)
+    start = time.perf_counter()
+    with build_device(initialise):
         model = GPTModel(
-            config=transformer_config(cfg, tensor_parallel_size=tp, context_parallel_size=cp),
+            config=transformer_config(
+                cfg, tensor_parallel_size=tp, context_parallel_size=cp, perform_initialization=initialise
+            ),
             transformer_layer_spec=spec,
             vocab_size=cfg.model.vocab_size,
             max_sequence_length=cfg.model.max_position_embeddings,
@@ -92,15 +111,27 @@ def build_gpt_model(
         if left:
             raise RuntimeError(f"weights_of left tensors without storage: {', '.join(left[:4])}")
         return model.eval()
+    # Megatron's torch RMSNorm ignores params_dtype and keeps fp32 weights; next to bf16 activations
+    # torch.rms_norm then falls back to an unfused path. Every parameter takes the run's dtype, as
+    # Megatron's Float16Module does for half-precision models.
+    dtype = DTYPES[cfg.dtype]
+    if initialise:
+        model = model.to(device=device, dtype=dtype)
+    else:
+        model = materialise(model.to(dtype=dtype), device)
+        if not cfg.model.checkpoint:
+            randomise(model, seed=cfg.seed, std=cfg.model.init_std, num_layers=cfg.model.num_layers)
+    sync(device)
+    built = time.perf_counter()
     if cfg.model.checkpoint:
         from megatron_apbv.models.checkpoint import load_hf_checkpoint
 
         tp_group = model.output_layer.tp_group
         load_hf_checkpoint(model, cfg.model.checkpoint, tp_rank=tp_group.rank() if tp_group else 0, tp_size=tp)
-    # Megatron's torch RMSNorm ignores params_dtype and keeps fp32 weights; next to bf16 activations
-    # torch.rms_norm then falls back to an unfused path. Every parameter takes the run's dtype, as
-    # Megatron's Float16Module does for half-precision models.
-    return model.to(device=device, dtype=DTYPES[cfg.dtype]).eval()
+        sync(device)
+    if timings is not None:
+        timings.update(build_seconds=round(built - start, 6), load_seconds=round(time.perf_counter() - built, 6))
+    return model.eval()
 
 
 def build_rope(cfg: RunConfig, device: torch.device) -> PositionRotaryEmbedding:

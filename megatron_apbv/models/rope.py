@@ -32,6 +32,11 @@ class PositionRotaryEmbedding(torch.nn.Module):
         # float64 angles: positions reach 10^6 and fp32 would lose the low frequencies' phase.
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # which axis (time, height, width) each frequency follows; a buffer, so forward never copies host->device
+        sections = self.mrope_section or (dim // 2, 0, 0)
+        self.register_buffer(
+            "axis_of_freq", torch.repeat_interleave(torch.arange(3), torch.tensor(sections)), persistent=False
+        )
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         pos = position_ids.to(self.inv_freq.device, torch.float64)
@@ -46,11 +51,18 @@ class PositionRotaryEmbedding(torch.nn.Module):
                 f"position_ids of shape {tuple(position_ids.shape)}: expected [s], or [3, s] with mrope_section set"
             )
         per_axis = pos[:, :, None] * self.inv_freq[None, None, :]  # [3, s, dim/2]
-        axis_of_freq = torch.repeat_interleave(
-            torch.arange(3), torch.tensor(self.mrope_section)
-        ).to(per_axis.device)
-        angles = per_axis.gather(0, axis_of_freq.view(1, 1, -1).expand(1, pos.shape[1], -1))[0]
+        angles = per_axis.gather(0, self.axis_of_freq.view(1, 1, -1).expand(1, pos.shape[1], -1))[0]
         return self._format(angles)
+
+    def per_sequence(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """RoPE of a batch whose sequences sit at different positions: ``[b, s]``, ``[3, b, s]`` -> ``[s, b, 1, dim]``.
+
+        Megatron's ``apply_rotary_pos_emb`` broadcasts the batch dimension, so each
+        sequence gets its own angles (decoding a batch of different prompt lengths).
+        """
+        b, s = position_ids.shape[-2:]
+        flat = position_ids.transpose(-1, -2).reshape(*position_ids.shape[:-2], s * b)  # token-major
+        return self.forward(flat).view(s, b, 1, -1)
 
     @staticmethod
     def _format(angles: torch.Tensor) -> torch.Tensor:

@@ -327,6 +327,10 @@ class GenerateConfig(_Section):
     stop_at_eos: StrictBool = Field(
         True, description="also stop at model.checkpoint's end-of-sequence ids (generation_config.json, config.json)"
     )
+    cuda_graphs: Union[Literal["auto"], StrictBool] = Field(
+        "auto", description="replay each decode step from a CUDA graph: auto = on for CUDA, off on the CPU; "
+        "true needs a CUDA device"
+    )
 
 
 class RunConfig(_Section):
@@ -371,6 +375,8 @@ class RunConfig(_Section):
             self.input.frame_plan(self.vision)  # raises naming the input field (e.g. a video too short)
             if self.input.batch_size != 1:
                 raise ValueError("input.batch_size must be 1 with input.kind=video")
+        if self.device == "cpu" and self.generate.cuda_graphs is True:
+            raise ValueError("generate.cuda_graphs=true needs device: cuda (CUDA graphs); set generate.cuda_graphs=auto")
         prompt = self.prompt_len
         if prompt > self.model.max_position_embeddings:
             raise ValueError(
