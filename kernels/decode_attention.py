@@ -17,8 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+# constexpr: compiled Triton refuses plain module globals inside @jit (the interpreter accepts them)
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 BLOCK_N = 64
 # Enough programs to keep every SM streaming the cache: (b x hkv x splits) ~ this many per SM.
@@ -171,7 +172,7 @@ def decode_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         outs.stride(0), outs.stride(1), outs.stride(2), outs.stride(3),
         lses.stride(0), lses.stride(1), lses.stride(2),
-        hkv, split_len, softmax_scale * _LOG2E,
+        hkv, split_len, softmax_scale * _LOG2E.value,
         T=t, GROUP=group, HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=3,
