@@ -361,7 +361,7 @@ def apb_attention_impl(q, k_pass, v_pass, k_anchor, v_anchor, k_block, v_block, 
 
 
 def apb_attention(q, k_pass, v_pass, k_anchor, v_anchor, k_block, v_block, *,
-                  anchor_rows: int, softmax_scale: float):
+                  anchor_rows: int, softmax_scale: float, out=None, lse=None):
     """APB-V attention of ``[A | B]`` queries over ``[P | A | B]`` keys.
 
     Args:
@@ -370,6 +370,7 @@ def apb_attention(q, k_pass, v_pass, k_anchor, v_anchor, k_block, v_block, *,
         k_anchor, v_anchor: ``[a, b, hkv, d]``; ``anchor_rows`` is 0 or ``a``.
         k_block, v_block: ``[Lk, b, hkv, d]``.
         softmax_scale: multiplier of ``q . k`` before the softmax.
+        out, lse: optional buffers (any strides) that receive the result.
 
     Returns:
         ``(out, lse)``: ``out`` ``[sq, b, hq, d]`` in q's dtype, ``lse``
@@ -377,7 +378,7 @@ def apb_attention(q, k_pass, v_pass, k_anchor, v_anchor, k_block, v_block, *,
         Rows that see no key get ``out = 0`` and ``lse = -inf``.
     """
     return apb_attention_impl(q, k_pass, v_pass, k_anchor, v_anchor, k_block, v_block,
-                              anchor_rows=anchor_rows, softmax_scale=softmax_scale)
+                              anchor_rows=anchor_rows, softmax_scale=softmax_scale, out=out, lse=lse)
 
 
 def visible_pairs(sq: int, anchor_rows: int, n_pass: int, n_anchor: int, n_block: int) -> int:

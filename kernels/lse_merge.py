@@ -99,4 +99,69 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor):
     return out, lse
 
 
-__all__ = ["merge_partials"]
+@triton.jit
+def _merge_pair_kernel(
+    OA, LA, OB, LB, O, LSE, sq, n_heads,
+    s_as, s_ab, s_ah, s_ad, s_lab, s_lah, s_las,
+    s_bs, s_bb, s_bh, s_bd, s_lbb, s_lbh, s_lbs,
+    s_os, s_ob, s_oh, s_od, s_mb, s_mh, s_ms,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    rows = (pid * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
+    s_ok = rows < sq
+    offs_d = tl.arange(0, D_PAD)
+    dm = s_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    la = tl.load(LA + b * s_lab + h * s_lah + rows * s_las, mask=s_ok, other=float("-inf"))
+    lb = tl.load(LB + b * s_lbb + h * s_lbh + rows * s_lbs, mask=s_ok, other=float("-inf"))
+    m = tl.maximum(la, lb)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    wa = tl.exp(la - m_use)  # 0 for lse = -inf: that partial's out is never read
+    wb = tl.exp(lb - m_use)
+    oa = tl.load(OA + b * s_ab + h * s_ah + rows[:, None] * s_as + offs_d[None, :] * s_ad,
+                 mask=dm & (la != float("-inf"))[:, None], other=0.0)
+    ob = tl.load(OB + b * s_bb + h * s_bh + rows[:, None] * s_bs + offs_d[None, :] * s_bd,
+                 mask=dm & (lb != float("-inf"))[:, None], other=0.0)
+    den = wa + wb
+    empty = den == 0.0
+    den_div = tl.where(empty, 1.0, den)
+    out = (wa[:, None] * oa.to(tl.float32) + wb[:, None] * ob.to(tl.float32)) / den_div[:, None]
+    lse = tl.where(empty, float("-inf"), m_use + tl.log(den_div))
+    tl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_os + offs_d[None, :] * s_od, out.to(O.dtype.element_ty),
+             mask=dm)
+    tl.store(LSE + b * s_mb + h * s_mh + rows * s_ms, lse, mask=s_ok)
+
+
+def merge_pair(out_a, lse_a, out_b, lse_b, *, out=None, lse=None):
+    """:func:`merge_partials` of two partials given as separate tensors (any strides): no stacking copy.
+
+    ``out_*`` ``[sq, b, h, d]``, ``lse_*`` ``[b, h, sq]`` fp32. ``out`` / ``lse``, when
+    given, receive the result (e.g. row slices of a larger output); returns ``(out, lse)``.
+    """
+    sq, b, h, d = out_a.shape
+    if tuple(out_b.shape) != (sq, b, h, d) or tuple(lse_a.shape) != (b, h, sq) or tuple(lse_b.shape) != (b, h, sq):
+        raise ValueError(f"partials {tuple(out_a.shape)}/{tuple(out_b.shape)} with lse {tuple(lse_a.shape)}/"
+                         f"{tuple(lse_b.shape)} do not match")
+    if lse_a.dtype != torch.float32 or lse_b.dtype != torch.float32:
+        raise ValueError("lse must be float32")
+    if out is None:
+        out = torch.empty((sq, b, h, d), dtype=out_a.dtype, device=out_a.device)
+    if lse is None:
+        lse = torch.empty((b, h, sq), dtype=torch.float32, device=out_a.device)
+    if sq == 0 or b == 0 or h == 0:
+        return out, lse
+    d_pad = max(16, triton.next_power_of_2(d))
+    block_s = 32 if d_pad <= 128 else 16
+    grid = (triton.cdiv(sq, block_s), b * h)
+    _merge_pair_kernel[grid](
+        out_a, lse_a, out_b, lse_b, out, lse, sq, h,
+        *out_a.stride(), *lse_a.stride(), *out_b.stride(), *lse_b.stride(), *out.stride(), *lse.stride(),
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_S=block_s, num_warps=4,
+    )
+    return out, lse
+
+
+__all__ = ["merge_pair", "merge_partials"]

@@ -266,6 +266,31 @@ def test_merge_partials(W, sq, b, h, d, dtype):
     assert rel < tol, rel
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_merge_pair_into_strided_slices(dtype):
+    """Two separate partials (one a strided view) merged straight into row slices of a larger result."""
+    gen = torch.Generator().manual_seed(11)
+    sq, b, h, d = 37, 1, 3, 80
+    a = _rand((sq, b, h, d), dtype, gen)
+    bt = _rand((b, h, sq, d), dtype, gen).permute(2, 0, 1, 3)  # [s, b, h, d] view of a [b, h, s, d] tensor
+    la, lb = _rand((b, h, sq), torch.float32, gen) * 10, _rand((b, h, sq), torch.float32, gen) * 10
+    la[0, 1, :5] = -math.inf
+    a[:5, 0, 1] = float("nan")  # never read: lse -inf
+    la[0, 2, 7] = lb[0, 2, 7] = -math.inf
+    out = torch.full((sq + 4, b, h, d), float("nan"), dtype=dtype)
+    lse = torch.full((b, h, sq + 4), float("nan"))
+    K.merge_pair(a, la, bt, lb, out=out[4:], lse=lse[:, :, 4:])
+    ref_out, ref_lse = ref_merge(torch.stack([a, bt]), torch.stack([la, lb]))
+    assert torch.isnan(out[:4]).all() and torch.isnan(lse[:, :, :4]).all()  # outside the slices: untouched
+    got, got_lse = out[4:], lse[:, :, 4:]
+    assert not torch.isnan(got).any() and torch.equal(torch.isinf(got_lse), torch.isinf(ref_lse))
+    assert (got[7, 0, 2] == 0).all()
+    fin = ~torch.isinf(ref_lse)
+    assert (got_lse.double()[fin] - ref_lse[fin]).abs().max() < 1e-5 * ref_lse[fin].abs().max().item()
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    assert (got.double() - ref_out).norm() / ref_out.norm() < tol
+
+
 def test_merge_of_split_keys_equals_full_attention():
     """apb_attention over key subsets + merge == apb_attention over all keys."""
     gen = torch.Generator().manual_seed(99)

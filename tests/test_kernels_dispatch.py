@@ -126,3 +126,38 @@ def test_describe_layer_reports_every_part():
     report = attention_routes.describe_layer(layout, 128, torch.bfloat16, torch.device("cpu"))
     assert report == {"block0": f"anchor rows: {TORCH}; block rows: {TORCH}", "block1": f"block rows: {TORCH}",
                       "query_partial": f"block rows: {TORCH}"}
+
+
+def test_cudnn_route_assembles_the_apb_result(monkeypatch):
+    """The cuDNN route's pieces (two partials, LSE merge, anchor rows into the first rows) give apb_attention.
+
+    cuDNN itself needs a GPU (tests/test_kernels_gpu.py); here its op is the torch reference, so this
+    checks the slicing, merging and placement of the route on CPU.
+    """
+    from megatron_apbv.apbv import cudnn_attention
+    from megatron_apbv.apbv.attend import _torch_apb_attention
+
+    def reference_op(q, k, v, *, causal, softmax_scale, native_gqa):
+        mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool)
+        mask = mask.tril() if causal else mask
+        return masked_attention(q, k, v, mask, softmax_scale=softmax_scale)
+
+    def anchor_kernel(q, kp, vp, ka, va, kb, vb, *, anchor_rows, softmax_scale, out, lse):
+        o, s = _torch_apb_attention(q, kp, vp, ka, va, kb, vb, anchor_rows=anchor_rows, softmax_scale=softmax_scale)
+        out.copy_(o)
+        lse.copy_(s)
+        return out, lse
+
+    monkeypatch.setattr(cudnn_attention, "cudnn_attention", reference_op)
+    monkeypatch.setattr(cudnn_attention, "cudnn_native_gqa", lambda device, d: True)
+    g = torch.Generator().manual_seed(5)
+    for ar, n_pass, a, lq in ((6, 5, 6, 11), (0, 7, 3, 9), (0, 0, 4, 9), (0, 0, 0, 8)):
+        q = torch.randn(ar + lq, 1, 4, 8, generator=g, dtype=torch.float64)
+        kp, vp = (torch.randn(n_pass, 1, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+        ka, va = (torch.randn(a, 1, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+        kb, vb = (torch.randn(lq, 1, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+        out, lse = cudnn_attention.cudnn_block_attention(anchor_kernel, q, kp, vp, ka, va, kb, vb, anchor_rows=ar,
+                                                         softmax_scale=0.3)
+        ref_out, ref_lse = _torch_apb_attention(q, kp, vp, ka, va, kb, vb, anchor_rows=ar, softmax_scale=0.3)
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)  # the torch path computes in fp32
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-6)

@@ -326,3 +326,20 @@ def test_dispatch_takes_the_measured_route_gpu(monkeypatch):
     # bottom-right causal (more block keys than rows) is not a cuDNN mask: Triton
     route = route_for(q.device, q.dtype, d, rows=lq, anchor_rows=0, n_pass=0, n_anchor=0, n_block=lq + 5)
     assert route.block_rows == TRITON
+
+
+def test_merge_pair_gpu():
+    """Two separate partials (one a [b, h, s, d] view, as cuDNN returns) merged into row slices."""
+    torch.manual_seed(9)
+    sq, b, h, d = 333, 1, 28, 128
+    a = _rand((sq, b, h, d), torch.bfloat16)
+    bt = _rand((b, h, sq, d), torch.bfloat16).permute(2, 0, 1, 3)
+    la, lb = torch.randn((b, h, sq), device=DEV) * 10, torch.randn((b, h, sq), device=DEV) * 10
+    la[0, 3, :17] = -math.inf
+    out = torch.full((sq + 5, b, h, d), float("nan"), device=DEV, dtype=torch.bfloat16)
+    lse = torch.full((b, h, sq + 5), float("nan"), device=DEV)
+    K.merge_pair(a, la, bt, lb, out=out[5:], lse=lse[:, :, 5:])
+    ref_out, ref_lse = K.merge_partials(torch.stack([a, bt]), torch.stack([la, lb]))
+    assert torch.isnan(out[:5]).all() and not torch.isnan(out[5:]).any()
+    assert (lse[:, :, 5:] - ref_lse).abs().max() < 1e-5
+    assert (out[5:].float() - ref_out.float()).abs().max() < 2e-2

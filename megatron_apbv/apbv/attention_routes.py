@@ -46,13 +46,16 @@ MEASURED = {
     (9, 128): {
         "device": "NVIDIA H200",
         "software": "torch 2.11+cu130, cuDNN 9.19, Triton 3.6",
-        "tflops": {  # L: {route: TFLOP/s}
-            32768: {CUDNN: 591.0, TRITON: 494.0},
-            65536: {CUDNN: 581.0, TRITON: 497.0},
+        "tflops": {  # L: {route: TFLOP/s} on the block work (n_pass + anchor prefix keys)
+            32768: {CUDNN: 568.4, TRITON: 504.7},
+            65536: {CUDNN: 574.5, TRITON: 496.8},
+            131072: {CUDNN: 550.5, TRITON: 498.7},
         },
+        # smallest measured block length; cuDNN was faster at every measured one (4K-16K not measured)
         "cudnn_from_rows": 32768,
-        "source": "issue 16 measurement (two cuDNN calls merged by LSE vs apb_attention); "
-        "benchmarks/results/kernels_h200.json",
+        # the op took 4 KV heads for 28 query heads with a result identical to expanded K/V (max |diff| 0)
+        "cudnn_native_gqa": True,
+        "source": "benchmarks/results/kernels_h200.json (bench_kernels.py, commit f738c45)",
     },
 }
 
@@ -64,6 +67,11 @@ def cudnn_op_available() -> bool:
         and torch.backends.cudnn.is_available()
         and torch.backends.cudnn.enabled
     )
+
+
+def cudnn_native_gqa(device: torch.device, head_dim: int) -> bool:
+    """The cuDNN op was measured to take fewer K/V heads than query heads on this GPU generation and head dim."""
+    return bool(MEASURED.get((_generation(device), head_dim), {}).get("cudnn_native_gqa", False))
 
 
 def _generation(device: torch.device) -> int:

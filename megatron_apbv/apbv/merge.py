@@ -24,6 +24,23 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor
     return out.to(outs.dtype), lse
 
 
+def merge_pair(out_a, lse_a, out_b, lse_b, *, out=None, lse=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merge_partials` of two partials held in separate tensors, written into ``out`` / ``lse`` if given.
+
+    The kernel reads both in place (no stacking copy); ``out`` / ``lse`` may be row
+    slices of a larger result.
+    """
+    kernel = kernel_for("merge_pair", out_a)
+    if kernel is not None:
+        return kernel(out_a, lse_a, out_b, lse_b, out=out, lse=lse)
+    merged, merged_lse = merge_partials(torch.stack([out_a, out_b]), torch.stack([lse_a, lse_b]))
+    if out is None:
+        return merged, merged_lse
+    out.copy_(merged)
+    lse.copy_(merged_lse)
+    return out, lse
+
+
 class MergeAcrossRanks:
     """All-gather each rank's partial ``(out, lse)`` of the same query rows, then merge them.
 
