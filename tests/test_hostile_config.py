@@ -127,3 +127,31 @@ def test_a_config_file_of_many_keys_gives_a_short_message(tmp_path):
 
 def test_the_c_loader_is_used_when_present():
     assert issubclass(UniqueKeyLoader, yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader)
+
+
+# 9. Limits ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.max_position_embeddings=467"], "  <config>: the prompt of 468 tokens (input.system_tokens + video + "
+         "input.query_tokens) is longer than model.max_position_embeddings=467: shorten the input"),
+        (["generate.stop_ids=[3, -1]"], "  generate.stop_ids.1: Input should be greater than or equal to 0 (got -1)"),
+        (["generate.stop_ids=[255, 256]"], "  <config>: generate.stop_ids=[255, 256]: [256] not below "
+         "model.vocab_size=256: the model never emits them"),
+    ],
+)
+def test_limits_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIG, overrides)
+    assert str(err.value) == f"invalid configuration:\n{message}"
+
+
+def test_generation_must_fit_the_positions():
+    load_config(CONFIG, ["model.max_position_embeddings=484"]).check_generation_fits()  # 468 + 16
+    cfg = load_config(CONFIG, ["model.max_position_embeddings=500", "generate.max_new_tokens=100000"])
+    with pytest.raises(ConfigError, match=r"generate.max_new_tokens=100000 after the prompt of 468 tokens reaches "
+                       r"position 100468, beyond model.max_position_embeddings=500: lower generate.max_new_tokens "
+                       r"to at most 32"):
+        cfg.check_generation_fits()

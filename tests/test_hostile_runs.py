@@ -226,6 +226,11 @@ def test_eval_outputs_are_checked_first_and_never_share_a_path(tmp_path):
     with pytest.raises(Exception):
         write_outputs({"settings": "not a list of settings"}, tmp_path / "r.json", tmp_path / "r.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["res.png"]
+    record = {"settings": [], "dense": {"accuracy": 0.5}, "world_size": 2, "prompt_tokens": 10, "examples": 1}
+    write_outputs(record, *output_paths(str(tmp_path / "ok" / "r.json")))
+    assert json.loads((tmp_path / "ok" / "r.json").read_text()) == record
+    assert (tmp_path / "ok" / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["r.json", "r.png"]  # no temp files
 
 
 # 6. Ctrl-C ----------------------------------------------------------------------------------------------------

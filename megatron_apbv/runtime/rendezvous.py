@@ -7,12 +7,13 @@ job's keys: the second job waits out its timeout and the first one can hang. Her
 
 * rank 0 creates the store and, when the port is taken, fails at once with a
   :class:`PortInUseError` naming the port and the fix (``MASTER_PORT``);
-* rank 0 writes who it is (host, parent process) under ``apbv/job``; every other rank
-  on that host reads it before touching anything else in the store, and a rank whose
-  launcher (parent process) differs from rank 0's leaves at once: that store belongs
-  to another job. (Every launcher starts a node's ranks from one process: torchrun's
-  agent, DeepSpeed's launch.py, ``srun``'s step daemon, ``mpirun``. Ranks on other
-  hosts cannot be told apart this way and are not checked.)
+* rank 0 writes who it is (host, launcher node index, parent process) under ``apbv/job``;
+  every other rank of that host and node reads it before touching anything else in the
+  store, and a rank whose launcher (parent process) differs from rank 0's leaves at once:
+  that store belongs to another job. (Every launcher starts a node's ranks from one
+  process: torchrun's agent, DeepSpeed's launch.py, ``srun``'s step daemon, ``mpirun``.
+  Ranks of other nodes cannot be told apart this way and are not checked; nor can ranks
+  started by hand from separate shells on one host, which this check refuses.)
 
 Under torchrun the agent holds the port with the job's store, and every rank joins it.
 A group of one needs no port: it gets an in-memory store.
@@ -36,8 +37,14 @@ class PortInUseError(ConfigError):
     """MASTER_PORT is taken (by another job): the message names the port and how to choose another."""
 
 
-def _identity() -> str:
-    return f"{socket.gethostname()}:{os.getppid()}"
+# The launcher's node index (DeepSpeed, torchrun, our scripts, SLURM): two per-node launchers may share a host.
+_NODE_VARIABLES = ("CROSS_RANK", "GROUP_RANK", "NODE_RANK", "SLURM_NODEID")
+
+
+def _identity(environ) -> tuple[str, str, str]:
+    """(host, launcher node index, parent process) of this rank."""
+    node = next((environ[v] for v in _NODE_VARIABLES if environ.get(v, "") != ""), "0")
+    return socket.gethostname(), node, str(os.getppid())
 
 
 def rendezvous_store(env: LaunchEnv, timeout_seconds: int, environ=os.environ) -> dist.Store:
@@ -66,13 +73,12 @@ def rendezvous_store(env: LaunchEnv, timeout_seconds: int, environ=os.environ) -
             if "eaddrinuse" in text or "address already in use" in text:
                 raise PortInUseError(fix) from None
             raise
-        store.set(JOB_KEY, _identity())
+        store.set(JOB_KEY, "\n".join(_identity(environ)))
         return store
     store = dist.TCPStore(addr, port, world_size, is_master=False, timeout=timeout, wait_for_workers=False)
-    owner = store.get(JOB_KEY).decode()  # waits (up to the timeout) for rank 0 to write it
-    owner_host, _, owner_parent = owner.rpartition(":")
-    host, _, parent = _identity().rpartition(":")
-    if owner_host == host and owner_parent != parent:
+    owner_host, owner_node, owner_parent = store.get(JOB_KEY).decode().split("\n")  # waits for rank 0 to write it
+    host, node, parent = _identity(environ)
+    if (owner_host, owner_node) == (host, node) and owner_parent != parent:
         raise PortInUseError(
             f"the store on MASTER_PORT={port} belongs to another job (its rank 0 was started by process "
             f"{owner_parent}, this rank by {parent}): {fix}"
