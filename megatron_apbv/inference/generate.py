@@ -67,6 +67,7 @@ def apbv_generate(cfg: RunConfig, device: torch.device) -> dict:
         "decode_tokens_per_second": round((steps - 1) * ids.shape[0] / decode_seconds, 3) if steps > 1 else None,
         "cache_tokens_on_rank0": cache.num_tokens,
         "stop_ids": stop_ids,
+        **({"video": run.video} if run.video is not None else {}),
     }
 
 
