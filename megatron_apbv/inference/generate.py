@@ -57,6 +57,7 @@ def apbv_generate(cfg: RunConfig, device: torch.device) -> dict:
         **result.record(),
         "cache_tokens_on_rank0": run.cache.num_tokens,
         "stop_ids": stop_ids,
+        **({"video": run.video} if run.video is not None else {}),
     }
 
 
