@@ -229,7 +229,9 @@ def merge(out_path: str, parts: list[str]) -> int:
     if any(r["model"] != out["model"] for r in recs):
         raise SystemExit("merge: the records are of different models")
     out["examples"] = sorted({r["examples"] for r in recs})  # one value unless a time limit cut a part short
-    out["settings"] = [s for r in recs for s in r["settings"]]
+    # Every setting keeps the example count and the run it came from.
+    out["settings"] = [dict(s, examples=r["examples"], run=r.get("run", "")) for r in recs for s in r["settings"]]
+    out.pop("examples_planned", None)
     out["seconds"] = [r["seconds"] for r in recs]
     Path(out_path).write_text(json.dumps(out, indent=1) + "\n")
     return 0
