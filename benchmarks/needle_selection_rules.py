@@ -210,7 +210,8 @@ def plot(rec: dict, path) -> None:
             ax.plot([s["passing_len"] for s in pts], [s["accuracy_scene_cross"] for s in pts], "o-", label=rule)
         star = next(s for s in sets if s["rule"] == "star")
         ax.axhline(star["accuracy_scene_cross"], color="r", ls=":", label="star")
-        ax.axhline(star["dense_accuracy_scene_cross"], color="k", lw=1, label="dense")
+        if star.get("dense_accuracy_scene_cross") is not None:  # records rebuilt from stdout lines lack it
+            ax.axhline(star["dense_accuracy_scene_cross"], color="k", lw=1, label="dense")
         ax.set_xscale("log", base=2)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("passing budget p (keys per KV head per block)")
@@ -232,7 +233,7 @@ def merge(out_path: str, parts: list[str]) -> int:
     # Every setting keeps the example count and the run it came from.
     out["settings"] = [dict(s, examples=r["examples"], run=r.get("run", "")) for r in recs for s in r["settings"]]
     out.pop("examples_planned", None)
-    out["seconds"] = [r["seconds"] for r in recs]
+    out["seconds"] = [r.get("seconds") for r in recs]
     Path(out_path).write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
