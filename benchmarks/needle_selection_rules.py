@@ -205,9 +205,11 @@ def plot(rec: dict, path) -> None:
     fig, axes = plt.subplots(1, len(worlds), figsize=(5.5 * len(worlds), 4), squeeze=False)
     for ax, w in zip(axes[0], worlds):
         sets = [s for s in rec["settings"] if s["world"] == w]
-        for rule in dict.fromkeys(s["rule"] for s in sets if s["rule"] != "star"):
+        for colour, rule in enumerate(RULES):  # one colour per rule in every panel
             pts = [s for s in sets if s["rule"] == rule]
-            ax.plot([s["passing_len"] for s in pts], [s["accuracy_scene_cross"] for s in pts], "o-", label=rule)
+            if pts:
+                ax.plot([s["passing_len"] for s in pts], [s["accuracy_scene_cross"] for s in pts], "o-",
+                        color=f"C{colour}", label=rule)
         star = next(s for s in sets if s["rule"] == "star")
         ax.axhline(star["accuracy_scene_cross"], color="r", ls=":", label="star")
         if star.get("dense_accuracy_scene_cross") is not None:  # records rebuilt from stdout lines lack it
@@ -216,7 +218,8 @@ def plot(rec: dict, path) -> None:
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("passing budget p (keys per KV head per block)")
         ax.set_ylabel("cross-block scene accuracy")
-        ax.set_title(f"{rec['model']}: W={w}, {rec['examples']} videos (n={star['scene_cross_n']})")
+        ax.set_title(f"{rec['model']}: W={w}, {star.get('examples', rec['examples'])} videos "
+                     f"(cross-block n={star['scene_cross_n']})")
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
