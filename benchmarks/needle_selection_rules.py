@@ -32,6 +32,9 @@ import torch
 RULES = ("mean", "softmax", "max", "recent", "frame")
 
 
+T0 = time.perf_counter()  # --time-limit counts from the start of the process (imports included)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
@@ -44,7 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--budgets", default=None, help="comma-separated fractions of N (default needle.budgets)")
     ap.add_argument("--time-limit", type=float, default=None,
-                    help="seconds: start no new batch after this (the record says how many examples ran)")
+                    help="seconds since the process started: start no new batch after this (the record says how many ran)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -106,10 +109,44 @@ def main(argv=None) -> int:
                  for w in worlds}
         dense, logits, hits = [], {i: [] for i in range(len(runs))}, {i: [] for i in range(len(runs))}
         start = time.perf_counter()
+        print(f"ready {start - T0:.0f} s after start: {len(runs)} settings x {len(exs)} examples", file=sys.stderr,
+              flush=True)
+
+        def summary(done: int) -> dict:
+            """The record of the first ``done`` examples; written after every batch (a killed run keeps them)."""
+            ex_done = exs[:done]
+            dense_all = torch.cat(dense)
+            dense_preds = dense_all.argmax(-1).tolist()
+            out = dict(benchmark="needle_selection_rules", model=args.name, checkpoint=cfg.needle.checkpoint,
+                       kv_heads=cfg.model.num_query_groups, prompt_tokens=n, anchor_len=a, query_len=q,
+                       tokens_per_frame=geo.tokens_per_frame, examples=done, examples_planned=len(exs),
+                       device=str(device), torch=torch.__version__, recent_fraction=cfg.apbv.recent_fraction,
+                       attention="reference-oracle explicit mask (single process)",
+                       seconds=round(time.perf_counter() - start, 1), dense=score(ex_done, dense_preds), settings=[])
+            for i, run in enumerate(runs):
+                res = torch.cat(logits[i])
+                rec = dict(run)
+                rec.update(score(ex_done, res.argmax(-1).tolist(), dense_preds, _kl(dense_all, res), geo=geo,
+                                 layout=layouts[run["world"]]))
+                idx = [j for j, c in enumerate(cross[run["world"]][:done]) if c]
+                rec["card_passed_cross"] = round(sum(hits[i][j] for j in idx) / len(idx), 4) if idx else None
+                # Keys passed per layer: p per KV head per block, 2W blocks (the last block's never used).
+                rec["passed_keys_per_layer"] = run["passing_len"] * cfg.model.num_query_groups * 2 * run["world"]
+                out["settings"].append(rec)
+            return out
+
+        def write(out: dict) -> None:
+            if args.out:
+                path = Path(args.out)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(out, indent=1) + "\n")
+                tmp.replace(path)
+
+        done = 0
         for lo in range(0, len(exs), args.batch):
-            if args.time_limit is not None and time.perf_counter() - start > args.time_limit:
+            if args.time_limit is not None and time.perf_counter() - T0 > args.time_limit:
                 print(f"time limit: stopping after {lo} examples", file=sys.stderr, flush=True)
-                exs = exs[:lo]
                 break
             chunk = exs[lo : lo + args.batch]
             batch = collate(chunk)
@@ -138,36 +175,20 @@ def main(argv=None) -> int:
                     record["hits"] = [False] * len(chunk)
                     logits[i].append(answer())
                     hits[i] += record["hits"]
-            print(f"{lo + len(chunk)}/{len(exs)} examples, {time.perf_counter() - start:.0f} s", file=sys.stderr,
-                  flush=True)
-        dense = torch.cat(dense)
-        dense_preds = dense.argmax(-1).tolist()
-        out = dict(benchmark="needle_selection_rules", model=args.name, checkpoint=cfg.needle.checkpoint,
-                   kv_heads=cfg.model.num_query_groups, prompt_tokens=n, anchor_len=a, query_len=q,
-                   tokens_per_frame=geo.tokens_per_frame, examples=len(exs), device=str(device),
-                   torch=torch.__version__, recent_fraction=cfg.apbv.recent_fraction,
-                   attention="reference-oracle explicit mask (single process)",
-                   dense=score(exs, dense_preds), settings=[])
-        for i, run in enumerate(runs):
-            res = torch.cat(logits[i])
-            rec = dict(run)
-            rec.update(score(exs, res.argmax(-1).tolist(), dense_preds, _kl(dense, res), geo=geo,
-                             layout=layouts[run["world"]]))
-            idx = [j for j, c in enumerate(cross[run["world"]]) if c]
-            rec["card_passed_cross"] = round(sum(hits[i][j] for j in idx) / len(idx), 4) if idx else None
-            # Keys passed per layer: p per KV head per block, 2W blocks (the last block's never used).
-            rec["passed_keys_per_layer"] = run["passing_len"] * cfg.model.num_query_groups * 2 * run["world"]
-            out["settings"].append(rec)
+            done = lo + len(chunk)
+            write(summary(done))
+            print(f"{done}/{len(exs)} examples, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        if done == 0:
+            print("no example finished before the time limit", file=sys.stderr, flush=True)
+            return 1
+        out = summary(done)
+        for rec in out["settings"]:
             print(json.dumps({k: rec[k] for k in ("world", "rule", "budget", "accuracy", "accuracy_scene_cross",
                                                   "scene_cross_n", "mean_kl_vs_dense", "card_passed_cross")}),
                   flush=True)
-        out["seconds"] = round(time.perf_counter() - start, 1)
-        if args.out:
-            path = Path(args.out)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(out, indent=1) + "\n")
-            if not args.no_plot:
-                plot(out, path.with_suffix(".png"))
+        write(out)
+        if args.out and not args.no_plot:
+            plot(out, Path(args.out).with_suffix(".png"))
     finally:
         shutdown(wait_for_peers=False)
     return 0
@@ -184,17 +205,21 @@ def plot(rec: dict, path) -> None:
     fig, axes = plt.subplots(1, len(worlds), figsize=(5.5 * len(worlds), 4), squeeze=False)
     for ax, w in zip(axes[0], worlds):
         sets = [s for s in rec["settings"] if s["world"] == w]
-        for rule in dict.fromkeys(s["rule"] for s in sets if s["rule"] != "star"):
+        for colour, rule in enumerate(RULES):  # one colour per rule in every panel
             pts = [s for s in sets if s["rule"] == rule]
-            ax.plot([s["passing_len"] for s in pts], [s["accuracy_scene_cross"] for s in pts], "o-", label=rule)
+            if pts:
+                ax.plot([s["passing_len"] for s in pts], [s["accuracy_scene_cross"] for s in pts], "o-",
+                        color=f"C{colour}", label=rule)
         star = next(s for s in sets if s["rule"] == "star")
         ax.axhline(star["accuracy_scene_cross"], color="r", ls=":", label="star")
-        ax.axhline(star["dense_accuracy_scene_cross"], color="k", lw=1, label="dense")
+        if star.get("dense_accuracy_scene_cross") is not None:  # records rebuilt from stdout lines lack it
+            ax.axhline(star["dense_accuracy_scene_cross"], color="k", lw=1, label="dense")
         ax.set_xscale("log", base=2)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("passing budget p (keys per KV head per block)")
         ax.set_ylabel("cross-block scene accuracy")
-        ax.set_title(f"{rec['model']}: W={w}, {rec['examples']} videos (n={star['scene_cross_n']})")
+        ax.set_title(f"{rec['model']}: W={w}, {star.get('examples', rec['examples'])} videos "
+                     f"(cross-block n={star['scene_cross_n']})")
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -208,8 +233,10 @@ def merge(out_path: str, parts: list[str]) -> int:
     if any(r["model"] != out["model"] for r in recs):
         raise SystemExit("merge: the records are of different models")
     out["examples"] = sorted({r["examples"] for r in recs})  # one value unless a time limit cut a part short
-    out["settings"] = [s for r in recs for s in r["settings"]]
-    out["seconds"] = [r["seconds"] for r in recs]
+    # Every setting keeps the example count and the run it came from.
+    out["settings"] = [dict(s, examples=r["examples"], run=r.get("run", "")) for r in recs for s in r["settings"]]
+    out.pop("examples_planned", None)
+    out["seconds"] = [r.get("seconds") for r in recs]
     Path(out_path).write_text(json.dumps(out, indent=1) + "\n")
     return 0
 

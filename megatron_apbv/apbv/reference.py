@@ -300,11 +300,12 @@ def _smooth(raw: torch.Tensor, window: int, bounds) -> torch.Tensor:
 
 
 def _block_order(selection, smooth_block, raw_block, start, pj, frame_start, frame_len, recent_fraction):
-    """Positions (relative to the block) of one KV head's keys, best first, under ``selection``.
+    """Positions (relative to the block) of every KV head's keys, best first: ``[kv_heads, L]``.
 
-    Ties go to the lower position (stable descending sorts throughout).
+    ``smooth_block`` / ``raw_block`` are ``[kv_heads, L]``. Ties go to the lower position
+    (stable descending sorts throughout).
     """
-    length = smooth_block.shape[0]
+    kv_heads, length = smooth_block.shape
     positions = torch.arange(length, device=smooth_block.device)
     if selection == "frame":
         # Whole frames: a frame (its tokens inside this block) scores its best raw key;
@@ -312,19 +313,20 @@ def _block_order(selection, smooth_block, raw_block, start, pj, frame_start, fra
         frame_id = torch.div(positions + start - frame_start, frame_len, rounding_mode="floor")
         frame_id = torch.where(positions + start < frame_start, torch.full_like(frame_id, -1), frame_id)
         ids, inverse = torch.unique(frame_id, return_inverse=True)  # ids ascending = frames in time order
-        best = torch.full((len(ids),), float("-inf"), dtype=raw_block.dtype, device=raw_block.device)
-        best = best.scatter_reduce(0, inverse, raw_block, "amax")
-        frame_rank = torch.empty_like(ids)
-        frame_rank[torch.sort(best, descending=True, stable=True).indices] = torch.arange(
-            len(ids), device=ids.device)
-        return torch.sort(frame_rank[inverse], stable=True).indices
-    order = torch.sort(smooth_block, descending=True, stable=True).indices
+        inverse = inverse.expand(kv_heads, -1)
+        best = torch.full((kv_heads, len(ids)), float("-inf"), dtype=raw_block.dtype, device=raw_block.device)
+        best = best.scatter_reduce(1, inverse, raw_block, "amax")
+        frame_rank = torch.empty_like(inverse[:, : len(ids)])
+        frame_rank.scatter_(1, torch.sort(best, dim=1, descending=True, stable=True).indices,
+                            positions[: len(ids)].expand(kv_heads, -1))
+        return torch.sort(torch.gather(frame_rank, 1, inverse), dim=1, stable=True).indices
+    order = torch.sort(smooth_block, dim=1, descending=True, stable=True).indices
     if selection == "recent":
         # The block's last r = floor(recent_fraction * p_j) keys first, then the rest by score.
-        r = int(math.floor(recent_fraction * pj))
-        recent = positions[length - r :]
-        rest = order[order < length - r]
-        return torch.cat([recent, rest])
+        r = math.floor(recent_fraction * pj)
+        recent = positions[length - r :].expand(kv_heads, -1)
+        rest = order[order < length - r].view(kv_heads, length - r)  # the same count in every head
+        return torch.cat([recent, rest], dim=1)
     return order
 
 
@@ -394,14 +396,12 @@ def apbv_passing_selection_reference(
     for start, end in bounds:
         length = end - start
         pj = length if p == math.inf else min(p, length)
-        sel = torch.empty(kv_heads, pj, dtype=torch.long, device=q.device)
-        for h in range(kv_heads):
-            if pj == 0:
-                continue
-            order = _block_order(selection, smooth[h, start:end], raw[h, start:end], start, pj,
-                                 frame_start, frame_len, recent_fraction)
-            sel[h] = torch.sort(order[:pj] + start).values
-        selections.append(sel)
+        if pj == 0:
+            selections.append(torch.empty(kv_heads, 0, dtype=torch.long, device=q.device))
+            continue
+        order = _block_order(selection, smooth[:, start:end], raw[:, start:end], start, pj,
+                             frame_start, frame_len, recent_fraction)
+        selections.append(torch.sort(order[:, :pj] + start, dim=1).values)
     return selections
 
 

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from megatron_apbv.apbv.attention import APBVMask
 from megatron_apbv.apbv.layout import SequenceLayout
+from megatron_apbv.apbv.selection import SelectionRule
 from megatron_apbv.eval.frontend import (
     build_frontend,
     load_checkpoint,
@@ -139,7 +140,8 @@ class NeedleRunner:
         layout = self.layout(setting["zigzag"]).rank(self.rank)
         idx = layout.global_indices
         mask = APBVMask(layout=layout, passing_lens=(setting["passing_len"],) * self.cfg.model.num_layers,
-                        window=self.cfg.apbv.window, overlap=setting["overlap"])
+                        window=self.cfg.apbv.window, overlap=setting["overlap"],
+                        selection=SelectionRule.from_config(self.cfg))
         hidden = decoder_hidden(self.model, self.rope, None, self.positions[idx].to(self.device), mask,
                                 inputs_embeds=embeds[idx.to(embeds.device)])
         return vocab_logits(self.model, hidden[-1:])
@@ -222,6 +224,7 @@ def run_eval(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, examples: 
         "device": device.type,
         "dtype": cfg.dtype,
         "seconds": round(total, 1),
+        "selection": cfg.apbv.selection,
     }
     if runner.rank != 0:
         return record
@@ -252,7 +255,8 @@ def run_demo(cfg: RunConfig, env: LaunchEnv, device: torch.device, checkpoint: s
     batch = collate([ex])
     embeds = runner.embeddings(batch)
     layout = runner.layout(setting["zigzag"]).rank(runner.rank)
-    mask = APBVMask(layout=layout, passing_lens=passing, window=cfg.apbv.window, overlap=setting["overlap"])
+    mask = APBVMask(layout=layout, passing_lens=passing, window=cfg.apbv.window, overlap=setting["overlap"],
+                    selection=SelectionRule.from_config(cfg))
     idx = layout.global_indices
     with torch.inference_mode():
         hidden = decoder_hidden(runner.model, runner.rope, None, runner.positions[idx].to(device), mask,
