@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_apbv.apbv.decode import DecodeStep
+from megatron_apbv.inference.engine import Engine
 from megatron_apbv.inference.prefill import apbv_prefill
 from megatron_apbv.models.chat_prompt import has_tokenizer, load_tokenizer
 from megatron_apbv.models.checkpoint import read_hf_config
 from megatron_apbv.models.gpt import decoder_hidden, vocab_logits
+from megatron_apbv.models.inputs import Prompt
 from megatron_apbv.runtime.config import GenerateConfig, RunConfig
 from megatron_apbv.runtime.groups import context_parallel_group
 from megatron_apbv.runtime.timing import sync
@@ -40,16 +43,27 @@ class Sampler:
         return torch.multinomial(probs, 1, generator=self.generator)[:, 0].to(logits.device)
 
 
-def apbv_generate(cfg: RunConfig, device: torch.device) -> dict:
+def apbv_generate(
+    cfg: RunConfig,
+    device: torch.device,
+    *,
+    engine: Optional[Engine] = None,
+    prompt: Optional[Prompt] = None,
+    barrier: bool = True,
+) -> dict:
     """Prefill with APB-V, then decode ``cfg.generate.max_new_tokens`` tokens; returns ids and timings.
 
     Every rank runs the layers for each new token (their outputs are identical
     after the merge); only the tail owner appends K/V, projects onto the
-    vocabulary and samples, and the id is broadcast to the group.
+    vocabulary and samples, and the id is broadcast to the group. ``engine``,
+    ``prompt`` and ``barrier`` go to :func:`apbv_prefill` (``apbv infer`` passes
+    its engine and each request's prompt).
     """
     settings = cfg.generate
     stop_ids = stop_token_ids(cfg)  # a broken generation_config.json fails here, on every rank, before collectives
-    run = apbv_prefill(cfg, device, max_new_tokens=settings.max_new_tokens)
+    run = apbv_prefill(
+        cfg, device, max_new_tokens=settings.max_new_tokens, engine=engine, prompt=prompt, barrier=barrier
+    )
     cache, seq = run.cache, run.seq
     group = context_parallel_group()
     tail = dist.get_global_rank(group, seq.tail_rank) if dist.get_world_size(group) > 1 else dist.get_rank()
@@ -87,6 +101,7 @@ def apbv_generate(cfg: RunConfig, device: torch.device) -> dict:
         "decode_tokens_per_second": round((steps - 1) * ids.shape[0] / decode_seconds, 3) if steps > 1 else None,
         "cache_tokens_on_rank0": cache.num_tokens,
         "stop_ids": stop_ids,
+        "stage_seconds": {**run.stage_seconds, "decode": decode_seconds},
     }
 
 

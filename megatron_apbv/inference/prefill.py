@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -11,8 +11,9 @@ import torch.distributed as dist
 from megatron_apbv.apbv.attention import APBVMask
 from megatron_apbv.apbv.decode import DistributedKVCache
 from megatron_apbv.apbv.layout import SequenceLayout
-from megatron_apbv.models.embeddings import build_vision_tower_for, input_embeddings
-from megatron_apbv.models.gpt import build_gpt_model, build_rope, last_token_logits
+from megatron_apbv.inference.engine import Engine, timed_stage
+from megatron_apbv.models.embeddings import input_embeddings
+from megatron_apbv.models.gpt import build_gpt_model, last_token_logits
 from megatron_apbv.models.inputs import Prompt, build_prompt
 from megatron_apbv.runtime.config import ConfigError, RunConfig
 from megatron_apbv.runtime.distributed import LaunchEnv
@@ -32,33 +33,52 @@ class Prefill:
     seq: SequenceLayout
     cache: Optional[DistributedKVCache] = None
     tower: Optional[torch.nn.Module] = None  # the vision tower (input.kind: video)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # video_decode, vision, prefill (last run)
 
 
-def apbv_prefill(cfg: RunConfig, device: torch.device, *, max_new_tokens: int = 0, repeat: int = 0) -> Prefill:
-    """Build the APB-V model and run this rank's ``[A | blocks | Q]`` through it.
+def apbv_prefill(
+    cfg: RunConfig,
+    device: torch.device,
+    *,
+    max_new_tokens: int = 0,
+    repeat: int = 0,
+    engine: Optional[Engine] = None,
+    prompt: Optional[Prompt] = None,
+    barrier: bool = True,
+) -> Prefill:
+    """Run this rank's ``[A | blocks | Q]`` through the APB-V model (built here unless ``engine`` is given).
 
     With ``max_new_tokens > 0`` each layer keeps the rank's own K/V in
     ``Prefill.cache`` for distributed decoding. ``repeat`` > 0 times the median
-    of that many prefills after a warm-up one.
+    of that many prefills after a warm-up one. ``prompt`` is ``build_prompt(cfg)``
+    when the caller made it already; ``barrier=False`` times without the world
+    barriers (``apbv infer``: replicas run different requests).
     """
+    engine = engine or Engine.build(cfg, device)
+    stages: dict[str, float] = {}
     seq = SequenceLayout.from_config(cfg)
     layout = seq.rank(context_parallel_rank())
-    prompt = build_prompt(cfg)
+    if prompt is None:
+        prompt = timed_stage(stages, "video_decode", lambda: build_prompt(cfg), device)
+    if prompt.frames is not None and engine.tower is None:
+        raise ConfigError("the prompt has video frames but the engine was built without a vision tower")
     local = prompt.local(layout.global_indices)
     cache = DistributedKVCache(layout, max_new_tokens) if max_new_tokens else None
     mask = APBVMask.from_config(cfg, layout, cache)
-    model = build_gpt_model(cfg, method="apbv", device=device)
-    rope = build_rope(cfg, device)
-    tower = build_vision_tower_for(cfg, device) if prompt.frames is not None else None
+    model, rope, tower = engine.model, engine.rope, engine.tower
     ids, pos = local.input_ids.to(device), local.position_ids.to(device)
 
     def forward():
         with torch.inference_mode():
-            embeds = input_embeddings(model, tower, prompt, layout.global_indices, device, group=context_parallel_group())
-        return last_token_logits(model, rope, ids, pos, mask, inputs_embeds=embeds)
+            embeds = timed_stage(stages, "vision", lambda: input_embeddings(
+                model, tower, prompt, layout.global_indices, device, group=context_parallel_group()), device)
+        return timed_stage(stages, "prefill", lambda: last_token_logits(
+            model, rope, ids, pos, mask, inputs_embeds=embeds), device)
 
-    logits, seconds = timed(forward, device, repeat)
-    return Prefill(logits, seconds, model, rope, prompt, seq, cache, tower)
+    logits, seconds = timed(forward, device, repeat, barrier=barrier)
+    runs = 1 + repeat  # the stage sums cover every run: report one run's share
+    stages = {k: v / runs if k != "video_decode" else v for k, v in stages.items()}
+    return Prefill(logits, seconds, model, rope, prompt, seq, cache, tower, stages)
 
 
 def run_prefill(
