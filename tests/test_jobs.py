@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from megatron_apbv.jobs.answers import AnswerWriter, recover_answers, summary_path, write_summary
+from megatron_apbv.jobs.answers import (
+    AnswerWriter,
+    recover_answers,
+    summary_path,
+    write_summary,
+)
 from megatron_apbv.jobs.progress import Progress, progress_line
 from megatron_apbv.jobs.requests import plan_requests, read_requests
 from megatron_apbv.runtime.config import ConfigError

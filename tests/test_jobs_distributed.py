@@ -129,7 +129,7 @@ def test_killed_rank_then_resume_answers_every_id_once(tmp_path):
     assert first[0][0] != 0 and first[1][0] == -signal.SIGKILL
     assert "collective failed" in first[0][2]
     done = [r["id"] for r in _records(output)]
-    lost = sorted(set(r["id"] for r in rows) - set(done))
+    lost = sorted({r["id"] for r in rows} - set(done))
     assert len(done) == len(set(done)) and lost  # the killed replica's request is missing
     with output.open("a") as f:
         f.write(json.dumps({"id": lost[0], "replica": 1, "generated_ids": [1, 2]})[:25])  # a torn last line

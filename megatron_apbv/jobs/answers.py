@@ -25,8 +25,7 @@ from megatron_apbv.runtime.atomic import atomic_write_text
 def summary_path(output: str | Path) -> Path:
     """``answers.jsonl`` -> ``answers.summary.json`` (any other name gets ``.summary.json`` appended)."""
     output = Path(output)
-    stem = output.name[: -len(".jsonl")] if output.name.endswith(".jsonl") else output.name
-    return output.with_name(stem + ".summary.json")
+    return output.with_name(output.name.removesuffix(".jsonl") + ".summary.json")
 
 
 def _complete_record(line: bytes):

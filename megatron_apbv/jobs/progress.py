@@ -10,7 +10,7 @@ from typing import Optional, TextIO
 def progress_line(done: int, errors: int, total: int, elapsed: float, width: int = 24) -> str:
     """``[#####.....] 12/40 errors 1 | 0.52 req/s | ETA 54s``: ``done`` counts error answers too."""
     fraction = done / total if total else 1.0
-    filled = int(round(width * fraction))
+    filled = round(width * fraction)
     rate = done / elapsed if elapsed > 0 else 0.0
     eta = f"{(total - done) / rate:.0f}s" if rate > 0 else "?"
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} errors {errors} | {rate:.2f} req/s | ETA {eta}"
