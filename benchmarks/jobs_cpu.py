@@ -41,6 +41,7 @@ def run_job(world: int, requests: Path, config: Path, workdir: Path, overrides: 
             raise SystemExit(f"world {world}: a rank exited {p.returncode}:\n{err[-3000:]}")
     sys.stderr.write(results[0][1].strip().splitlines()[-1] + "\n")
     summary = json.loads(results[0][0].strip().splitlines()[-1])
+    summary.pop("output")  # a temporary path
     records = [json.loads(line) for line in output.read_text().splitlines()]
     summary["per_request"] = {r["id"]: {"replica": r["replica"], "prompt_tokens": r["prompt_tokens"],
                                         "generated": len(r["generated_ids"]), "seconds": r["seconds"]}
