@@ -3,6 +3,8 @@
     python launch/render.py slurm --nodes 2 --gpus-per-node 4 \\
         --config configs/my.yaml --override apbv.variant=exact --compare dense > job.sbatch
     python launch/render.py slurm-deepspeed --nodes 2 --gpus-per-node 4 > job_ds.sbatch
+    python launch/render.py slurm-infer --nodes 4 --gpus-per-node 8 --config configs/my.yaml \\
+        --requests requests.jsonl --output /shared/answers.jsonl > job_infer.sbatch
     python launch/render.py hostfile --slots 8 node1 node2 > hostfile
 
 The templates in launch/slurm/ are submittable as they are; rendering only
@@ -23,6 +25,7 @@ SLURM_DIR = Path(__file__).resolve().parent / "slurm"
 TEMPLATES = {
     "slurm": (SLURM_DIR / "apbv.sbatch", "gpus"),
     "slurm-deepspeed": (SLURM_DIR / "apbv_deepspeed.sbatch", 1),
+    "slurm-infer": (SLURM_DIR / "apbv_infer.sbatch", "gpus"),
 }
 
 
@@ -60,6 +63,8 @@ def render_slurm(
     partition: str | None = None,
     account: str | None = None,
     master_port: int | None = None,
+    requests: str | None = None,
+    output: str | None = None,
 ) -> str:
     """Return the text of a batch file for ``nodes`` x ``gpus_per_node``."""
     if nodes < 1 or gpus_per_node < 1:
@@ -81,6 +86,10 @@ def render_slurm(
         text = _set_default(text, "OVERRIDES", " ".join(overrides))
     if extra_args:
         text = _set_default(text, "EXTRA_ARGS", " ".join(extra_args))
+    if requests:  # slurm-infer only
+        text = _set_default(text, "REQUESTS", requests)
+    if output:
+        text = _set_default(text, "OUTPUT", output)
     if master_port is not None:
         text = re.sub(r'^MASTER_PORT=.*$', f'MASTER_PORT="${{MASTER_PORT:-{int(master_port)}}}"', text, count=1, flags=re.M)
     return text
@@ -110,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--partition")
         s.add_argument("--account")
         s.add_argument("--master-port", type=int)
+        if name == "slurm-infer":
+            s.add_argument("--requests", help="request file (JSON lines)")
+            s.add_argument("--output", help="answers file on a shared filesystem")
     h = sub.add_parser("hostfile", help="render a hostfile")
     h.add_argument("hosts", nargs="+")
     h.add_argument("--slots", type=int, default=8)
@@ -131,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             partition=args.partition,
             account=args.account,
             master_port=args.master_port,
+            requests=getattr(args, "requests", None),
+            output=getattr(args, "output", None),
         )
     )
     return 0

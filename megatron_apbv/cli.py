@@ -7,6 +7,9 @@ fraction of a second. A distributed command then starts the process groups
 and runs ``command(args, cfg, env, device)`` of its module, whose returned
 record rank 0 prints as one JSON line; a local command runs
 ``command(args, cfg)`` in one process.
+A module's ``prepare(args, cfg)`` (``apbv infer``: read and validate the
+request file) runs on every rank right after the config, before any
+collective; what it returns is ``args.prepared``.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Command:
-    module: str  # provides command(...) and, optionally, add_arguments(parser)
+    module: str  # provides command(...) and, optionally, add_arguments(parser) and prepare(args, cfg)
     help: str
     distributed: bool = True
+    data_parallel: bool = False  # serves DP > 1 replicas; the others answer one prompt with one APB-V group
 
     def epilog(self, name: str) -> str:
         if not self.distributed:
@@ -42,6 +46,10 @@ COMMANDS = {
     "generate": Command("megatron_apbv.inference.generate", "prefill, then decode over the distributed KV cache"),
     "eval": Command("megatron_apbv.eval.evaluate", "needle benchmark: dense vs exact, APB-V, APB-like, Star accuracy"),
     "bench": Command("megatron_apbv.bench.benchmark", "time dense, ring, Ulysses, Star, APB-like and APB-V side by side"),
+    "infer": Command(
+        "megatron_apbv.jobs.infer", "answer a file of requests with data-parallel APB-V groups (resumable)",
+        data_parallel=True,
+    ),
     "plan": Command("megatron_apbv.costmodel.plan", "predict prefill time per method and pick APB-V budgets (cost model)", distributed=False),
     "config": Command("megatron_apbv.runtime.config_command", "print the resolved config as YAML (--schema: every key)", distributed=False),
 }
@@ -221,6 +229,15 @@ def _run(args, cfg, env, results, interrupt) -> int:
 
     try:
         cfg = cfg or load_config(args.config, args.overrides)
+        replicas = cfg.check_world_size(env.world_size)
+        if replicas > 1 and not command.data_parallel:
+            raise ConfigError(
+                f"apbv {args.command} answers one prompt with one APB-V group, but {env.world_size} ranks make "
+                f"{replicas} data-parallel replicas: launch {env.world_size // replicas} ranks, or use apbv infer "
+                "to answer many requests"
+            )
+        if hasattr(module, "prepare"):
+            args.prepared = module.prepare(args, cfg)
         device = select_device(cfg, env)
         init_distributed(cfg, env, device)
     except ConfigError as err:

@@ -7,6 +7,7 @@ import torch
 from distributed_utils import run_on_ranks
 
 from megatron_apbv.apbv.layout import SequenceLayout
+from megatron_apbv.inference.engine import Engine
 from megatron_apbv.inference.generate import Sampler, apbv_generate
 from megatron_apbv.models.gpt import build_gpt_model, build_rope, last_token_logits
 from megatron_apbv.models.inputs import build_prompt
@@ -68,7 +69,8 @@ def _batch_worker(rank, world, overrides, frames, new_tokens):
         cfg = load_config(CONFIG, overrides + [f"parallel.context_parallel_size={world}", f"input.video_frames={n}"])
         if run is None:
             init_distributed(cfg, LaunchEnv(rank, world, rank), torch.device("cpu"))
-        run = apbv_prefill(cfg, torch.device("cpu"), max_new_tokens=new_tokens, reuse=run)
+        engine = Engine.of(run) if run else None
+        run = apbv_prefill(cfg, torch.device("cpu"), max_new_tokens=new_tokens, engine=engine)
         runs.append(run)
     try:
         batch = generate_batch(runs, cfg.generate, seed=cfg.seed, stop_ids=[], cuda_graphs=False)

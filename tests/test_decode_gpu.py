@@ -76,13 +76,15 @@ def single_rank():
 
 
 def _prefills(frames: list[int], new_tokens: int):
+    from megatron_apbv.inference.engine import Engine
     from megatron_apbv.inference.prefill import apbv_prefill
     from megatron_apbv.runtime.loading import load_config
 
     runs, first = [], None
     for n in frames:
         cfg = load_config(CONFIG, GPU + [f"input.video_frames={n}", f"generate.max_new_tokens={new_tokens}"])
-        first = apbv_prefill(cfg, torch.device("cuda"), max_new_tokens=new_tokens, reuse=first)
+        engine = Engine.of(first) if first else None
+        first = apbv_prefill(cfg, torch.device("cuda"), max_new_tokens=new_tokens, engine=engine)
         runs.append(first)
     return cfg, runs
 

@@ -116,3 +116,34 @@ def test_deepspeed_two_nodes_no_ssh_on_one_machine(tmp_path):
                 os.killpg(p.pid, signal.SIGKILL)
     _check_exact(_result(results[0]), 2)
     assert results[1].returncode == 0, results[1].stderr
+
+
+def test_deepspeed_two_nodes_of_two_ranks_run_an_infer_job(tmp_path):
+    """Two DeepSpeed per-node launchers (--no_ssh --node_rank 0/1, 2 slots each) run `apbv infer` as
+    DP 2 x CP 2: the replicas span the two 'nodes' and every request is answered once."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("nodeA slots=2\nnodeB slots=2\n")
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps({"id": f"n{i}", "input.video_frames": 1 + 3 * i,
+                                            "generate.max_new_tokens": 2}) + "\n" for i in range(4)))
+    output = tmp_path / "answers.jsonl"
+    port = str(free_port())
+    procs = []
+    try:
+        for node_rank in (0, 1):
+            env = _env(HOSTFILE=str(hostfile), NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=port, DS_LOG_LEVEL="warning", DS_ACCELERATOR="cpu", APBV_COMMAND="infer",
+                       OMP_NUM_THREADS="1")
+            cmd = ["bash", str(LAUNCH / "deepspeed_gpu.sh"), CONFIG, "--requests", str(requests),
+                   "--output", str(output), "device=cpu"]
+            procs.append(_start(cmd, env))
+        results = [_finish(p) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    summary = _result(results[0])
+    assert results[1].returncode == 0, results[1].stderr
+    assert (summary["world_size"], summary["data_parallel_size"], summary["answered"]) == (4, 2, 4)
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == [f"n{i}" for i in range(4)]

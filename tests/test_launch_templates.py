@@ -49,10 +49,11 @@ def expand(nodelist):
             for i in range(int(lo), int(hi or lo) + 1):
                 out.append(f"{pre}{str(i).zfill(len(lo))}{suf}")
     return out
-assert sys.argv[1:3] == ["show", "hostnames"], sys.argv
+assert sys.argv[1:3] == ["show", "hostnames"] or sys.argv[1] == "requeue", sys.argv
 with open(__import__("os").environ["FAKE_LOG"], "a") as f:
     f.write(__import__("json").dumps({"tool": "scontrol", "argv": sys.argv[1:]}) + "\n")
-print("\n".join(expand(sys.argv[3])))
+if sys.argv[1] == "show":
+    print("\n".join(expand(sys.argv[3])))
 '''
 
 FAKE_SRUN = r'''
@@ -191,7 +192,7 @@ def test_shell_syntax(path):
 
 
 def test_expected_files_exist():
-    for rel in ("deepspeed_cpu.sh", "deepspeed_gpu.sh", "torchrun.sh", "slurm/apbv.sbatch",
+    for rel in ("deepspeed_cpu.sh", "deepspeed_gpu.sh", "torchrun.sh", "slurm/apbv.sbatch", "slurm/apbv_infer.sbatch",
                 "slurm/apbv_deepspeed.sbatch", "hostfile.example", "README.md", "apbv_entry.py", "render.py"):
         assert (LAUNCH / rel).is_file(), rel
     for rel in ("deepspeed_cpu.sh", "deepspeed_gpu.sh", "torchrun.sh"):
@@ -300,6 +301,45 @@ def test_sbatch_executes_ranks_with_fake_srun(fakes):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = _last_json(proc.stdout)
     assert out == {"world_size": 2, "sum": 3.0, "argv": ["run", "cfg.yaml", "k=v"], "master_addr": "localhost"}
+
+
+# ------------------------------------------------------ apbv_infer.sbatch (jobs)
+
+def _render_infer_2x4(tmp_path, output) -> Path:
+    text = render.render_slurm("slurm-infer", nodes=2, gpus_per_node=4, config="configs/tiny_cpu.yaml",
+                               overrides=["parallel.context_parallel_size=4"], requests="configs/requests_demo.jsonl",
+                               output=str(output))
+    path = tmp_path / "infer.sbatch"
+    path.write_text(text)
+    return path
+
+
+def test_render_infer_sbatch_is_requeueable_2x4(tmp_path):
+    lines = _render_infer_2x4(tmp_path, "/shared/answers.jsonl").read_text().splitlines()
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gres=gpu:4", "#SBATCH --requeue",
+                 "#SBATCH --signal=TERM@120", "#SBATCH --open-mode=append"):
+        assert line in lines
+    assert any(line.startswith('OUTPUT="${OUTPUT:-/shared/answers.jsonl}"') for line in lines)
+    assert any(line.startswith('REQUESTS="${REQUESTS:-configs/requests_demo.jsonl}"') for line in lines)
+
+
+@pytest.mark.parametrize("remaining, requeued", [(0, False), (3, True)])
+def test_infer_sbatch_srun_line_and_requeue_when_requests_remain(fakes, remaining, requeued):
+    output = fakes.tmp / "answers.jsonl"
+    (fakes.tmp / "answers.summary.json").write_text(json.dumps({"remaining": remaining}))
+    script = _render_infer_2x4(fakes.tmp, output)
+    env = dict(fakes.env, SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_ID="77", SLURM_JOB_NUM_NODES="2",
+               SLURM_NTASKS_PER_NODE="4", PYTHON=PY)
+    proc = _run_batch(script, env)
+    assert proc.returncode == 0, proc.stderr
+    (srun,) = fakes.records("srun")
+    assert (srun["opts"]["--ntasks"], srun["opts"]["--kill-on-bad-exit"]) == ("8", "1")
+    assert srun["cmd"][1:] == ["-u", str(REPO / "launch" / "apbv_entry.py"), "infer", "configs/tiny_cpu.yaml",
+                               "--requests", "configs/requests_demo.jsonl", "--output", str(output),
+                               "parallel.context_parallel_size=4"]
+    assert (srun["env"]["MASTER_ADDR"], srun["env"]["WORLD_SIZE"]) == ("node1", "8")
+    calls = [r["argv"] for r in fakes.records("scontrol")]
+    assert (["requeue", "77"] in calls) is requeued
 
 
 # ------------------------------------------------- apbv_deepspeed.sbatch modes

@@ -6,16 +6,19 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_apbv.apbv.decode import DecodeCache
 from megatron_apbv.inference.decode_step import DecodeRunner
+from megatron_apbv.inference.engine import Engine
 from megatron_apbv.inference.prefill import Prefill, apbv_prefill
 from megatron_apbv.inference.sampling import Sampler
 from megatron_apbv.models.chat_prompt import has_tokenizer, load_tokenizer
 from megatron_apbv.models.checkpoint import read_hf_config
+from megatron_apbv.models.inputs import Prompt
 from megatron_apbv.runtime.config import ConfigError, GenerateConfig, RunConfig
 from megatron_apbv.runtime.groups import context_parallel_group
 from megatron_apbv.runtime.numerics import FiniteTracker, check_finite
@@ -37,17 +40,27 @@ def decode_mode_for(settings: GenerateConfig, device: torch.device) -> bool:
     return bool(settings.cuda_graphs)
 
 
-def apbv_generate(cfg: RunConfig, device: torch.device) -> dict:
+def apbv_generate(
+    cfg: RunConfig,
+    device: torch.device,
+    *,
+    engine: Optional[Engine] = None,
+    prompt: Optional[Prompt] = None,
+    barrier: bool = True,
+) -> dict:
     """Prefill with APB-V, then decode ``cfg.generate.max_new_tokens`` tokens; returns ids and timings.
 
     ``input.batch_size`` sequences are prefilled together and decoded together
-    (:func:`generate_batch`).
+    (:func:`generate_batch`). ``engine``, ``prompt`` and ``barrier`` go to
+    :func:`apbv_prefill` (``apbv infer`` passes its engine and each request's prompt).
     """
     settings = cfg.generate
     cfg.check_generation_fits()  # a ConfigError on every rank, before the prefill's first collective
     stop_ids = stop_token_ids(cfg)  # a broken generation_config.json fails here, on every rank, before collectives
     graphs = decode_mode_for(settings, device)
-    run = apbv_prefill(cfg, device, max_new_tokens=settings.max_new_tokens)
+    run = apbv_prefill(
+        cfg, device, max_new_tokens=settings.max_new_tokens, engine=engine, prompt=prompt, barrier=barrier
+    )
     result = generate_batch([run], settings, seed=cfg.seed, stop_ids=stop_ids, cuda_graphs=graphs)
     return {
         "prompt_tokens": run.seq.prompt_len,
@@ -58,6 +71,7 @@ def apbv_generate(cfg: RunConfig, device: torch.device) -> dict:
         "cache_tokens_on_rank0": run.cache.num_tokens,
         "stop_ids": stop_ids,
         **({"video": run.video} if run.video is not None else {}),
+        "stage_seconds": {**run.stage_seconds, "decode": result.decode_seconds},
     }
 
 

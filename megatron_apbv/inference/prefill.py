@@ -13,13 +13,9 @@ from megatron_apbv.apbv.attention_routes import describe_layer
 from megatron_apbv.apbv.decode import DistributedKVCache
 from megatron_apbv.apbv.layout import SequenceLayout
 from megatron_apbv.inference.divergence import kl_from_dense
-from megatron_apbv.models.embeddings import build_vision_tower_for, input_embeddings
-from megatron_apbv.models.gpt import (
-    DTYPES,
-    build_gpt_model,
-    build_rope,
-    last_token_logits,
-)
+from megatron_apbv.inference.engine import Engine, timed_stage
+from megatron_apbv.models.embeddings import input_embeddings
+from megatron_apbv.models.gpt import DTYPES, build_gpt_model, last_token_logits
 from megatron_apbv.models.inputs import Prompt, build_prompt
 from megatron_apbv.runtime.config import ConfigError, RunConfig
 from megatron_apbv.runtime.distributed import LaunchEnv
@@ -42,56 +38,67 @@ class Prefill:
     tower: Optional[torch.nn.Module] = None  # the vision tower (input.kind: video)
     video: Optional[dict] = None  # the sampled video and each rank's decode seconds (input.kind: video)
     build_timings: dict = field(default_factory=dict)  # build_seconds, load_seconds of the model (when built here)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # video_decode, vision, prefill (one run)
 
 
 def apbv_prefill(
-    cfg: RunConfig, device: torch.device, *, max_new_tokens: int = 0, repeat: int = 0, reuse: Optional[Prefill] = None
+    cfg: RunConfig,
+    device: torch.device,
+    *,
+    max_new_tokens: int = 0,
+    repeat: int = 0,
+    engine: Optional[Engine] = None,
+    prompt: Optional[Prompt] = None,
+    barrier: bool = True,
 ) -> Prefill:
-    """Build the APB-V model and run this rank's ``[A | blocks | Q]`` through it.
+    """Run this rank's ``[A | blocks | Q]`` through the APB-V model (built here unless ``engine`` is given).
 
     With ``max_new_tokens > 0`` each layer keeps the rank's own K/V in
     ``Prefill.cache`` for distributed decoding. ``repeat`` > 0 times the median
-    of that many prefills after a warm-up one. ``reuse``: take the model, RoPE
-    and vision tower of an earlier prefill instead of building them (another
-    request for the same model, e.g. one of a batch decoded together).
+    of that many prefills after a warm-up one. ``engine``: the model, RoPE and
+    vision tower built once (``apbv infer``, or several requests decoded together).
+    ``prompt`` is ``build_prompt(cfg)`` when the caller made it already;
+    ``barrier=False`` times without the world barriers (``apbv infer``: replicas
+    run different requests).
     """
     seq = SequenceLayout.from_config(cfg)
     layout = seq.rank(context_parallel_rank())
     group = context_parallel_group()
-    # each rank decodes only the frames of the temporal groups its vision tower share encodes
-    share = (layout.rank, dist.get_world_size(group)) if cfg.input.kind == "video" else None
-    prompt = build_prompt(cfg, share=share)
-    video = _video_record(cfg, prompt, device)
+    stages: dict[str, float] = {}
+    if prompt is None:
+        # each rank decodes only the frames of the temporal groups its vision tower share encodes
+        share = (layout.rank, dist.get_world_size(group)) if cfg.input.kind == "video" else None
+        prompt = timed_stage(stages, "video_decode", lambda: build_prompt(cfg, share=share), device)
+    video = _video_record(cfg, prompt, device, group)
+    engine = engine or Engine.build(cfg, device, vision=prompt.frames is not None)
+    if prompt.frames is not None and engine.tower is None:
+        raise ConfigError("the prompt has video frames but the engine was built without a vision tower")
     local = prompt.local(layout.global_indices)
     cache = DistributedKVCache(layout, max_new_tokens) if max_new_tokens else None
     mask = APBVMask.from_config(cfg, layout, cache)
-    timings: dict = {}
-    if reuse is None:
-        model = build_gpt_model(cfg, method="apbv", device=device, timings=timings)
-        rope = build_rope(cfg, device)
-        tower = build_vision_tower_for(cfg, device) if prompt.frames is not None else None
-    else:
-        model, rope, tower = reuse.model, reuse.rope, reuse.tower
-        if prompt.frames is not None and tower is None:
-            tower = build_vision_tower_for(cfg, device)
+    model, rope, tower = engine.model, engine.rope, engine.tower
     ids, pos = local.input_ids.to(device), local.position_ids.to(device)
 
     def forward():
         with torch.inference_mode():
-            embeds = input_embeddings(model, tower, prompt, layout.global_indices, device, group=group)
-        return last_token_logits(model, rope, ids, pos, mask, inputs_embeds=embeds)
+            embeds = timed_stage(stages, "vision", lambda: input_embeddings(
+                model, tower, prompt, layout.global_indices, device, group=group), device)
+        return timed_stage(stages, "prefill", lambda: last_token_logits(
+            model, rope, ids, pos, mask, inputs_embeds=embeds), device)
 
-    logits, seconds = timed(forward, device, repeat)
-    return Prefill(logits, seconds, model, rope, prompt, seq, cache, tower, video, timings)
+    logits, seconds = timed(forward, device, repeat, barrier=barrier)
+    runs = 1 + repeat  # the stage sums cover every run: report one run's share
+    stages = {k: v / runs if k != "video_decode" else v for k, v in stages.items()}
+    return Prefill(logits, seconds, model, rope, prompt, seq, cache, tower, video, engine.build_timings, stages)
 
 
-def _video_record(cfg: RunConfig, prompt: Prompt, device: torch.device) -> Optional[dict]:
-    """``FramePlan.record`` plus every rank's video-decode seconds (all-gathered over the world)."""
+def _video_record(cfg: RunConfig, prompt: Prompt, device: torch.device, group) -> Optional[dict]:
+    """``FramePlan.record`` plus every rank's video-decode seconds (all-gathered over the APB-V group)."""
     if prompt.plan is None:
         return None
     mine = torch.tensor([prompt.decode_seconds], dtype=torch.float64, device=device)
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
     return {
         **prompt.plan.record(cfg.vision.tokens_per_second),
         "decoder": "pyav" if cfg.input.video_path else "synthetic",

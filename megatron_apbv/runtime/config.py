@@ -164,6 +164,10 @@ class APBVConfig(_Section):
 class ParallelConfig(_Section):
     context_parallel_size: int = Field(2, ge=1, description="size of the APB-V group")
     tensor_parallel_size: int = Field(1, ge=1, description="Megatron tensor parallelism inside each CP rank")
+    data_parallel_size: Optional[int] = Field(
+        None, ge=1,
+        description="APB-V replicas serving different requests (apbv infer); null = world / (CP x TP)",
+    )
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl on GPUs, gloo on CPUs")
     timeout_seconds: int = Field(
         600, ge=1, description=f"timeout of every collective, at most {MAX_TIMEOUT_SECONDS} s (~24.8 days)"
@@ -436,16 +440,29 @@ class RunConfig(_Section):
                 f"{max(self.model.max_position_embeddings - self.prompt_len, 0)}"
             )
 
-    def check_world_size(self, world_size: int) -> None:
-        """Raise unless the launched world is exactly CP x TP ranks (called before any collective)."""
-        expected = self.parallel.context_parallel_size * self.parallel.tensor_parallel_size
-        if world_size != expected:
+    def check_world_size(self, world_size: int) -> int:
+        """The data-parallel size of a world of ``world_size`` ranks = DP x CP x TP (called before any collective).
+
+        Raises unless CP x TP divides the world and, when ``parallel.data_parallel_size`` is set, the
+        world is exactly that many replicas.
+        """
+        cp, tp = self.parallel.context_parallel_size, self.parallel.tensor_parallel_size
+        replica = cp * tp
+        dp = self.parallel.data_parallel_size
+        if dp is None and world_size % replica == 0:
+            return world_size // replica
+        if dp is not None and world_size == dp * replica:
+            return dp
+        shape = f"parallel.context_parallel_size={cp} x parallel.tensor_parallel_size={tp} = {replica}"
+        if dp is None:
             raise ConfigError(
-                f"launched with {world_size} ranks but parallel.context_parallel_size="
-                f"{self.parallel.context_parallel_size} x parallel.tensor_parallel_size="
-                f"{self.parallel.tensor_parallel_size} = {expected}: launch {expected} ranks or set "
-                f"parallel.context_parallel_size={world_size // self.parallel.tensor_parallel_size or 1}"
+                f"launched with {world_size} ranks but {shape} does not divide it: launch a multiple of "
+                f"{replica} ranks or set parallel.context_parallel_size={world_size // tp or 1}"
             )
+        raise ConfigError(
+            f"launched with {world_size} ranks but parallel.data_parallel_size={dp} x {shape} = {dp * replica}: "
+            f"launch {dp * replica} ranks or leave parallel.data_parallel_size unset"
+        )
 
 
 def roundup(x: float, multiple: int) -> int:

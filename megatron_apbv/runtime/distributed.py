@@ -35,7 +35,7 @@ def select_device(cfg: RunConfig, env: LaunchEnv) -> torch.device:
 
 
 def init_distributed(cfg: RunConfig, env: LaunchEnv, device: torch.device) -> None:
-    """Start torch.distributed and Megatron's TP x CP groups (CP = the APB-V group).
+    """Start torch.distributed and Megatron's DP x CP x TP groups (CP = the APB-V group, DP = its replicas).
 
     The world size is checked against the config first, so a mismatch fails on every
     rank before any rank waits on a rendezvous or a collective.

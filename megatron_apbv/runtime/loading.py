@@ -126,22 +126,35 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value (e.g. apbv.window=7)")
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is a value, not a section")
         if key in _TEXT_KEYS and raw != "null":
-            node[parts[-1]] = raw  # free text: "yes" or "Answer: A" must stay the words typed
+            _place(tree, key, raw, item)  # free text: "yes" or "Answer: A" must stay the words typed
             continue
         try:
-            node[parts[-1]] = parse_yaml(raw, loader=_UniqueKeyPyLoader)
+            value = parse_yaml(raw, loader=_UniqueKeyPyLoader)
         except ConfigError as err:
             raise ConfigError(f"override {item!r}: {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: the value is not valid YAML: {_yaml_problem(err)}") from None
+        _place(tree, key, value, item)
     return tree
+
+
+def dotted_tree(values: dict) -> dict:
+    """``{"input.video_frames": 4}`` -> ``{"input": {"video_frames": 4}}``, the values kept as given (JSON)."""
+    tree: dict = {}
+    for key, value in values.items():
+        _place(tree, key, value, key)
+    return tree
+
+
+def _place(tree: dict, key: str, value, item: str) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+    node[parts[-1]] = value
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -254,8 +267,14 @@ def _with_generation_defaults(data: dict) -> dict:
     return {**data, "generate": {**given, **unset}} if unset else data
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
-    """Load a YAML config (or the built-in defaults) and apply ``key=value`` overrides."""
+def load_config(
+    path: Optional[str | Path] = None, overrides: Optional[list[str]] = None, values: Optional[dict] = None
+) -> RunConfig:
+    """Load a YAML config (or the built-in defaults) and apply ``key=value`` overrides, then ``values``.
+
+    ``values`` (a nested dict, e.g. :func:`dotted_tree` of one ``apbv infer`` request) is merged
+    last, by the same rule as the overrides.
+    """
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -281,6 +300,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         # A variant chosen on the command line replaces the file's settings that the variant fixes.
         data = {**data, "apbv": without_variant_settings(data["apbv"], variant)}
     data = _merge(data, extra)
+    data = _merge(data, values or {})
     data = _with_checkpoint_shape(data)
     data = _with_chat_lengths(data)
     data = _with_video_source(data)

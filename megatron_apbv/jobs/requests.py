@@ -1,0 +1,136 @@
+"""The request file of ``apbv infer``: one JSON object per line, read and checked before any model is built.
+
+A line is ``{"id": "clip-17", "input.video_path": "videos/17.mp4", "input.question": "..."}``:
+a unique string ``id`` plus dotted overrides of the request-level keys (``input.*``,
+``generate.*``, ``seed``). Everything else (``model.*``, ``parallel.*``, ``apbv.*``,
+``vision.*``, ``dtype``, ``device``) belongs to the job: the model is built once for
+every request. A file-level mistake (bad JSON, a missing or duplicate id, an unknown
+or job-level key) is a :class:`ConfigError` naming the line and the field, raised on
+every rank before any collective.
+
+Each request's :class:`RunConfig` is the job's config plus its overrides, validated
+by :func:`~megatron_apbv.runtime.loading.load_config`. A request whose values the
+config rejects (or whose prompt is longer than ``model.max_position_embeddings``)
+becomes an error answer; the job goes on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from megatron_apbv.runtime.config import ConfigError, RunConfig
+from megatron_apbv.runtime.loading import dotted_tree, load_config
+
+REQUEST_SECTIONS = ("input", "generate")
+REQUEST_KEYS = ("seed",)
+# `seed` of a request seeds its prompt (random ids, synthetic video) and its sampler; the weights come from the job's.
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    line: int  # 1-based line number in the request file
+    values: dict  # dotted key -> JSON value, as written
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    """A request with its config, or the reason it cannot be answered (the same on every rank)."""
+
+    request: Request
+    cfg: Optional[RunConfig]
+    error: Optional[str] = None
+
+
+def _check_key(key: str, where: str) -> None:
+    if key in REQUEST_KEYS:
+        return
+    top, _, rest = key.partition(".")
+    if top in RunConfig.model_fields and top not in REQUEST_SECTIONS:
+        raise ConfigError(
+            f"{where}: {key!r} is a job-level key (the model is built once for all requests): set it in the "
+            f"config or on the command line; a request may set only input.*, generate.* and seed"
+        )
+    if top not in REQUEST_SECTIONS:
+        raise ConfigError(f"{where}: unknown key {key!r}; a request may set only input.*, generate.* and seed")
+    section = RunConfig.model_fields[top].annotation
+    if rest not in section.model_fields:
+        raise ConfigError(
+            f"{where}: unknown key {key!r}; allowed keys of {top}: {', '.join(section.model_fields)}"
+        )
+
+
+def parse_request_line(text: str, path: str | Path, line: int) -> Request:
+    """Line ``line`` of the request file -> :class:`Request`; every error starts ``FILE line N``."""
+    where = f"{path} line {line}"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{where}: a request must be a JSON object, got {type(obj).__name__}")
+    rid = obj.get("id")
+    if not isinstance(rid, str) or not rid:
+        raise ConfigError(f"{where}: id: every request needs a non-empty string \"id\" (got {rid!r})")
+    values = {k: v for k, v in obj.items() if k != "id"}
+    for key in values:
+        _check_key(key, where)
+    return Request(rid, line, values)
+
+
+def read_requests(path: str | Path) -> list[Request]:
+    """Every request of ``path`` in file order (blank lines skipped); :class:`ConfigError` on a bad line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--requests {str(path)!r}: cannot read it ({err})") from None
+    requests: list[Request] = []
+    first_line: dict[str, int] = {}
+    for number, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        request = parse_request_line(text, path, number)
+        if request.id in first_line:
+            raise ConfigError(
+                f"{path} line {number}: id: duplicate id {request.id!r} (first on line {first_line[request.id]}): "
+                "ids must be unique (they key the answers and the resume)"
+            )
+        first_line[request.id] = number
+        requests.append(request)
+    if not requests:
+        raise ConfigError(f"--requests {str(path)!r}: no requests in the file")
+    return requests
+
+
+def plan_requests(
+    requests: list[Request], config: Optional[str | Path], overrides: list[str]
+) -> list[PlannedRequest]:
+    """Each request's config (job config + CLI overrides + its values), or why it cannot run."""
+    planned = []
+    for request in requests:
+        try:
+            cfg = load_config(config, overrides, dotted_tree(request.values))
+            error = request_problem(cfg)
+        except ConfigError as err:
+            cfg, error = None, str(err)
+        planned.append(PlannedRequest(request, cfg if error is None else None, error))
+    return planned
+
+
+def request_problem(cfg: RunConfig) -> Optional[str]:
+    """Why a valid config cannot be one job answer (None when it can)."""
+    total = cfg.prompt_len + cfg.generate.max_new_tokens
+    if total > cfg.model.max_position_embeddings:
+        return (
+            f"prompt of {cfg.prompt_len} tokens + generate.max_new_tokens={cfg.generate.max_new_tokens} exceeds "
+            f"model.max_position_embeddings={cfg.model.max_position_embeddings}: shorten the input"
+        )
+    if cfg.input.batch_size != 1:
+        return "input.batch_size must be 1: a request is one prompt"
+    if cfg.input.kind == "needle":
+        return "input.kind=needle is the benchmark's input (apbv eval), not a request"
+    return None

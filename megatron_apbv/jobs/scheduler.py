@@ -1,0 +1,62 @@
+"""Dynamic work distribution over the data-parallel replicas of ``apbv infer``.
+
+Requests differ in length, so a static split leaves replicas idle. Instead each
+replica's leader claims the next pending request from a counter in the job's
+torch.distributed store (``store.add``: atomic on the store's server, one round
+trip) and broadcasts the claimed index inside its replica group; a replica that
+finishes early simply claims more. The same store holds the done/error counters
+rank 0's progress bar reads.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_apbv.runtime.agreement import _collective_device
+
+_NEXT, _DONE, _ERRORS = "apbv/infer/next", "apbv/infer/done", "apbv/infer/errors"
+
+
+def job_store():
+    """The store of the default process group (the launcher's rendezvous TCP store)."""
+    return dist.distributed_c10d._get_default_store()
+
+
+class WorkQueue:
+    """``next(stop)``: the index (into the pending list) this replica answers next, or None when it stops."""
+
+    def __init__(self, num_pending: int, group, store=None):
+        self.num_pending = num_pending
+        self.group = group
+        self.store = job_store() if store is None else store
+        self.size = dist.get_world_size(group)
+        self.leader = dist.get_global_rank(group, 0) if self.size > 1 else dist.get_rank()
+        self.is_leader = dist.get_rank() == self.leader
+        self.device = _collective_device(group)
+
+    def next(self, stop: bool) -> Optional[int]:
+        """Stop (``stop`` on any rank of the replica) or claim the next request and tell the whole replica."""
+        if self.size > 1:
+            flag = torch.tensor([int(stop)], dtype=torch.int64, device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            stop = bool(flag.item())
+        if stop:
+            return None
+        index = torch.tensor([-1], dtype=torch.int64, device=self.device)
+        if self.is_leader:
+            claimed = self.store.add(_NEXT, 1) - 1
+            index.fill_(claimed if claimed < self.num_pending else -1)
+        if self.size > 1:
+            dist.broadcast(index, src=self.leader, group=self.group)
+        return None if int(index.item()) < 0 else int(index.item())
+
+    def finished(self, error: bool) -> None:
+        """Count one answered request (leader only) for the progress bar."""
+        self.store.add(_ERRORS if error else _DONE, 1)
+
+    def counts(self) -> tuple[int, int]:
+        """(answered, errors) over all replicas so far."""
+        return self.store.add(_DONE, 0), self.store.add(_ERRORS, 0)

@@ -1,0 +1,151 @@
+"""apbv infer, single process: the request file's checks, the answer file's recovery, the progress line,
+and the data-parallel world size."""
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron_apbv.jobs.answers import (
+    AnswerWriter,
+    recover_answers,
+    summary_path,
+    write_summary,
+)
+from megatron_apbv.jobs.progress import Progress, progress_line
+from megatron_apbv.jobs.requests import plan_requests, read_requests
+from megatron_apbv.runtime.config import ConfigError
+from megatron_apbv.runtime.loading import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
+
+
+def _requests(tmp_path, *lines: str) -> Path:
+    path = tmp_path / "requests.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ('{"id": "x", "input.video_frames": 2', "line 2: not valid JSON"),
+        ('["x"]', "line 2: a request must be a JSON object"),
+        ('{"input.video_frames": 2}', "line 2: id: every request needs"),
+        ('{"id": "a"}', "line 2: id: duplicate id 'a' (first on line 1)"),
+        ('{"id": "x", "model.num_layers": 4}', "line 2: 'model.num_layers' is a job-level key"),
+        ('{"id": "x", "parallel.context_parallel_size": 4}', "line 2: 'parallel.context_parallel_size' is a job-level"),
+        ('{"id": "x", "apbv.variant": "exact"}', "line 2: 'apbv.variant' is a job-level key"),
+        ('{"id": "x", "dtype": "bfloat16"}', "line 2: 'dtype' is a job-level key"),
+        ('{"id": "x", "input.video_frame": 2}', "line 2: unknown key 'input.video_frame'; allowed keys of input"),
+        ('{"id": "x", "output.path": 2}', "line 2: unknown key 'output.path'"),
+    ],
+)
+def test_bad_request_line_names_line_and_field(tmp_path, bad, message):
+    path = _requests(tmp_path, '{"id": "a", "input.video_frames": 2}', bad, '{"id": "z"}')
+    with pytest.raises(ConfigError) as err:
+        read_requests(path)
+    assert message in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_request_config_is_job_config_plus_its_values(tmp_path):
+    path = _requests(
+        tmp_path,
+        '{"id": "short", "input.video_frames": 2, "generate.max_new_tokens": 3, "seed": 7}',
+        "",
+        '{"id": "bad", "input.video_frames": -1}',
+        '{"id": "long", "input.video_frames": 40}',
+    )
+    planned = plan_requests(read_requests(path), CONFIG, ["generate.max_new_tokens=5", "model.max_position_embeddings=1000"])
+    short, bad, long = planned
+    assert short.request.line == 1 and bad.request.line == 3
+    base = load_config(CONFIG, ["generate.max_new_tokens=5", "model.max_position_embeddings=1000"])
+    assert short.cfg.prompt_len == base.input.system_tokens + 2 * base.input.tokens_per_frame + base.input.query_tokens
+    assert (short.cfg.generate.max_new_tokens, short.cfg.seed, short.cfg.apbv) == (3, 7, base.apbv)
+    assert bad.cfg is None and "input.video_frames" in bad.error
+    assert long.cfg is None and "exceeds model.max_position_embeddings=1000" in long.error
+
+
+def test_torn_and_duplicate_lines_are_dropped_on_recovery(tmp_path):
+    out = tmp_path / "answers.jsonl"
+    assert recover_answers(out) == set()
+    writer = AnswerWriter(out)
+    for rid in ("a", "b", "c"):
+        writer.append({"id": rid, "generated_ids": [1, 2]})
+    writer.close()
+    lines = out.read_text().splitlines(keepends=True)
+    assert len(lines) == 3 and all(line.endswith("\n") for line in lines)
+    out.write_text(lines[0] + lines[1] + lines[0] + '{"id": "c", "generated_ids": [1,')  # duplicate + torn tail
+    assert recover_answers(out) == {"a", "b"}
+    assert out.read_text() == lines[0] + lines[1]
+    assert recover_answers(out) == {"a", "b"}  # idempotent
+
+
+def test_summary_sidecar_path_and_content(tmp_path):
+    assert summary_path("x/answers.jsonl") == Path("x/answers.summary.json")
+    assert summary_path("x/answers.out") == Path("x/answers.out.summary.json")
+    path = write_summary(tmp_path / "a.jsonl", {"answered": 3})
+    assert json.loads(path.read_text()) == {"answered": 3}
+
+
+def test_progress_line_and_terminal_only():
+    assert progress_line(10, 1, 40, 20.0, width=8) == "[##......] 10/40 errors 1 | 0.50 req/s | ETA 60s"
+    assert progress_line(0, 0, 5, 0.0, width=4).endswith("| 0.00 req/s | ETA ?")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    pipe, tty, quiet = io.StringIO(), Terminal(), Terminal()
+    for stream, q in ((pipe, False), (tty, False), (quiet, True)):
+        progress = Progress(4, quiet=q, stream=stream)
+        progress.update(2, 0)
+        progress.close()
+    assert pipe.getvalue() == "" and quiet.getvalue() == ""
+    assert tty.getvalue().startswith("\r[") and " 2/4 errors 0 " in tty.getvalue()
+
+
+def test_world_size_allows_data_parallel_replicas():
+    cfg = load_config(CONFIG)  # CP 2
+    assert cfg.check_world_size(2) == 1 and cfg.check_world_size(6) == 3
+    with pytest.raises(ConfigError, match="launched with 3 ranks but parallel.context_parallel_size=2"):
+        cfg.check_world_size(3)
+    pinned = load_config(CONFIG, ["parallel.data_parallel_size=2"])
+    assert pinned.check_world_size(4) == 2
+    with pytest.raises(ConfigError, match="parallel.data_parallel_size=2 x .* = 4"):
+        pinned.check_world_size(6)
+
+
+def test_bad_request_file_exits_2_before_any_process_group_or_model(tmp_path, monkeypatch, capsys):
+    from megatron_apbv import cli
+    from megatron_apbv.inference import engine
+    from megatron_apbv.runtime import distributed
+
+    def never(*args, **kwargs):
+        raise AssertionError("reached process groups / model building")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(distributed, "init_distributed", never)
+    monkeypatch.setattr(engine.Engine, "build", never)
+    path = _requests(tmp_path, '{"id": "a"}', '{"id": "b"}', '{"id": "c", "model.hidden_size": 8}')
+    out = tmp_path / "answers.jsonl"
+    code = cli.main(["infer", str(CONFIG), "--requests", str(path), "--output", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "apbv: rank 1: " in err and "line 3: 'model.hidden_size' is a job-level key" in err
+    assert not out.exists()
+
+
+def test_single_prompt_commands_refuse_data_parallel(monkeypatch, capsys):
+    from megatron_apbv import cli
+    from megatron_apbv.runtime import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(distributed, "init_distributed", lambda *a: pytest.fail("reached process groups"))
+    assert cli.main(["generate", str(CONFIG)]) == 2
+    assert "apbv generate answers one prompt with one APB-V group, but 4 ranks make 2" in capsys.readouterr().err

@@ -1,0 +1,162 @@
+"""apbv infer on real gloo ranks: DP 2 x CP 2 answers equal dense generation, resume after a killed rank
+and a torn line, SIGTERM mid-job. Ranks are started directly with RANK/WORLD_SIZE (as srun does)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_utils import free_port, run_on_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
+TIMEOUT = 300
+EXACT = ["apbv.variant=exact", "model.init_std=0.3"]  # init_std: the model does not repeat one token
+
+
+def _start_ranks(world, requests, output, *overrides, env_extra=None):
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+        cmd = [sys.executable, "-m", "megatron_apbv", "infer", str(CONFIG), "--requests", str(requests),
+               "--output", str(output), "parallel.timeout_seconds=60", *overrides]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    return procs
+
+
+def _finish(procs):
+    results = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("apbv infer timed out")
+        results.append((p.returncode, out, err))
+    return results
+
+
+def _records(output):
+    lines = Path(output).read_text().splitlines(keepends=True)
+    assert all(line.endswith("\n") for line in lines)
+    return [json.loads(line) for line in lines]
+
+
+def _write_requests(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+# Different lengths (video frames, system tokens) and decode lengths; one missing video in the middle.
+REQUESTS = [
+    {"id": "r0", "input.video_frames": 2, "generate.max_new_tokens": 4},
+    {"id": "r1", "input.video_frames": 9, "input.system_tokens": 5, "generate.max_new_tokens": 3},
+    {"id": "r2", "input.video_frames": 4, "generate.max_new_tokens": 5},
+    {"id": "missing", "input.kind": "video", "input.video_path": "no/such/video.mp4", "input.video_frames": 20},
+    {"id": "r3", "input.video_frames": 6, "input.system_tokens": 30, "generate.max_new_tokens": 2},
+    {"id": "r4", "input.video_frames": 1, "generate.max_new_tokens": 4},
+    {"id": "r5", "input.video_frames": 12, "generate.max_new_tokens": 3},
+]
+
+
+def _dense_answers(rank, world, rows):
+    """Greedy decoding of every request by re-running the dense model over the growing sequence (one process)."""
+    from megatron_apbv.models.gpt import build_gpt_model, build_rope, last_token_logits
+    from megatron_apbv.models.inputs import build_prompt
+    from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
+    from megatron_apbv.runtime.loading import dotted_tree, load_config
+
+    base = load_config(CONFIG, EXACT + ["parallel.context_parallel_size=1"])
+    init_distributed(base, LaunchEnv(0, 1, 0), torch.device("cpu"))
+    model = build_gpt_model(base, method="dense", device=torch.device("cpu"))
+    rope = build_rope(base, torch.device("cpu"))
+    answers = {}
+    for row in rows:
+        values = {k: v for k, v in row.items() if k != "id"}
+        cfg = load_config(CONFIG, EXACT + ["parallel.context_parallel_size=1"], dotted_tree(values))
+        prompt = build_prompt(cfg)
+        ids, pos, out = prompt.input_ids, prompt.position_ids, []
+        for _ in range(cfg.generate.max_new_tokens):
+            token = last_token_logits(model, rope, ids, pos).argmax(-1)
+            out.append(int(token[0]))
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            pos = torch.cat([pos, pos[..., -1:] + 1], dim=-1)
+        answers[row["id"]] = (out, cfg.prompt_len)
+    shutdown()
+    return answers
+
+
+def test_dp2_cp2_answers_equal_dense_and_missing_video_is_one_error(tmp_path):
+    requests = _write_requests(tmp_path / "requests.jsonl", REQUESTS)
+    output = tmp_path / "answers.jsonl"
+    results = _finish(_start_ranks(4, requests, output, *EXACT))
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+    records = {r["id"]: r for r in _records(output)}
+    assert sorted(records) == sorted(row["id"] for row in REQUESTS)
+    assert set(records["missing"]) == {"id", "error", "replica"}
+    assert "no such file" in records["missing"]["error"]
+    dense = run_on_ranks(1, _dense_answers, [row for row in REQUESTS if row["id"] != "missing"])
+    for rid, (ids, prompt_len) in dense.items():
+        assert records[rid]["generated_ids"] == ids, rid
+        assert records[rid]["prompt_tokens"] == prompt_len
+        assert set(records[rid]["seconds"]) == {"video_decode", "vision", "prefill", "decode"}
+    assert len({tuple(ids) for ids, _ in dense.values()}) == len(dense)  # distinct answers: a meaningful check
+    assert {r["replica"] for r in records.values()} == {0, 1}  # both replicas took work
+    summary = json.loads(results[0][1].strip().splitlines()[-1])
+    assert (summary["answered"], summary["errors"], summary["remaining"]) == (6, 1, 0)
+    assert summary["data_parallel_size"] == 2 and results[1][1] == ""  # only rank 0 prints
+    assert json.loads((tmp_path / "answers.summary.json").read_text()) == summary
+
+
+def test_killed_rank_then_resume_answers_every_id_once(tmp_path):
+    """DP 2 x CP 1: rank 1 (replica 1) dies in its first request; replica 0 answers the rest, the job
+    fails; a torn line for the lost request is appended by hand; the rerun drops it and answers it."""
+    rows = [{"id": f"q{i}", "input.video_frames": 1 + i % 5, "generate.max_new_tokens": 2} for i in range(6)]
+    requests = _write_requests(tmp_path / "requests.jsonl", rows)
+    output = tmp_path / "answers.jsonl"
+    first = _finish(_start_ranks(2, requests, output, "parallel.context_parallel_size=1",
+                                 env_extra={"APBV_FAULT_INJECT": "rank=1,layer=1,action=kill"}))
+    assert first[0][0] != 0 and first[1][0] == -signal.SIGKILL
+    assert "collective failed" in first[0][2]
+    done = [r["id"] for r in _records(output)]
+    lost = sorted({r["id"] for r in rows} - set(done))
+    assert len(done) == len(set(done)) and lost  # the killed replica's request is missing
+    with output.open("a") as f:
+        f.write(json.dumps({"id": lost[0], "replica": 1, "generated_ids": [1, 2]})[:25])  # a torn last line
+    second = _finish(_start_ranks(2, requests, output, "parallel.context_parallel_size=1"))
+    assert [code for code, _, _ in second] == [0, 0], second[0][2][-3000:]
+    assert "dropped 1 incomplete line" in second[0][2]
+    ids = [r["id"] for r in _records(output)]
+    assert sorted(ids) == sorted(r["id"] for r in rows)  # every id exactly once
+    summary = json.loads(second[0][1].strip().splitlines()[-1])
+    assert (summary["answered_before"], summary["answered"]) == (len(done), len(lost))
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path):
+    rows = [{"id": f"t{i}", "input.video_frames": 4, "generate.max_new_tokens": 8} for i in range(200)]
+    requests = _write_requests(tmp_path / "requests.jsonl", rows)
+    output = tmp_path / "answers.jsonl"
+    procs = _start_ranks(2, requests, output, "parallel.context_parallel_size=1")
+    deadline = time.monotonic() + TIMEOUT
+    while (not output.exists() or len(output.read_text().splitlines()) < 2) and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), "a rank exited early"
+        time.sleep(0.05)
+    for p in procs:  # what srun does at preemption: SIGTERM to every task
+        p.send_signal(signal.SIGTERM)
+    results = _finish(procs)
+    assert [code for code, _, _ in results] == [0, 0], results[0][2][-3000:]
+    records = _records(output)  # whole lines only
+    summary = json.loads(results[0][1].strip().splitlines()[-1])
+    assert summary["stopped_by_signal"] is True
+    assert summary["answered"] == len(records) and summary["remaining"] == len(rows) - len(records) > 0
+    assert len({r["id"] for r in records}) == len(records)
