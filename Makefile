@@ -17,14 +17,16 @@ $(VENV)/.installed: setup.py
 	$(BIN)/pip install $(PIP_QUIET) --upgrade pip
 	# CPU build of torch (lies on local disk on our machines); GPU images bring their own torch.
 	$(BIN)/pip install $(PIP_QUIET) torch==2.13.0
-	$(BIN)/pip install $(PIP_QUIET) -e ".[test]"
+	# setuptools boxes a warning about editable installs (a folder named like the package could shadow
+	# it: kernels/ is installed as megatron_apbv.kernels on purpose); only that warning is silenced.
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install $(PIP_QUIET) -e ".[test]"
 	touch $@
 
 $(VENV_MCORE019)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV_MCORE019)
 	$(VENV_MCORE019)/bin/pip install $(PIP_QUIET) --upgrade pip
 	$(VENV_MCORE019)/bin/pip install $(PIP_QUIET) torch==2.13.0
-	$(VENV_MCORE019)/bin/pip install $(PIP_QUIET) -e ".[test]"
+	PYTHONWARNINGS="ignore:Editable installation" $(VENV_MCORE019)/bin/pip install $(PIP_QUIET) -e ".[test]"
 	$(VENV_MCORE019)/bin/pip install $(PIP_QUIET) --no-deps --ignore-requires-python megatron-core==0.19.2
 	touch $@
 

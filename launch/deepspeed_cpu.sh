@@ -10,7 +10,8 @@
 #   PASS_LOCAL_RANK=0    1: let DeepSpeed append --local_rank=N to the program argv
 #   BIND_CORES=0         1: --bind_cores_to_rank (needs `numactl`; sets OMP_NUM_THREADS)
 #   OMP_NUM_THREADS      default: cores / NPROC (at least 1)
-#   DS_LOG_LEVEL=warning launcher log level (its logs go to stdout)
+#   DS_LOG_LEVEL=error   launcher log level (its logs go to stdout; at "warning" every one-node
+#                        run logs "Unable to find hostfile", which is expected here)
 #   DEEPSPEED            launcher executable (default: .venv/bin/deepspeed)
 #   DRY_RUN=1            print the command instead of running it
 #
@@ -38,7 +39,7 @@ export DS_ACCELERATOR=cpu
 split_config_args "$@"
 
 cmd=("$DEEPSPEED" --num_accelerators "$NPROC" --master_port "$MASTER_PORT"
-     --log_level "${DS_LOG_LEVEL:-warning}")
+     --log_level "${DS_LOG_LEVEL:-error}")
 [[ "${PASS_LOCAL_RANK:-0}" == 1 ]] || cmd+=(--no_local_rank)
 [[ "${BIND_CORES:-0}" == 1 ]] && cmd+=(--bind_cores_to_rank)
 # device=cpu first (later overrides win): DeepSpeed sets CUDA_VISIBLE_DEVICES=0..NPROC-1

@@ -18,12 +18,14 @@
 #   RDZV_ID=apbv         job id; must be the same on all nodes, unique per job
 #   NODE_RANK            optional --node_rank (c10d assigns one otherwise; fix it if
 #                        you need a stable host -> rank mapping)
+#   OMP_NUM_THREADS      default: cores / NPROC_PER_NODE (at least 1); torchrun would set 1 and
+#                        print a banner saying so
 #   TORCHRUN             launcher executable (default: .venv/bin/torchrun)
 #   DRY_RUN=1            print the command instead of running it
 #
 # torchrun gives each rank RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
 # GROUP_RANK, MASTER_ADDR and MASTER_PORT (an agent-chosen port, not the
-# rendezvous port) and OMP_NUM_THREADS=1 unless already set; no extra argv.
+# rendezvous port) and OMP_NUM_THREADS (this script's, see above); no extra argv.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
@@ -31,6 +33,11 @@ NNODES="${NNODES:-1}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-2}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 TORCHRUN="${TORCHRUN:-$(apbv_tool torchrun)}"
+if [[ -z "${OMP_NUM_THREADS:-}" && "$NPROC_PER_NODE" =~ ^[0-9]+$ ]]; then  # not for "auto"/"gpu"
+  cores="$(nproc 2>/dev/null || echo 1)"
+  threads=$(( cores / NPROC_PER_NODE ))
+  export OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 ))
+fi
 if [[ -z "${RDZV_ENDPOINT:-}" ]]; then
   if [[ "$NNODES" != 1 ]]; then
     echo "NNODES=$NNODES needs RDZV_ENDPOINT=<node0 host>:<port>" >&2

@@ -55,8 +55,9 @@ def test_bench_two_cpu_ranks(tmp_path):
     assert proc.returncode == 0, f"rc={proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
     record = _last_json(proc.stdout)
     assert record["world_size"] == 2 and record["device"] == "cpu"
-    assert "median_ms" in proc.stdout and "apb_like" in proc.stdout  # the table, printed once by rank 0
-    assert proc.stdout.count("median_ms  peak_GiB") == 1  # the table, printed by rank 0 only
+    assert all(json.loads(line) for line in proc.stdout.splitlines())  # stdout: the record only
+    assert "median_ms" in proc.stderr and "apb_like" in proc.stderr  # the table is for people: stderr
+    assert proc.stderr.count("median_ms  peak_GiB") == 1  # the table, printed by rank 0 only
 
     rows = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     keys = {(r["method"], r["level"], r["length"]) for r in rows}

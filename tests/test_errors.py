@@ -13,7 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _torchrun(nproc, *args, timeout=120):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+    # torchrun SIGTERMs the peers when it next finds a rank exited (every --monitor-interval seconds).
+    # A config error is reported before the heavy imports, so all ranks report within about the same
+    # start-up time; on a loaded 2-core machine ranks still drift apart by a second or more, so the
+    # interval leaves a slower peer 0-5 s to print its own message.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--monitor-interval", "5",
            "--master_port", str(free_port()), "-m", "megatron_apbv", "run", str(ROOT / "configs/tiny_cpu.yaml"), *args]
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,

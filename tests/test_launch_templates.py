@@ -452,7 +452,7 @@ def _dry(script: str, env_extra: dict, *args: str) -> list[str]:
 
 def test_deepspeed_cpu_dry_run():
     argv = _dry("deepspeed_cpu.sh", {"NPROC": "3", "MASTER_PORT": "29123"}, "--compare", "dense", "a=b")
-    assert argv[1:] == ["--num_accelerators", "3", "--master_port", "29123", "--log_level", "warning",
+    assert argv[1:] == ["--num_accelerators", "3", "--master_port", "29123", "--log_level", "error",
                         "--no_local_rank", "--module", "megatron_apbv", "run",
                         str(REPO / "configs" / "tiny_cpu.yaml"), "device=cpu", "--compare", "dense", "a=b"]
     argv = _dry("deepspeed_cpu.sh", {"PASS_LOCAL_RANK": "1"}, "my.yaml", "x=1 y")

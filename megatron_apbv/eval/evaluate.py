@@ -352,7 +352,7 @@ def plot(records: list[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(records), figsize=(5.5 * len(records), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(records), figsize=(5.5 * len(records), 4.6 if len(records) > 1 else 5.2), squeeze=False)
     series = (("apbv", "APB-V", "tab:blue", "o", 0.96), ("apb_like", "APB-like", "tab:green", "s", 1.04))
     for ax, rec in zip(axes[0], records):
         sets = rec["settings"]
@@ -386,8 +386,9 @@ def plot(records: list[dict], path) -> None:
         ax.set_ylim(0, 1.04)
         ax.set_title(f"needle: W={rec['world_size']}, N={rec['prompt_tokens']}, {rec['examples']} examples")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.11, 1, 1))
+    columns = 4 if len(records) > 1 else 2  # a single panel is too narrow for four
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.44 / columns, 1, 1))
     from megatron_apbv.runtime.atomic import atomic_open
 
     try:
