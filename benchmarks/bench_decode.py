@@ -1,6 +1,6 @@
 """Decode speed against the memory-bandwidth limit, and checkpoint build + load time, on one GPU (W = 1).
 
-    torchrun --nproc_per_node 1 benchmarks/bench_decode.py benchmarks/h200x2.yaml \
+    torchrun --nproc_per_node 1 benchmarks/bench_decode.py configs/qwen25vl_7b_lm.yaml \
         --out benchmarks/results/decode_h200.json [--profile-dir DIR] [--checkpoint-dir /tmp/apbv_ckpt]
 
 For each setting (prompt tokens x batch) the cache is filled with random keys and

@@ -38,7 +38,7 @@ if has launch; then
   done
 fi
 if has layer; then
-  step bench_layer 420 torchrun --nproc_per_node 2 -m megatron_apbv bench benchmarks/h200x2.yaml --level layer \
+  step bench_layer 420 torchrun --nproc_per_node 2 -m megatron_apbv bench configs/qwen25vl_7b_lm.yaml --level layer \
     --lengths 32768,65536,131072 --out "$out/layer"
 fi
 if has native; then
@@ -49,7 +49,7 @@ if has native; then
 fi
 if has model; then
   # all 28 layers of the 7B shape; more CPU threads for Megatron's seeded CPU initialisation of 7.6B weights
-  OMP_NUM_THREADS=8 step bench_model 560 torchrun --nproc_per_node 2 -m megatron_apbv bench benchmarks/h200x2.yaml \
+  OMP_NUM_THREADS=8 step bench_model 560 torchrun --nproc_per_node 2 -m megatron_apbv bench configs/qwen25vl_7b_lm.yaml \
     --level model --warmup 1 --lengths 32768,65536,131072 --out "$out/model"
 fi
 if has eval; then

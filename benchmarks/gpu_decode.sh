@@ -19,7 +19,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $out/NAME.lo
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
 step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_decode_gpu.py -x -rs
 tail -15 "$out/tests.log"
-step bench 300 torchrun --nproc_per_node 1 benchmarks/bench_decode.py benchmarks/h200x2.yaml \
+step bench 300 torchrun --nproc_per_node 1 benchmarks/bench_decode.py configs/qwen25vl_7b_lm.yaml \
   --out "$out/decode_h200.json" --profile-dir "$out"
 tail -25 "$out/bench.log"
 cp -f "$out/decode_h200.json" "$dest/" 2>/dev/null

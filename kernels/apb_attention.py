@@ -27,11 +27,6 @@ except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
-
-SEG_PASS = 0
-SEG_ANCHOR = 1
-SEG_BLOCK = 2
 
 
 @triton.jit

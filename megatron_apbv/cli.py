@@ -251,7 +251,7 @@ def _run(args, cfg, env, results, interrupt) -> int:
         shutdown(wait_for_peers=False)
         return code
 
-    from megatron_apbv.models.checkpoint import CheckpointError
+    from megatron_apbv.models.hf_config import CheckpointError
     from megatron_apbv.models.video import VideoError
     from megatron_apbv.runtime.numerics import NonFiniteError
 

@@ -17,18 +17,13 @@ from pathlib import Path
 import pytest
 from distributed_utils import free_port
 
-from megatron_apbv.bench.benchmark import (
-    LEVELS,
-    METHODS,
-    add_arguments,
-    format_table,
-    method_config,
-)
+from megatron_apbv.bench.benchmark import METHODS, add_arguments, method_config
+from megatron_apbv.bench.report import LEVELS, format_table
 from megatron_apbv.runtime.config import ConfigError
 from megatron_apbv.runtime.loading import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "benchmarks" / "tiny_cpu.yaml"
+CONFIG = REPO / "configs" / "bench_tiny_cpu.yaml"
 TIMEOUT = 300
 _STRIP = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",
           "CUDA_VISIBLE_DEVICES"}

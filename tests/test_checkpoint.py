@@ -20,11 +20,8 @@ transformers = pytest.importorskip("transformers")
 from distributed_utils import free_port, run_on_ranks  # noqa: E402
 
 from megatron_apbv.methods import METHODS  # noqa: E402
-from megatron_apbv.models.checkpoint import (  # noqa: E402
-    CheckpointError,
-    load_hf_checkpoint,
-    model_config_from_hf,
-)
+from megatron_apbv.models.checkpoint import load_hf_checkpoint  # noqa: E402
+from megatron_apbv.models.hf_config import CheckpointError, model_config_from_hf  # noqa: E402
 from megatron_apbv.models.gpt import build_gpt_model, build_rope, last_token_logits  # noqa: E402
 from megatron_apbv.runtime.config import RunConfig  # noqa: E402
 from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown  # noqa: E402

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCHES = {
     "run": ["run", "configs/tiny_cpu.yaml", "--compare", "dense"],
     "generate": ["generate", "configs/tiny_cpu.yaml", "generate.max_new_tokens=2"],
-    "bench": ["bench", "benchmarks/tiny_cpu.yaml", "--methods", "apbv", "--level", "layer",
+    "bench": ["bench", "configs/bench_tiny_cpu.yaml", "--methods", "apbv", "--level", "layer",
               "--warmup", "0", "--repeat", "1"],
     "eval": ["eval", "configs/needle_demo.yaml", "--demo"],
 }
@@ -41,7 +41,7 @@ def test_every_command_prints_only_json_lines():
         assert proc.returncode == 0, f"{name}: {proc.stderr[-2000:]}"
         records = _json_lines(proc.stdout)
         assert len(records) == 1, f"{name}: one record from rank 0, got {len(records)}"
-    plan = subprocess.run([sys.executable, "-m", "megatron_apbv", "plan", "benchmarks/h200x2.yaml", "--gpus", "8",
+    plan = subprocess.run([sys.executable, "-m", "megatron_apbv", "plan", "configs/qwen25vl_7b_lm.yaml", "--gpus", "8",
                            "--tokens", "131072"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert plan.returncode == 0, plan.stderr[-2000:]
     assert _json_lines(plan.stdout)[0]["command"] == "plan"

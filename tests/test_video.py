@@ -5,10 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_apbv.models.rope import video_position_ids
 from megatron_apbv.models.video import (
     VideoError,
-    build_video_prompt,
     load_video,
     resize_frames,
     synthetic_video,
@@ -106,20 +104,3 @@ def test_write_video_rejects_bad_frames(tmp_path):
         write_video(tmp_path / "f.mp4", synthetic_video(2, H, W, seed=0).float())
 
 
-def test_build_video_prompt():
-    system, question, header = [1, 2, 3], [40, 41, 42, 43], [50, 51]
-    prompt = build_video_prompt(system, (3, 2, 4), question, video_token_id=999, assistant_ids=header)
-    assert prompt.prompt_len == 3 + 24 + 6 and prompt.num_video_tokens == 24
-    assert (prompt.video.start, prompt.video.stop) == (3, 27) and prompt.query_len == 6
-    assert prompt.input_ids[:3].tolist() == system and prompt.input_ids[27:].tolist() == question + header
-    assert (prompt.input_ids[3:27] == 999).all()
-    assert torch.equal(prompt.position_ids, video_position_ids(3, 3, (2, 4), 6))
-    # Positions of video token (f, y, x) are start + (f, y, x); text after resumes past the largest.
-    assert prompt.position_ids[:, 3 + 1 * 8 + 1 * 4 + 2].tolist() == [4, 4, 5]
-    assert prompt.position_ids[:, 27].tolist() == [3 + 4, 3 + 4, 3 + 4]
-
-    empty = build_video_prompt(system, (0, 2, 4), question, video_token_id=999)
-    assert empty.num_video_tokens == 0 and empty.query_len == 4
-    assert torch.equal(empty.position_ids, torch.arange(7).expand(3, -1))
-    with pytest.raises(ValueError):
-        build_video_prompt(system, (2, 0, 4), question, video_token_id=999)

@@ -27,6 +27,9 @@ smoothed score). Note that the max-pool smoothing itself creates plateaus of
 equal scores (a local maximum is spread over up to ``window`` positions), so
 ties are the norm, not the exception, and any implementation compared against
 this oracle must use the same rule (or the comparison must be tie-aware).
+
+(Over 400 lines on purpose: the oracle is self-contained, importing nothing from the package, so
+that it stays independent of the code it checks.)
 """
 
 from __future__ import annotations

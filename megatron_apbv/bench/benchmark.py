@@ -26,12 +26,15 @@ after ``--warmup`` runs; a run's time is the slowest rank's (CUDA events on GPUs
 per rank on GPUs (null on CPUs), over the method's runs with its inputs; at the
 model level it includes the model's weights (the same for every method). Rank 0 prints a table, writes ``DIR/bench.jsonl``
 and ``DIR/bench.png`` with ``--out DIR``, and returns the summary record.
+
+(About 430 lines: the arguments, the per-method plans and the timing loop of both levels share
+one rank's state; the output is in :mod:`megatron_apbv.bench.report`, the e2e level in
+:mod:`megatron_apbv.bench.e2e`.)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from dataclasses import dataclass
@@ -42,6 +45,7 @@ import torch
 import torch.distributed as dist
 from pydantic import ValidationError
 
+from megatron_apbv.bench.report import LEVELS, format_table, plot, write_jsonl
 from megatron_apbv.methods import COMPARED, get_method
 from megatron_apbv.methods import METHODS as REGISTRY
 from megatron_apbv.runtime.config import (
@@ -54,7 +58,6 @@ from megatron_apbv.runtime.progress import Progress
 from megatron_apbv.runtime.timing import Timing, time_method
 
 METHODS = COMPARED
-LEVELS = ("layer", "model")
 GPU_LENGTHS = (32768, 65536, 131072)
 ULYSSES_KERNELS = ("sdpa", "apb")
 
@@ -357,7 +360,7 @@ def run_bench(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, methods=M
                 _compare_logits(rows[-len(methods):], logits)
             _add_ratios(rows)
             if leader and out:
-                _write_jsonl(Path(out) / "bench.jsonl", rows, _meta(cfg, device, world))
+                write_jsonl(Path(out) / "bench.jsonl", rows, _meta(cfg, device, world))
     bar.close()
 
     record = {
@@ -410,75 +413,6 @@ def _meta(cfg: RunConfig, device: torch.device, world: int) -> dict:
         "hidden_size": m.hidden_size,
         "batch_size": cfg.input.batch_size,
     }
-
-
-# Output --------------------------------------------------------------------------------
-
-
-def _write_jsonl(path: Path, rows: list[dict], meta: dict) -> None:
-    """All rows so far, replacing the file atomically (temp file + ``os.replace``): never half a file."""
-    from megatron_apbv.runtime.atomic import atomic_write_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "".join(json.dumps({**meta, **row}) + "\n" for row in rows))
-
-
-def _fmt(value, spec: str) -> str:
-    return format("-", f">{spec.split('.')[0]}") if value is None else format(value, spec)
-
-
-def format_table(rows: list[dict]) -> str:
-    head = f"{'level':<6} {'length':>8} {'method':<9} {'median_ms':>11} {'peak_GiB':>9} {'vs_dense':>9} {'vs_ring':>8}  note"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        note = r["status"] if r["status"] != "ok" else ""
-        if r.get("logit_diff_vs_dense") is not None and r["method"] != "dense":
-            note = f"logit diff {r['logit_diff_vs_dense']:.2e}"
-        lines.append(
-            f"{r['level']:<6} {r['length']:>8} {r['method']:<9} {_fmt(r['median_ms'], '11.3f')} "
-            f"{_fmt(r['peak_mem_gib'], '9.3f')} {_fmt(r['speedup_vs_dense'], '9.2f')} "
-            f"{_fmt(r['speedup_vs_ring'], '8.2f')}  {note}".rstrip()
-        )
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], path: Path, title: str = "") -> None:
-    """Median time against prompt length, log-log, one line per method and a panel per level."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    levels = [lv for lv in LEVELS if any(r["level"] == lv for r in rows)]
-    fig, axes = plt.subplots(1, len(levels), figsize=(6 * len(levels), 4.5), squeeze=False)
-    for ax, level in zip(axes[0], levels):
-        for method in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r["length"], r["median_ms"]) for r in rows
-                         if r["level"] == level and r["method"] == method and r["median_ms"])
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=method)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        lengths = sorted({r["length"] for r in rows if r["level"] == level})
-        ax.set_xticks(lengths, [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # only the measured lengths on x
-        ax.set_xlabel("prompt length (tokens)")
-        ax.set_ylabel("median time (ms)")
-        ax.set_title(f"{'one attention layer' if level == 'layer' else 'model prefill'}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    from megatron_apbv.runtime.atomic import atomic_open
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with atomic_open(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-    finally:
-        plt.close(fig)
 
 
 def command(args, cfg: RunConfig, env: LaunchEnv, device: torch.device) -> dict:

@@ -17,7 +17,7 @@ from megatron_apbv.inference.engine import Engine
 from megatron_apbv.inference.prefill import Prefill, apbv_prefill
 from megatron_apbv.inference.sampling import Sampler
 from megatron_apbv.models.chat_prompt import has_tokenizer, load_tokenizer
-from megatron_apbv.models.checkpoint import read_hf_config
+from megatron_apbv.models.hf_config import read_hf_config
 from megatron_apbv.models.inputs import Prompt
 from megatron_apbv.runtime.config import ConfigError, GenerateConfig, RunConfig
 from megatron_apbv.runtime.groups import context_parallel_group

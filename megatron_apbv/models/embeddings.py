@@ -18,11 +18,8 @@ def build_vision_tower_for(cfg: RunConfig, device: torch.device):
     Weights come from ``model.checkpoint`` when it holds ``visual.*`` tensors,
     else they are seeded random ones.
     """
-    from megatron_apbv.models.checkpoint import (
-        load_vision_weights,
-        read_hf_config,
-        vision_config_from_hf,
-    )
+    from megatron_apbv.models.checkpoint import load_vision_weights
+    from megatron_apbv.models.hf_config import read_hf_config, vision_config_from_hf
     from megatron_apbv.models.vision import build_vision_tower
 
     v = cfg.vision

@@ -24,8 +24,6 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from megatron_apbv.apbv.layout import Span
-from megatron_apbv.models.rope import video_position_ids
 from megatron_apbv.models.video_sampling import frame_indices
 from megatron_apbv.runtime.config import VideoSource
 
@@ -302,67 +300,3 @@ def load_video(path, *, num_frames: int, size: tuple[int, int]) -> torch.Tensor:
         raise ValueError(f"num_frames={num_frames} must be >= 1")
     source = probe_video(path)
     return resize_frames(decode_frames(path, frame_indices(source.total_frames, num_frames)), size)
-
-
-# --------------------------------------------------------------------------- prompt
-
-
-@dataclass(frozen=True)
-class VideoPrompt:
-    """Token ids and Qwen2.5-VL 3-D positions of ``[system | video | question + assistant header]``.
-
-    ``video`` is the global span of the video placeholder tokens (where the vision
-    embeddings go); ``query_len`` is the APB-V query: everything after the video.
-    """
-
-    input_ids: torch.Tensor  # [N] long
-    position_ids: torch.Tensor  # [3, N] long
-    video: Span
-    query_len: int
-    grid: tuple[int, int, int]  # (t, h, w) of the video tokens
-
-    @property
-    def prompt_len(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def num_video_tokens(self) -> int:
-        return len(self.video)
-
-
-def build_video_prompt(
-    system_ids: Sequence[int],
-    video_grid: tuple[int, int, int],
-    question_ids: Sequence[int],
-    *,
-    video_token_id: int,
-    assistant_ids: Sequence[int] = (),
-) -> VideoPrompt:
-    """Tokenizer-agnostic prompt: ids in, ids out.
-
-    ``video_grid = (t, h, w)`` is the grid of video *tokens* (temporal groups and
-    merged patches, e.g. ``vision.VisionGrid.token_grid``), so the video takes
-    ``t * h * w`` placeholder ids ``video_token_id``. Whatever should precede the
-    video (system prompt, vision-start marker) goes in ``system_ids``; everything
-    after it (vision-end marker, question, assistant header) in ``question_ids``
-    and ``assistant_ids``, and is the query span.
-    """
-    t, h, w = (int(v) for v in video_grid)
-    if min(t, h, w) < 0:
-        raise ValueError(f"video_grid={tuple(video_grid)} must be non-negative")
-    if t > 0 and h * w == 0:
-        raise ValueError(f"video_grid={tuple(video_grid)}: frames without tokens (h * w = 0)")
-    before = torch.as_tensor(list(system_ids), dtype=torch.long)
-    after = torch.cat(
-        [torch.as_tensor(list(question_ids), dtype=torch.long), torch.as_tensor(list(assistant_ids), dtype=torch.long)]
-    )
-    num_video = t * h * w
-    ids = torch.cat([before, torch.full((num_video,), int(video_token_id), dtype=torch.long), after])
-    positions = video_position_ids(len(before), t, (h, w), len(after))
-    return VideoPrompt(
-        input_ids=ids,
-        position_ids=positions,
-        video=Span(len(before), len(before) + num_video),
-        query_len=int(after.shape[0]),
-        grid=(t, h, w),
-    )

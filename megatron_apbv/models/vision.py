@@ -72,7 +72,7 @@ class VisionGrid:
 
     @property
     def token_grid(self) -> tuple[int, int, int]:
-        """``(t, h, w)`` of the video tokens (for ``video.build_video_prompt`` and 3-D RoPE)."""
+        """``(t, h, w)`` of the video tokens (the 3-D RoPE grid)."""
         return self.groups, self.height // self.merge, self.width // self.merge
 
     def grid_thw(self, groups: Optional[int] = None) -> torch.Tensor:

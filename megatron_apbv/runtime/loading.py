@@ -175,11 +175,7 @@ def _with_checkpoint_shape(data: dict) -> dict:
     model = data.get("model")
     if not isinstance(model, dict) or not model.get("checkpoint"):
         return data
-    from megatron_apbv.models.checkpoint import (
-        model_config_from_hf,
-        read_hf_config,
-        vision_config_from_hf,
-    )
+    from megatron_apbv.models.hf_config import model_config_from_hf, read_hf_config, vision_config_from_hf
 
     try:
         hf = read_hf_config(model["checkpoint"])
