@@ -64,6 +64,7 @@ class AnswerWriter:
 
     def __init__(self, output: str | Path):
         self.path = Path(output)
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # checked creatable before the job started
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
 
     def append(self, record: dict) -> None:

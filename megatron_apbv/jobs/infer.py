@@ -30,7 +30,6 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -45,7 +44,7 @@ from megatron_apbv.jobs.requests import PlannedRequest, plan_requests, read_requ
 from megatron_apbv.jobs.scheduler import WorkQueue
 from megatron_apbv.models.inputs import build_prompt
 from megatron_apbv.runtime.agreement import _collective_device
-from megatron_apbv.runtime.config import ConfigError, RunConfig
+from megatron_apbv.runtime.config import RunConfig
 
 STAGES = ("video_decode", "vision", "prefill", "decode")
 
@@ -60,9 +59,9 @@ def add_arguments(parser) -> None:
 
 def prepare(args, cfg: RunConfig) -> list[PlannedRequest]:
     """Read and check the request file and the output path (every rank, before any collective)."""
-    out_dir = Path(args.output).parent
-    if not out_dir.is_dir():
-        raise ConfigError(f"--output {args.output!r}: directory {str(out_dir)!r} does not exist")
+    from megatron_apbv.runtime.outputs import check_output_path
+
+    check_output_path(args.output, "--output")
     return plan_requests(read_requests(args.requests), args.config, args.overrides)
 
 
