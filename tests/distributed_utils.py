@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import random
@@ -100,3 +101,20 @@ def prefill_logits_worker(rank, world, config_path, overrides=()):
         return record
     finally:
         shutdown()
+
+
+@contextlib.contextmanager
+def single_process_groups():
+    """One gloo rank with Megatron's TP=1, CP=1 groups (what building a model needs), for in-process tests."""
+    from megatron.core import parallel_state
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
+    parallel_state.initialize_model_parallel(1, context_parallel_size=1)
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        if started:
+            dist.destroy_process_group()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-from distributed_utils import free_port
-from megatron.core import parallel_state
+from distributed_utils import single_process_groups
 
 from megatron_apbv.bench.e2e import STAGES, run_e2e
 from megatron_apbv.runtime.config import ConfigError
@@ -23,15 +21,8 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def megatron_single():
-    """One gloo rank with Megatron's TP=1, CP=1 groups (the model build needs them)."""
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
-    parallel_state.initialize_model_parallel(1, context_parallel_size=1)
-    yield
-    parallel_state.destroy_model_parallel()
-    if started:
-        dist.destroy_process_group()
+    with single_process_groups():
+        yield
 
 
 def test_e2e_level_times_every_stage_and_predicts_scaling(tmp_path, megatron_single):

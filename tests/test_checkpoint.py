@@ -12,12 +12,11 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from distributed_utils import free_port, run_on_ranks  # noqa: E402
+from distributed_utils import run_on_ranks, single_process_groups  # noqa: E402
 
 from megatron_apbv.methods import METHODS  # noqa: E402
 from megatron_apbv.models.checkpoint import load_hf_checkpoint  # noqa: E402
@@ -80,15 +79,8 @@ def run_config(hf_config: dict, tp: int = 1) -> RunConfig:
 
 @pytest.fixture(scope="module")
 def megatron_single():
-    """One gloo rank with Megatron's TP=1, CP=1 groups, for the single-process tests."""
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
-    parallel_state.initialize_model_parallel(1, context_parallel_size=1)
-    yield
-    parallel_state.destroy_model_parallel()
-    if started:
-        dist.destroy_process_group()
+    with single_process_groups():
+        yield
 
 
 @torch.inference_mode()
