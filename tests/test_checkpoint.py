@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from distributed_utils import free_port, run_on_ranks  # noqa: E402
 
-from megatron_apbv.apbv.spec import get_gpt_layer_dense_spec  # noqa: E402
+from megatron_apbv.methods import METHODS  # noqa: E402
 from megatron_apbv.models.checkpoint import (  # noqa: E402
     CheckpointError,
     load_hf_checkpoint,
@@ -308,7 +308,7 @@ def _tp_worker(rank, world, path, hf_config, ids):
         shards = [None] * world
         dist.all_gather_object(shards, params(model))
         # The same TP=2 layer with dense causal attention runs the whole prompt: logits against HF's.
-        dense = build_gpt_model(cfg, method="apbv", device=CPU, layer_spec=get_gpt_layer_dense_spec())
+        dense = build_gpt_model(cfg, method="apbv", device=CPU, layer_spec=METHODS["dense"].layer_spec())
         load_hf_checkpoint(dense, path, tp_rank=rank, tp_size=world)
         logits = last_token_logits(dense, build_rope(cfg, CPU), ids, torch.arange(ids.shape[1]))
         return {"shards": shards, "logits": logits}
