@@ -154,7 +154,7 @@ def test_finite_checks_name_the_stage_and_the_step():
 
 def test_json_output_never_holds_nan(capsys):
     with pytest.raises(NonFiniteError, match=r"the result's max_abs_logit_diff is NaN or Infinity: not printed"):
-        cli._emit({"next_token_id": 0, "max_abs_logit_diff": float("nan")})
+        cli._emit({"next_token_id": 0, "max_abs_logit_diff": float("nan")}, sys.stdout)
     assert capsys.readouterr().out == ""
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from distributed_utils import free_port, run_on_ranks
+from rank_processes import FAULTY_ENTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
@@ -25,7 +26,9 @@ def _start_ranks(world, requests, output, *overrides, env_extra=None):
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-        cmd = [sys.executable, "-m", "megatron_apbv", "infer", str(CONFIG), "--requests", str(requests),
+        # APBV_FAULT_INJECT is read only by the test-only entry point (tests/apbv_with_faults.py)
+        entry = [FAULTY_ENTRY] if "APBV_FAULT_INJECT" in (env_extra or {}) else ["-m", "megatron_apbv"]
+        cmd = [sys.executable, *entry, "infer", str(CONFIG), "--requests", str(requests),
                "--output", str(output), "parallel.timeout_seconds=60", *overrides]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))

@@ -123,12 +123,10 @@ def plan_requests(
 
 def request_problem(cfg: RunConfig) -> Optional[str]:
     """Why a valid config cannot be one job answer (None when it can)."""
-    total = cfg.prompt_len + cfg.generate.max_new_tokens
-    if total > cfg.model.max_position_embeddings:
-        return (
-            f"prompt of {cfg.prompt_len} tokens + generate.max_new_tokens={cfg.generate.max_new_tokens} exceeds "
-            f"model.max_position_embeddings={cfg.model.max_position_embeddings}: shorten the input"
-        )
+    try:
+        cfg.check_generation_fits()  # the one rule of apbv generate, before any collective
+    except ConfigError as err:
+        return str(err)
     if cfg.input.batch_size != 1:
         return "input.batch_size must be 1: a request is one prompt"
     if cfg.input.kind == "needle":
