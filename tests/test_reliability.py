@@ -335,8 +335,10 @@ def test_torchrun_bad_input_fails_on_every_rank(bad_yaml_files, args, message):
         args = [str(bad_yaml_files / args)]
     else:
         args = [CONFIG, *args]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "megatron_apbv", "run", *args]
+    # --monitor-interval 5: torchrun SIGTERMs the peers when it next finds a rank exited; on a loaded
+    # machine a peer can print its own message a second after the first rank (as in test_errors.py).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--monitor-interval", "5",
+           "--master_port", str(free_port()), "-m", "megatron_apbv", "run", *args]
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=STARTUP + 120, cwd=ROOT, env=_env())
     assert proc.returncode != 0
