@@ -221,19 +221,23 @@ def test_scatter_into_local_covers_the_video(world, zigzag):
 
 
 def test_video_to_local_tokens_end_to_end():
-    """synthetic frames -> tower -> prompt with the tower's token grid -> every rank's local video rows."""
-    from megatron_apbv.models.video import build_video_prompt, synthetic_video
+    """synthetic frames -> tower -> [system | video | question] with the tower's token grid -> every rank's rows."""
+    from megatron_apbv.models.video import synthetic_video
 
     tower = tiny_tower()
     frames = synthetic_video(5, HEIGHT, WIDTH, seed=2)
     emb = encode_frames(tower, frames)
     grid = vision_grid(tower.config, frames.shape[0], (HEIGHT, WIDTH))
-    prompt = build_video_prompt([1, 2, 3, 4], grid.token_grid, [7, 8, 9], video_token_id=99, assistant_ids=[5, 6])
-    assert prompt.num_video_tokens == emb.shape[0] == grid.num_tokens == 3 * 4 * 6
-    seq = SequenceLayout(prompt.prompt_len, anchor_len=8, query_len=prompt.query_len, world_size=3)
-    full = torch.zeros(prompt.prompt_len, emb.shape[1])
+    system, query = 4, 5
+    assert emb.shape[0] == grid.num_tokens == 3 * 4 * 6
+    video = Span(system, system + grid.num_tokens)
+    prompt_len = system + grid.num_tokens + query
+    ids = torch.zeros(prompt_len, dtype=torch.long)
+    ids[video.start : video.stop] = 99  # the video placeholders
+    seq = SequenceLayout(prompt_len, anchor_len=8, query_len=query, world_size=3)
+    full = torch.zeros(prompt_len, emb.shape[1])
     for layout in seq.ranks():
-        rows, values = scatter_into_local(emb, layout.global_indices, prompt.video)
-        assert (prompt.input_ids[layout.global_indices[rows]] == 99).all()
+        rows, values = scatter_into_local(emb, layout.global_indices, video)
+        assert (ids[layout.global_indices[rows]] == 99).all()
         full[layout.global_indices[rows]] = values
-    torch.testing.assert_close(full[prompt.video.start : prompt.video.stop], emb)
+    torch.testing.assert_close(full[video.start : video.stop], emb)
