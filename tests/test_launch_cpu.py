@@ -96,24 +96,28 @@ def test_torchrun_three_cpu_ranks():
     _check_exact(_result(proc), 3)
 
 
-def test_deepspeed_two_nodes_no_ssh_on_one_machine(tmp_path):
-    """Two DeepSpeed per-node launchers (--no_ssh --node_rank 0/1) with one rank each:
-    the APB-V group spans 'nodes'; ranks follow the hostfile order."""
-    hostfile = tmp_path / "hosts"
-    hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
+def _two_deepspeed_nodes(hostfile, args: list[str], **extra: str) -> list[subprocess.CompletedProcess]:
+    """Two DeepSpeed per-node launchers (``--no_ssh``, node ranks 0 and 1) of ``deepspeed_gpu.sh args``."""
     port = str(free_port())
     procs = []
     try:
         for node_rank in (0, 1):
             env = _env(HOSTFILE=str(hostfile), NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=port, DS_LOG_LEVEL="warning", DS_ACCELERATOR="cpu")
-            cmd = ["bash", str(LAUNCH / "deepspeed_gpu.sh"), CONFIG, "apbv.variant=exact", "--compare", "dense"]
-            procs.append(_start(cmd, env))
-        results = [_finish(p) for p in procs]
+                       MASTER_PORT=port, DS_LOG_LEVEL="warning", DS_ACCELERATOR="cpu", **extra)
+            procs.append(_start(["bash", str(LAUNCH / "deepspeed_gpu.sh"), *args], env))
+        return [_finish(p) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_deepspeed_two_nodes_no_ssh_on_one_machine(tmp_path):
+    """Two DeepSpeed per-node launchers (--no_ssh --node_rank 0/1) with one rank each:
+    the APB-V group spans 'nodes'; ranks follow the hostfile order."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
+    results = _two_deepspeed_nodes(hostfile, [CONFIG, "apbv.variant=exact", "--compare", "dense"])
     _check_exact(_result(results[0]), 2)
     assert results[1].returncode == 0, results[1].stderr
 
@@ -127,21 +131,8 @@ def test_deepspeed_two_nodes_of_two_ranks_run_an_infer_job(tmp_path):
     requests.write_text("".join(json.dumps({"id": f"n{i}", "input.video_frames": 1 + 3 * i,
                                             "generate.max_new_tokens": 2}) + "\n" for i in range(4)))
     output = tmp_path / "answers.jsonl"
-    port = str(free_port())
-    procs = []
-    try:
-        for node_rank in (0, 1):
-            env = _env(HOSTFILE=str(hostfile), NODE_RANK=str(node_rank), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=port, DS_LOG_LEVEL="warning", DS_ACCELERATOR="cpu", APBV_COMMAND="infer",
-                       OMP_NUM_THREADS="1")
-            cmd = ["bash", str(LAUNCH / "deepspeed_gpu.sh"), CONFIG, "--requests", str(requests),
-                   "--output", str(output), "device=cpu"]
-            procs.append(_start(cmd, env))
-        results = [_finish(p) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+    results = _two_deepspeed_nodes(hostfile, [CONFIG, "--requests", str(requests), "--output", str(output),
+                                              "device=cpu"], APBV_COMMAND="infer", OMP_NUM_THREADS="1")
     summary = _result(results[0])
     assert results[1].returncode == 0, results[1].stderr
     assert (summary["world_size"], summary["data_parallel_size"], summary["answered"]) == (4, 2, 4)
