@@ -1,6 +1,6 @@
 """megatron-apbv: APB-V sequence-parallel approximate attention for Megatron-core inference."""
 
-from setuptools import setup
+from setuptools import find_namespace_packages, setup
 
 # megatron-core: a range, so a user who has 0.19 keeps it. On Python 3.11 pip picks 0.16.1 (0.17+ declare
 # Python >= 3.12, though 0.19.2 runs here: CI tests it too); the GPU image (3.12) runs 0.19.2.
@@ -21,15 +21,15 @@ setup(
     version="0.1.0",
     description="APB-V: sequence-parallel approximate attention for long-video inference on Megatron-core",
     python_requires=">=3.11",
-    # The Triton kernels live in the top-level kernels/ folder and install as megatron_apbv.kernels,
-    # so no generic top-level `kernels` module lands in site-packages.
-    packages=[
-        "megatron_apbv", "megatron_apbv.apbv", "megatron_apbv.baselines", "megatron_apbv.bench",
-        "megatron_apbv.costmodel", "megatron_apbv.eval", "megatron_apbv.inference", "megatron_apbv.models",
-        "megatron_apbv.runtime", "megatron_apbv.kernels",
-    ],
-    package_dir={"megatron_apbv": "megatron_apbv", "megatron_apbv.kernels": "kernels"},
-    package_data={"megatron_apbv.costmodel": ["profiles.yaml"]},
+    # Discovery, not a hand list: every folder of megatron_apbv/ with Python files is a package. kernels/ (the
+    # Triton kernels, top level of the repository) is reached through the link megatron_apbv/kernels and has
+    # no __init__.py, so it installs as the namespace package megatron_apbv.kernels and nothing but
+    # megatron_apbv lands at the top level of site-packages (tests/test_packaging.py checks both).
+    packages=find_namespace_packages(include=["megatron_apbv", "megatron_apbv.*"], exclude=["*.__pycache__"]),
+    package_data={
+        "megatron_apbv.costmodel": ["profiles.yaml", "calibration_points.json"],
+        "megatron_apbv.examples": ["*.yaml", "*.jsonl"],
+    },
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # numpy < 2.4: Triton 3.6's interpreter (TRITON_INTERPRET=1, the CPU kernel tests) fails on

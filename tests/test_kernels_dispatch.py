@@ -30,11 +30,11 @@ def no_kernels(monkeypatch):
     def fail(name, *args, **kwargs):
         raise ModuleNotFoundError("No module named 'triton'", name="triton")
 
-    kernels_dispatch._load_kernels.cache_clear()
+    kernels_dispatch._load_kernel_module.cache_clear()
     monkeypatch.setattr(kernels_dispatch.importlib, "import_module", fail)
     monkeypatch.delenv(kernels_dispatch.DISABLE_ENV, raising=False)
     yield
-    kernels_dispatch._load_kernels.cache_clear()
+    kernels_dispatch._load_kernel_module.cache_clear()
 
 
 def test_cpu_tensors_take_the_torch_path(no_kernels):
@@ -60,14 +60,14 @@ def test_missing_kernel_module_names_the_package(monkeypatch):
     def fail(name, *args, **kwargs):
         raise ModuleNotFoundError("No module named 'megatron_apbv.kernels'", name="megatron_apbv.kernels")
 
-    kernels_dispatch._load_kernels.cache_clear()
+    kernels_dispatch._load_kernel_module.cache_clear()
     monkeypatch.setattr(kernels_dispatch.importlib, "import_module", fail)
     monkeypatch.delenv(kernels_dispatch.DISABLE_ENV, raising=False)
     try:
-        with pytest.raises(KernelUnavailable, match="pip install -e"):
+        with pytest.raises(KernelUnavailable, match="reinstall the package"):
             kernel_for("merge_partials", _FakeCudaTensor())
     finally:
-        kernels_dispatch._load_kernels.cache_clear()
+        kernels_dispatch._load_kernel_module.cache_clear()
 
 
 def test_disable_switch_is_the_explicit_torch_path(no_kernels, monkeypatch):

@@ -28,18 +28,31 @@ def kernels_disabled() -> bool:
     return os.environ.get(DISABLE_ENV) == "1"
 
 
+# Each kernel and the module of ``kernels/`` (installed as the namespace package ``megatron_apbv.kernels``) that
+# defines it. ``kernels/`` has no ``__init__.py`` on purpose: a regular package of that name at the repository
+# root would shadow PyPI's ``kernels`` (which transformers imports) whenever the root is on ``sys.path``.
+KERNEL_MODULES = {
+    "apb_attention": "apb_attention",
+    "decode_attention": "decode_attention",
+    "merge_pair": "lse_merge",
+    "merge_partials": "lse_merge",
+    "passing_scores": "passing_scores",
+    "select_passing": "passing_scores",
+}
+
+
 @functools.lru_cache(maxsize=None)
-def _load_kernels():
-    """``(module, None)`` or ``(None, reason)``: the import is tried once per process."""
+def _load_kernel_module(module: str):
+    """``(module, None)`` or ``(None, reason)``: each import is tried once per process."""
     try:
-        return importlib.import_module("megatron_apbv.kernels"), None
+        return importlib.import_module(f"megatron_apbv.kernels.{module}"), None
     except ImportError as exc:
         missing = getattr(exc, "name", None) or str(exc)
         if missing in ("triton", "triton.language") or "triton" in str(exc):
             return None, "Triton is not installed: pip install triton"
         return None, (
-            f"megatron_apbv.kernels cannot be imported ({exc}): install the package (pip install -e .) so that "
-            "kernels/ is importable as megatron_apbv.kernels"
+            f"megatron_apbv.kernels.{module} cannot be imported ({exc}): reinstall the package (pip install .) so "
+            "that kernels/ is importable as megatron_apbv.kernels"
         )
 
 
@@ -51,10 +64,12 @@ def kernel_for(name: str, tensor: torch.Tensor):
     """
     if not tensor.is_cuda or kernels_disabled():
         return None
-    module, reason = _load_kernels()
+    if name not in KERNEL_MODULES:
+        raise KeyError(f"no kernel named {name!r}; kernels: {', '.join(sorted(KERNEL_MODULES))}")
+    module, reason = _load_kernel_module(KERNEL_MODULES[name])
     kernel = getattr(module, name, None) if module is not None else None
     if kernel is None:
-        reason = reason or f"megatron_apbv.kernels has no kernel {name!r}: reinstall the package"
+        reason = reason or f"megatron_apbv.kernels.{KERNEL_MODULES[name]} has no kernel {name!r}: reinstall the package"
         raise KernelUnavailable(
             f"{name} on CUDA tensors needs the Triton kernels. {reason}; or set {DISABLE_ENV}=1 to use the slow "
             "torch path (O(N^2) masks)"
