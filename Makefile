@@ -10,7 +10,7 @@ VENV_MCORE019 := .venv-mcore019
 MCORE019_TESTS := tests/test_model.py tests/test_attention_distributed.py tests/test_decode.py \
 	tests/test_checkpoint.py tests/test_launch_cpu.py
 
-.PHONY: demo test test-mcore016 test-mcore019
+.PHONY: demo test test-mcore016 test-mcore019 test-wheel
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,8 @@ demo: $(VENV)/.installed
 	NPROC=2 MASTER_PORT=29518 APBV_COMMAND=eval bash launch/deepspeed_cpu.sh configs/needle_demo.yaml --demo
 
 # The whole suite with the megatron-core pip picks on this Python (0.16.1 on 3.11), then the Megatron-facing
-# tests again with megatron-core 0.19.2.
-test: test-mcore016 test-mcore019
+# tests again with megatron-core 0.19.2, then the wheel as users install it (fresh venv, run from an empty folder).
+test: test-mcore016 test-mcore019 test-wheel
 
 test-mcore016: $(VENV)/.installed
 	$(BIN)/python -m pytest -q tests
@@ -47,3 +47,6 @@ test-mcore016: $(VENV)/.installed
 test-mcore019: $(VENV_MCORE019)/.installed
 	$(VENV_MCORE019)/bin/python -c "import megatron.core as m; assert m.__version__.startswith('0.19.2'), m.__version__"
 	$(VENV_MCORE019)/bin/python -m pytest -q $(MCORE019_TESTS)
+
+test-wheel:
+	bash tests/check_installed_wheel.sh $(PYTHON)

@@ -16,31 +16,37 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
 ]
 
+# How people install: megatron-apbv[video] (PyAV, to decode real videos), [vision] (transformers: the Qwen2.5-VL
+# vision tower and checkpoints' tokenizers), [bench] (apbv bench's plot and progress bar), [all] (all three).
+EXTRAS = {
+    "video": ["av>=12"],
+    "vision": ["transformers>=4.50"],
+    "bench": ["matplotlib>=3.7", "tqdm"],
+}
+EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+# numpy < 2.4: Triton 3.6's interpreter (TRITON_INTERPRET=1, the CPU kernel tests) fails on NumPy 2.4 scalars
+# (triton-lang/triton issue 9171, fixed after 3.6). kernels: PyPI's package of that name, which transformers 5
+# imports; tests/test_packaging.py checks that our kernels/ folder never shadows it.
+EXTRAS["test"] = EXTRAS["all"] + ["pytest>=8", "hypothesis>=6.100", "triton>=3.2", "numpy<2.4", "kernels",
+                                  "safetensors>=0.4", "pillow"]
+
 setup(
     name="megatron-apbv",
     version="0.1.0",
     description="APB-V: sequence-parallel approximate attention for long-video inference on Megatron-core",
     python_requires=">=3.11",
-    # Discovery, not a hand list: every folder of megatron_apbv/ with Python files is a package. kernels/ (the
-    # Triton kernels, top level of the repository) is reached through the link megatron_apbv/kernels and has
-    # no __init__.py, so it installs as the namespace package megatron_apbv.kernels and nothing but
-    # megatron_apbv lands at the top level of site-packages (tests/test_packaging.py checks both).
-    packages=find_namespace_packages(include=["megatron_apbv", "megatron_apbv.*"], exclude=["*.__pycache__"]),
+    # Discovery, not a hand list: every folder of megatron_apbv/ is a package. kernels/ (the Triton kernels, at
+    # the top level of the repository) is reached through the link megatron_apbv/kernels and has no
+    # __init__.py, so it installs as the namespace package megatron_apbv.kernels, and nothing but megatron_apbv
+    # lands at the top level of site-packages (tests/test_packaging.py checks both). megatron_apbv/configs
+    # links to configs/: the example configs ship as data (apbv config --examples DIR).
+    packages=find_namespace_packages(include=["megatron_apbv", "megatron_apbv.*"],
+                                     exclude=["*.__pycache__", "megatron_apbv.configs"]),
     package_data={
+        "megatron_apbv": ["configs/*.yaml", "configs/*.jsonl"],
         "megatron_apbv.costmodel": ["profiles.yaml", "calibration_points.json"],
-        "megatron_apbv.examples": ["*.yaml", "*.jsonl"],
     },
     install_requires=INSTALL_REQUIRES,
-    extras_require={
-        # numpy < 2.4: Triton 3.6's interpreter (TRITON_INTERPRET=1, the CPU kernel tests) fails on
-        # NumPy 2.4 scalars (triton-lang/triton issue 9171, fixed after 3.6).
-        "video": ["av>=12"],  # decoding real video files
-        "vision": ["transformers>=4.50"],  # the Qwen2.5-VL vision tower
-        "bench": ["matplotlib>=3.7", "tqdm"],  # apbv bench: the PNG plot and the progress bar
-        "test": [
-            "pytest>=8", "hypothesis>=6.100", "triton>=3.2", "numpy<2.4",
-            "transformers>=4.50", "safetensors>=0.4", "av>=12", "pillow", "matplotlib>=3.7", "tqdm",
-        ],
-    },
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["apbv = megatron_apbv.cli:main"]},
 )

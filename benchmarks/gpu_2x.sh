@@ -17,8 +17,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH="$PWD:/tmp/site" PATH="/tmp/site/bin:$PATH" PYTHONUNBUFFERED=1
 # NVLink multicast stays off on these shared hosts (device/KINDS.md)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-ln -sfn ../kernels megatron_apbv/kernels  # the package is not installed there: map kernels/ as setup.py does
-trap 'rm -f megatron_apbv/kernels; tar czf "$dest/gpu_2x.tgz" -C "$out" .' EXIT
+trap 'tar czf "$dest/gpu_2x.tgz" -C "$out" .' EXIT
 has() { [[ "$steps" == *",$1,"* ]]; }
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to $out/NAME.log, report the exit status
   local name=$1 limit=$2; shift 2

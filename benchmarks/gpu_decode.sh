@@ -8,8 +8,7 @@ set -uo pipefail
 dest="${1:-/tmp/apbv_decode_out}"; out=/tmp/apbv_decode; rm -rf "$out"; mkdir -p "$out" "$dest"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH="$PWD:/tmp/site" PATH="/tmp/site/bin:$PATH" PYTHONUNBUFFERED=1
-ln -sfn ../kernels megatron_apbv/kernels  # the package is not installed there: map kernels/ as setup.py does
-trap 'rm -f megatron_apbv/kernels; cp -f "$out/steps.txt" "$dest/" 2>/dev/null; tar czf "$dest/gpu_decode.tgz" -C "$out" .' EXIT
+trap 'cp -f "$out/steps.txt" "$dest/" 2>/dev/null; tar czf "$dest/gpu_decode.tgz" -C "$out" .' EXIT
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to $out/NAME.log, report the exit status
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS

@@ -10,7 +10,6 @@ out="${1:-/tmp/apbv_gpu_kernels}"; part="${2:-all}"; mkdir -p "$out"
 scratch=$(mktemp -d); t_start=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
-ln -sfn ../kernels megatron_apbv/kernels   # the package is not installed there: map kernels/ as setup.py does
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$scratch/device.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), 'transformers', transformers.__version__)" | tee -a "$scratch/device.txt"
 python3 -c "import av; print('av', av.__version__)" >> "$scratch/device.txt" 2>&1 || true
@@ -43,4 +42,3 @@ fi
 echo "total $(( $(date +%s) - t_start ))s" | tee -a "$scratch/steps.txt"
 cp "$scratch/steps.txt" "$scratch/device.txt" "$out/"
 tar -czf "$out/logs.tgz" -C "$scratch" --exclude='*.mp4' .
-rm -f megatron_apbv/kernels

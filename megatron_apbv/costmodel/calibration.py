@@ -1,8 +1,11 @@
 """Profiles of GPUs and links (``profiles.yaml``) and their calibration on measured points.
 
 The measured points live in ``benchmarks/results`` of the repository (kernel
-benchmarks, a whole-model run) and in the profiles' own ``facts``; file entries
-are read relative to ``results_dir``, which callers pass explicitly.
+benchmarks, a whole-model run) and in the profiles' own ``facts``. The files the
+profiles name are also packaged (``calibration_points.json`` beside this file,
+written from the committed results by ``benchmarks/package_calibration.py``), so an
+installed ``apbv plan`` calibrates without the repository; ``--calibration-dir``
+reads a folder of results instead.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from megatron_apbv.costmodel.predict import predict
 from megatron_apbv.costmodel.shapes import Cluster, ModelShape
 
 DEFAULT_PROFILES = Path(__file__).with_name("profiles.yaml")  # package data
+PACKAGED_RESULTS = Path(__file__).with_name("calibration_points.json")  # package data, see package_results
 
 
 class Profiles:
@@ -82,21 +86,50 @@ class Point:
     note: str = ""
 
 
+def calibration_files(profiles: "Profiles") -> list[str]:
+    """The result files (relative to a results folder) that the profiles' ``calibration`` names."""
+    cal = profiles.data.get("calibration", {})
+    files = list(cal.get("kernel_benchmarks", []))
+    if cal.get("whole_model"):
+        files.append(cal["whole_model"]["file"])
+    return files
+
+
 def _read(path: Path):
-    if not path.is_file():
-        return None
     if path.suffix == ".jsonl":
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return json.loads(path.read_text())
 
 
-def calibration_points(profiles: Profiles, results_dir: Path) -> list[Point]:
-    """The measured points named in ``calibration`` of the profiles (files under ``results_dir``), in fitting order."""
+def read_results(profiles: "Profiles", results_dir: Optional[str | Path] = None) -> dict:
+    """``{file: parsed content}`` of the calibration files: from ``results_dir``, or the packaged copy when None.
+
+    A file the profiles name but the folder lacks is left out (its points are not fitted), as before.
+    """
+    if results_dir is None:
+        return json.loads(PACKAGED_RESULTS.read_text())["files"]
+    folder = Path(results_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"calibration results folder {str(results_dir)!r} does not exist")
+    return {rel: _read(folder / rel) for rel in calibration_files(profiles) if (folder / rel).is_file()}
+
+
+def package_results(profiles: "Profiles", results_dir: str | Path) -> dict:
+    """The content of ``calibration_points.json``: the calibration files of ``results_dir``, parsed."""
+    return {"made_from": "benchmarks/results (benchmarks/package_calibration.py)",
+            "files": read_results(profiles, results_dir)}
+
+
+def calibration_points(profiles: Profiles, results: dict) -> list[Point]:
+    """The measured points named in ``calibration`` of the profiles, in fitting order.
+
+    ``results`` maps each file name to its parsed content (:func:`read_results`).
+    """
     cal = profiles.data.get("calibration", {})
     points: list[Point] = []
     gemm, apb, sdpa = [], [], []
     for rel in cal.get("kernel_benchmarks", []):
-        bench = _read(Path(results_dir) / rel)
+        bench = results.get(rel)
         if bench is None:
             continue
         tag = Path(rel).stem
@@ -134,7 +167,7 @@ def calibration_points(profiles: Profiles, results_dir: Path) -> list[Point]:
         points.append(Point(fact["name"], parameter, fact["seconds"], fact_time))
 
     whole = cal.get("whole_model")
-    runs = _read(Path(results_dir) / whole["file"]) if whole else None
+    runs = results.get(whole["file"]) if whole else None
     if runs:
         shape = ModelShape(**whole["shape"])
         for i, run in enumerate(runs, start=1):
@@ -198,7 +231,7 @@ class Calibration:
 
 
 def calibrate(profiles: Optional[Profiles] = None, points: Optional[list[Point]] = None,
-              results_dir: Optional[Path] = None) -> Calibration:
+              results_dir: Optional[str | Path] = None) -> Calibration:
     """Fit each free parameter to its group of measured points, in order.
 
     For each parameter ``theta`` (in the order the groups appear: GEMM rate,
@@ -207,13 +240,13 @@ def calibrate(profiles: Optional[Profiles] = None, points: Optional[list[Point]]
     group, holding the parameters fitted before it. Rates enter as
     ``t = FLOPs / rate``, so for them the optimum is the geometric mean of the
     measured rates; the other two are found by the same 1-D search. Then
-    ``same_as_after_fit`` copies fits to GPUs that have no measurement.
+    ``same_as_after_fit`` copies fits to GPUs that have no measurement. The
+    points come from ``results_dir`` (a folder of results) or, when None, from
+    the packaged copy of the committed ones.
     """
     base = profiles or Profiles.load()
     if points is None:
-        if results_dir is None or not Path(results_dir).is_dir():
-            raise FileNotFoundError(f"calibration results folder {str(results_dir)!r} does not exist")
-        points = calibration_points(base, results_dir)
+        points = calibration_points(base, read_results(base, results_dir))
     fitted_profiles = base
     fitted: dict = {}
     for parameter in dict.fromkeys(p.parameter for p in points if p.used and p.parameter):
@@ -244,6 +277,7 @@ def calibrate(profiles: Optional[Profiles] = None, points: Optional[list[Point]]
 
 
 @lru_cache(maxsize=4)
-def calibrated_profiles(path: Optional[str], results_dir: str) -> Calibration:
-    """Load the profiles (default: the packaged ones) and calibrate them on ``results_dir``, once per process."""
-    return calibrate(Profiles.load(path), results_dir=Path(results_dir))
+def calibrated_profiles(path: Optional[str], results_dir: Optional[str]) -> Calibration:
+    """Load the profiles (default: the packaged ones) and calibrate them on ``results_dir`` (default: the
+    packaged results), once per process."""
+    return calibrate(Profiles.load(path), results_dir=results_dir)

@@ -4,7 +4,7 @@ The model shape, dtype, batch and query length come from CONFIG (``key=value``
 overrides apply, e.g. ``model.num_layers=28``); the prompt length from
 ``--tokens`` (default: the config's prompt). Times come from
 :mod:`megatron_apbv.costmodel.predict`, calibrated at every call on the measured points of
-``--calibration-dir`` (default ``benchmarks/results``: run it from the repository root).
+``--calibration-dir`` (default: the committed results packaged with apbv, so it runs from any folder).
 
 The budget search is over a grid of anchors ``a in {N/256 .. N/32}`` and passing
 budgets ``p in {N/512 .. N/32}`` (rounded up to 128 like the paper's ``auto``),
@@ -42,8 +42,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--min-anchor", default="1/64", help="anchor floor: tokens, or a fraction of N like 1/64")
     parser.add_argument("--min-passing", default="1/128", help="passing floor: tokens, or a fraction of N")
     parser.add_argument("--profiles", default=None, help="profiles YAML (default megatron_apbv/costmodel/profiles.yaml)")
-    parser.add_argument("--calibration-dir", default="benchmarks/results",
-                        help="folder of the measured points the profiles calibrate on (default benchmarks/results)")
+    parser.add_argument("--calibration-dir", default=None,
+                        help="folder of measured results to calibrate the profiles on, e.g. benchmarks/results of "
+                             "the repository (default: the copy of the committed results packaged with apbv)")
 
 
 def _floor(text: str, n: int, name: str) -> float:
@@ -62,13 +63,13 @@ def _floor(text: str, n: int, name: str) -> float:
 
 def plan(cfg: RunConfig, *, gpus: int, gpus_per_node: int = 8, interconnect: str | None = None, gpu: str = "h100",
          tokens: int | None = None, min_anchor: str = "1/64", min_passing: str = "1/128",
-         profiles: str | None = None, calibration_dir: str = "benchmarks/results") -> dict:
+         profiles: str | None = None, calibration_dir: str | None = None) -> dict:
     """The record ``apbv plan`` prints (see the module docstring)."""
     try:
         calibration = calibrated_profiles(profiles, calibration_dir)
     except FileNotFoundError as err:
-        raise ConfigError(f"--calibration-dir: {err}: run from the repository root or point it at "
-                          "benchmarks/results") from None
+        raise ConfigError(f"--calibration-dir: {err}: give a folder of results such as the repository's "
+                          "benchmarks/results, or leave it out to use the packaged ones") from None
     prof = calibration.profiles
     interconnect = interconnect or ("nvlink" if gpus <= gpus_per_node else "ib")
     try:
