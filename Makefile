@@ -7,7 +7,7 @@ PIP_QUIET := -q --disable-pip-version-check
 # A second venv with the newest megatron-core we support (0.19.2: it declares Python >= 3.12 but runs on 3.11),
 # for the tests of everything that touches Megatron's API.
 VENV_MCORE019 := .venv-mcore019
-MCORE019_TESTS := tests/test_model.py tests/test_attention_distributed.py tests/test_decode.py \
+MCORE019_TESTS := tests/test_model.py tests/test_model_class.py tests/test_attention_distributed.py tests/test_decode.py \
 	tests/test_checkpoint.py tests/test_launch_cpu.py
 
 .PHONY: demo test test-mcore016 test-mcore019 test-wheel

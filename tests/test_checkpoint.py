@@ -21,7 +21,7 @@ from distributed_utils import run_on_ranks, single_process_groups  # noqa: E402
 from megatron_apbv.methods import METHODS  # noqa: E402
 from megatron_apbv.models.checkpoint import load_hf_checkpoint  # noqa: E402
 from megatron_apbv.models.hf_config import CheckpointError, model_config_from_hf  # noqa: E402
-from megatron_apbv.models.gpt import build_gpt_model, build_rope, last_token_logits  # noqa: E402
+from megatron_apbv.models.gpt import build_gpt_model, build_rope, final_norm_name, last_token_logits  # noqa: E402
 from megatron_apbv.runtime.config import RunConfig  # noqa: E402
 from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown  # noqa: E402
 
@@ -300,12 +300,12 @@ def _tp_worker(rank, world, path, hf_config, ids):
         dense = build_gpt_model(cfg, method="apbv", device=CPU, layer_spec=METHODS["dense"].layer_spec())
         load_hf_checkpoint(dense, path, tp_rank=rank, tp_size=world)
         logits = last_token_logits(dense, build_rope(cfg, CPU), ids, torch.arange(ids.shape[1]))
-        return {"shards": shards, "logits": logits}
+        return {"shards": shards, "logits": logits, "final_norm": final_norm_name(model)}
     finally:
         shutdown()
 
 
-def _expected_tp_shards(hf_state: dict, rank: int, tp: int, nh=4, ng=2, hd=16) -> dict:
+def _expected_tp_shards(hf_state: dict, rank: int, tp: int, final_norm: str, nh=4, ng=2, hd=16) -> dict:
     """Megatron's TP shards of the HF weights, built head by head (independently of the loader)."""
     def part(t, dim):
         n = t.shape[dim] // tp
@@ -313,7 +313,7 @@ def _expected_tp_shards(hf_state: dict, rank: int, tp: int, nh=4, ng=2, hd=16) -
 
     out = {"embedding.word_embeddings.weight": part(hf_state["model.embed_tokens.weight"], 0),
            "output_layer.weight": part(hf_state["lm_head.weight"], 0),
-           "decoder.final_layernorm.weight": hf_state["model.norm.weight"]}
+           f"{final_norm}.weight": hf_state["model.norm.weight"]}
     for i in range(2):
         hf, ours = f"model.layers.{i}.", f"decoder.layers.{i}."
         for kind in ("weight", "bias"):
@@ -341,7 +341,7 @@ def test_tensor_parallel_shards(tmp_path):
     result = run_on_ranks(2, _tp_worker, tmp_path, hf_config, ids)
     hf_state = load_file(tmp_path / "model.safetensors")
     for rank, got in enumerate(result["shards"]):
-        expected = _expected_tp_shards(hf_state, rank, 2)
+        expected = _expected_tp_shards(hf_state, rank, 2, result["final_norm"])
         assert sorted(got) == sorted(expected)
         for name, tensor in expected.items():
             assert torch.equal(got[name], tensor), (rank, name)

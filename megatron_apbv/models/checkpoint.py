@@ -17,7 +17,7 @@ stripped)::
     layers.{i}.post_attention_layernorm.weight   -> decoder.layers.{i}.pre_mlp_layernorm.weight
     layers.{i}.mlp.{gate,up}_proj.weight         -> decoder.layers.{i}.mlp.linear_fc1.weight        ([gate; up])
     layers.{i}.mlp.down_proj.weight              -> decoder.layers.{i}.mlp.linear_fc2.weight        (columns)
-    norm.weight                                  -> decoder.final_layernorm.weight
+    norm.weight                                  -> decoder.final_layernorm.weight (HybridModel: final_norm)
     lm_head.weight                               -> output_layer.weight (absent when embeddings are tied)
 
 Megatron's fused QKV holds, for each KV group ``g``, the group's query heads,
@@ -243,7 +243,7 @@ def _recipes(model, tp_rank: int, tp_size: int) -> dict[str, _Recipe]:
             out[name] = _Recipe({"embed_tokens.weight": (vocab, h)}, rows("embed_tokens.weight", vl))
         elif name == "output_layer.weight":
             out[name] = _Recipe({"lm_head.weight": (vocab, h)}, rows("lm_head.weight", vl))
-        elif name == "decoder.final_layernorm.weight":
+        elif name in ("decoder.final_layernorm.weight", "decoder.final_norm.weight"):  # GPTModel, HybridModel
             out[name] = _Recipe({"norm.weight": (h,)}, whole("norm.weight"))
         elif m := re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", name):
             i, rest = m.groups()

@@ -1,4 +1,8 @@
-"""Model spec -> Megatron-core GPTModel, and its forward on one rank's local sequence."""
+"""Model spec -> Megatron-core language model, and its forward on one rank's local sequence.
+
+The model class is ``HybridModel`` where megatron-core has it (0.18.0 on; 0.19 deprecates ``GPTModel``),
+else ``GPTModel`` (0.16, 0.17): the same layers, parameters and logits (docs/design.md §10).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
+
+try:  # megatron-core >= 0.18.0
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+except ImportError:  # 0.16, 0.17: GPTModel is the model class
+    HybridModel = None
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_apbv.methods import get_method
@@ -67,7 +76,7 @@ def build_gpt_model(
     cfg: RunConfig, *, method: str, device: torch.device, layer_spec=None, core_params: Optional[dict] = None,
     weights_of: Optional[GPTModel] = None, timings: Optional[dict] = None,
 ) -> GPTModel:
-    """GPTModel whose core attention is ``method``'s (``megatron_apbv.methods``: apbv, dense, ring, ulysses, ...).
+    """The language model (HybridModel or GPTModel, see the module docstring) whose core attention is ``method``'s (``megatron_apbv.methods``: apbv, dense, ring, ulysses, ...).
 
     Weights depend only on ``cfg.seed`` and the shape (or ``model.checkpoint``), so
     every method built from one config holds the same weights. ``weights_of`` shares
@@ -93,11 +102,10 @@ def build_gpt_model(
     initialise = weights_of is None and initialise_on_build(cfg.model.checkpoint, device)
     start = time.perf_counter()
     with build_device(initialise):
-        model = GPTModel(
+        common = dict(
             config=transformer_config(
                 cfg, tensor_parallel_size=tp, context_parallel_size=cp, perform_initialization=initialise
             ),
-            transformer_layer_spec=spec,
             vocab_size=cfg.model.vocab_size,
             max_sequence_length=cfg.model.max_position_embeddings,
             position_embedding_type="none",
@@ -105,6 +113,13 @@ def build_gpt_model(
             # Vocab-parallel logits, gathered by last_token_logits: Megatron's own gather allocates on CUDA.
             parallel_output=True,
         )
+        if HybridModel is not None:
+            from megatron_apbv.models.hybrid_stack import hybrid_layer_pattern, hybrid_stack_spec
+
+            model = HybridModel(hybrid_stack_spec=hybrid_stack_spec(spec),
+                                hybrid_layer_pattern=hybrid_layer_pattern(cfg.model.num_layers), **common)
+        else:
+            model = GPTModel(transformer_layer_spec=spec, **common)
     if weights_of is not None:
         model.load_state_dict(weights_of.state_dict(), assign=True)
         left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -176,3 +191,8 @@ def last_token_logits(
     """Logits ``[b, vocab]`` of the last token of ``input_ids`` ``[b, s]``."""
     hidden = decoder_hidden(model, rope, input_ids, position_ids, attention_mask, inputs_embeds)
     return vocab_logits(model, hidden[-1:])
+
+
+def final_norm_name(model) -> str:
+    """The final norm's module path: ``decoder.final_norm`` (HybridModel) or ``decoder.final_layernorm`` (GPTModel)."""
+    return "decoder.final_norm" if hasattr(model.decoder, "final_norm") else "decoder.final_layernorm"
