@@ -12,7 +12,6 @@ from megatron_apbv.apbv.layout import SequenceLayout, Span  # noqa: E402
 from megatron_apbv.models.vision import (  # noqa: E402
     CLIP_MEAN,
     CLIP_STD,
-    build_vision_tower,
     encode_frames,
     encode_frames_distributed,
     encode_groups,
@@ -24,6 +23,7 @@ from megatron_apbv.models.vision import (  # noqa: E402
     split_groups,
     vision_grid,
 )
+from megatron_apbv.models.vision_tower import build_vision_tower  # noqa: E402
 from tests.distributed_utils import run_on_ranks  # noqa: E402
 
 PATCH, TP, MERGE = 2, 2, 2
@@ -31,7 +31,7 @@ HEIGHT, WIDTH = 16, 24  # 8 x 12 patches, 4 x 6 tokens per temporal group, 2 x 3
 
 
 def tiny_tower():
-    """Depth 2 (one windowed layer, one full-attention layer), hidden 32; weights large enough to matter."""
+    """Our tower, depth 2 (one windowed layer, one full-attention layer), hidden 32; weights large enough to matter."""
     tower = build_vision_tower(
         dict(
             depth=2,
@@ -49,7 +49,7 @@ def tiny_tower():
     )
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for p in tower.parameters():
+        for p in tower.state_dict().values():  # transformers' tensors (views; the MLP padding stays zero)
             p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() > 1 else 0.1) + (1.0 if p.dim() == 1 else 0))
     return tower
 

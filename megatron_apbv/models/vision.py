@@ -1,8 +1,9 @@
 """Parallel vision encoding over the APB-V group (docs/design.md §6).
 
-The vision tower is Qwen2.5-VL's, from ``transformers``
-(``Qwen2_5_VisionTransformerPretrainedModel`` built from a
-``Qwen2_5_VLVisionConfig``). Its forward takes flattened patches
+The vision tower is Qwen2.5-VL's: ours (:mod:`megatron_apbv.models.vision_tower`),
+or ``transformers``' ``Qwen2_5_VisionTransformerPretrainedModel`` (the reference
+in tests, :func:`megatron_apbv.models.vision_attention.build_transformers_tower`);
+the functions here take either. Its forward takes flattened patches
 ``[num_patches, C * temporal_patch * patch * patch]`` and ``grid_thw``
 ``[num_items, 3]`` (temporal groups, patch rows, patch columns per item) and
 returns one embedding per merged ``merge x merge`` patch group.
@@ -156,31 +157,6 @@ def patchify_for(config, frames: torch.Tensor, **norm) -> tuple[torch.Tensor, Vi
         merge_size=_cfg(config, "spatial_merge_size"),
         **norm,
     )
-
-
-def build_vision_tower(config=None, *, seed: int = 0, dtype=torch.float32, device=None, **overrides):
-    """A randomly initialised Qwen2.5-VL vision tower (weights are loaded elsewhere, if at all).
-
-    ``config`` is a ``Qwen2_5_VLVisionConfig``, a dict of its fields, or ``None``
-    (the defaults); ``overrides`` update it.
-    """
-    # Module paths (not the top-level names) exist in every transformers release with Qwen2.5-VL (>= 4.49).
-    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
-        Qwen2_5_VLVisionConfig,
-    )
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-        Qwen2_5_VisionTransformerPretrainedModel,
-    )
-
-    if config is None or isinstance(config, dict):
-        config = Qwen2_5_VLVisionConfig(**{**(config or {}), **overrides})
-    else:
-        for k, v in overrides.items():
-            setattr(config, k, v)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        tower = Qwen2_5_VisionTransformerPretrainedModel(config)
-    return tower.to(device=device, dtype=dtype).eval()
 
 
 def _tower_param(tower) -> torch.Tensor:
