@@ -200,8 +200,9 @@ def probe(record, dev):
 
 def kernel_summary(prof):
     """GPU time by kind of kernel (seconds) from a profiler run."""
-    kinds = {"gemm": ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas"),
-             "attention": ("flash", "fmha", "cudnn", "attention"),
+    # attention first: flash-attention's kernel names carry "cutlass" too
+    kinds = {"attention": ("flash", "fmha", "sdpa", "attention"),
+             "gemm": ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas"),
              "triton_elementwise": ("_bias_rms_norm", "_rope_qk", "_silu_mul"),
              "gather/index": ("index", "gather", "scatter"),
              "copy/cast": ("copy", "cast", "elementwise_kernel", "vectorized")}
