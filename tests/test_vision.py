@@ -139,6 +139,23 @@ def test_one_item_per_group_equals_one_video_item():
     assert per_group.abs().mean() > 0.1  # not a degenerate tower
 
 
+def test_groups_encoded_in_bounded_calls():
+    """A video larger than one call's patch budget is encoded in calls of whole groups: the same embeddings."""
+    tower = tiny_tower()
+    patches, grid = patchify_for(tower.config, frames_of(10))  # 5 groups of 96 patches
+    whole = encode_groups(tower, patches, grid, grid.groups)
+    calls = []
+    handle = tower.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        chunked = encode_groups(tower, patches, grid, grid.groups, max_patches=2 * 96 + 50)
+        single = encode_groups(tower, patches, grid, grid.groups, max_patches=10)  # below one group: one a call
+    finally:
+        handle.remove()
+    assert calls == [192, 192, 96] + [96] * 5
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+    torch.testing.assert_close(single, whole, atol=1e-5, rtol=0)
+
+
 # --------------------------------------------------------------------------- distributed
 
 
