@@ -213,6 +213,12 @@ def test_flops_formula():
     ref = build_transformers_tower(dict(**SMALL, depth=3, intermediate_size=50, window_size=56,
                                         fullatt_block_indexes=[1]))
     assert vision_tower_flops(ref.config, [[2, 10, 14]]) == vision_tower_flops(small, [[2, 10, 14]])
+    # the run config's vision section (no output width of its own) with the model's hidden size
+    from megatron_apbv.runtime.config import VisionConfig
+
+    section = VisionConfig(depth=3, hidden_size=32, num_heads=2, intermediate_size=50, window_size=56,
+                           fullatt_block_indexes=[1])
+    assert vision_tower_flops(section, [[2, 10, 14]], out_hidden_size=24) == vision_tower_flops(small, [[2, 10, 14]])
 
 
 def test_gpu_bf16_matches_transformers():

@@ -502,7 +502,7 @@ def build_vision_tower(config=None, *, seed: int = 0, dtype=torch.float32, devic
     return tower.to(device=device, dtype=dtype).eval()
 
 
-def vision_tower_flops(vision_config, grid_thw) -> float:
+def vision_tower_flops(vision_config, grid_thw, *, out_hidden_size: Optional[int] = None) -> float:
     """Floating-point operations of one tower call on ``grid_thw`` (the work the bench and jobs divide by time).
 
     Counted as matmul work, 2 FLOP per multiply-add, unpadded sizes: the patch
@@ -512,8 +512,13 @@ def vision_tower_flops(vision_config, grid_thw) -> float:
     the merger ``2 (N / m^2) ((m^2 C)^2 + m^2 C out)``. Norms, RoPE and
     activations are not counted. Qwen2.5-VL-7B at 64 frames of 1428 x 2548:
     594,048 patches, 9.95e14.
+
+    ``vision_config``: a tower's ``config`` (ours or transformers'), a dict, or
+    the run config's ``vision`` section; the latter has no output width, so pass
+    ``out_hidden_size=cfg.model.hidden_size`` with it. ``grid_thw``: ``[items, 3]``.
     """
-    cfg = VisionTowerConfig.from_any(vision_config)
+    overrides = {} if out_hidden_size is None else {"out_hidden_size": int(out_hidden_size)}
+    cfg = VisionTowerConfig.from_any(vision_config, **overrides)
     c, i, unit = cfg.hidden_size, cfg.intermediate_size, cfg.spatial_merge_size ** 2
     k = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
     vw, m = cfg.window_tokens, cfg.spatial_merge_size
