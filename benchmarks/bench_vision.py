@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import time
@@ -251,9 +250,11 @@ def main(argv=None) -> int:
     import transformers
     import triton
 
-    record = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (smoke)", "torch": torch.__version__, "triton": triton.__version__,
-              "cudnn": torch.backends.cudnn.version() if dev.type == "cuda" else None, "transformers": transformers.__version__,
-              "config": QWEN25_VL_7B, "dtype": str(dtype).replace("torch.", ""), "weights": "random (transformers' init), shared",
+    cuda = dev.type == "cuda"
+    record = {"device": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "torch": torch.__version__,
+              "triton": triton.__version__, "cudnn": torch.backends.cudnn.version() if cuda else None,
+              "transformers": transformers.__version__, "config": QWEN25_VL_7B,
+              "dtype": str(dtype).replace("torch.", ""), "weights": "random (transformers' init), shared",
               "rows": [], "errors": []}
     failed = False
     try:

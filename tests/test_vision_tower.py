@@ -158,7 +158,8 @@ def test_tiny_real_checkpoint(tmp_path):
     assert (got - ref).abs().max().item() <= 1e-4
     # a checkpoint of another shape is refused, naming the tensor
     other = build_vision_tower(dict(hf.config.vision_config.to_dict(), intermediate_size=62), seed=0)
-    with pytest.raises(CheckpointError, match=r"visual.blocks.\d.mlp.\w+_proj.weight: expected shape \((62, 32|32, 62)\), found"):
+    shape = r"visual.blocks.\d.mlp.\w+_proj.weight: expected shape \((62, 32|32, 62)\), found"
+    with pytest.raises(CheckpointError, match=shape):
         load_vision_weights(other, tmp_path)
 
 

@@ -449,8 +449,9 @@ class VisionTower(nn.Module):
         plan = self.plan(grid_thw, device)
         k = weight[0].numel()
         if hidden_states.dim() != 2 or hidden_states.shape != (plan.num_patches, k):
-            raise ValueError(f"patches of shape {tuple(hidden_states.shape)} for grid_thw {torch.as_tensor(grid_thw).tolist()}: "
-                             f"expected [{plan.num_patches}, {k}] (in_channels * temporal_patch * patch * patch)")
+            raise ValueError(f"patches of shape {tuple(hidden_states.shape)} for grid_thw "
+                             f"{torch.as_tensor(grid_thw).tolist()}: expected [{plan.num_patches}, {k}] "
+                             "(in_channels * temporal_patch * patch * patch)")
         n, unit = plan.num_patches, cfg.spatial_merge_size ** 2
         if n == 0:
             return torch.empty(0, cfg.out_hidden_size, dtype=dtype, device=device)
