@@ -12,7 +12,6 @@ from megatron_apbv.apbv.layout import SequenceLayout, Span  # noqa: E402
 from megatron_apbv.models.vision import (  # noqa: E402
     CLIP_MEAN,
     CLIP_STD,
-    build_vision_tower,
     encode_frames,
     encode_frames_distributed,
     encode_groups,
@@ -24,6 +23,7 @@ from megatron_apbv.models.vision import (  # noqa: E402
     split_groups,
     vision_grid,
 )
+from megatron_apbv.models.vision_tower import build_vision_tower  # noqa: E402
 from tests.distributed_utils import run_on_ranks  # noqa: E402
 
 PATCH, TP, MERGE = 2, 2, 2
@@ -31,7 +31,7 @@ HEIGHT, WIDTH = 16, 24  # 8 x 12 patches, 4 x 6 tokens per temporal group, 2 x 3
 
 
 def tiny_tower():
-    """Depth 2 (one windowed layer, one full-attention layer), hidden 32; weights large enough to matter."""
+    """Our tower, depth 2 (one windowed layer, one full-attention layer), hidden 32; weights large enough to matter."""
     tower = build_vision_tower(
         dict(
             depth=2,
@@ -49,7 +49,7 @@ def tiny_tower():
     )
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for p in tower.parameters():
+        for p in tower.state_dict().values():  # transformers' tensors (views; the MLP padding stays zero)
             p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() > 1 else 0.1) + (1.0 if p.dim() == 1 else 0))
     return tower
 
@@ -137,6 +137,23 @@ def test_one_item_per_group_equals_one_video_item():
     one = encode_groups(tower, patches[grid.patches_per_group : 2 * grid.patches_per_group], grid, 1)
     torch.testing.assert_close(one, per_group[grid.tokens_per_group : 2 * grid.tokens_per_group], atol=1e-5, rtol=0)
     assert per_group.abs().mean() > 0.1  # not a degenerate tower
+
+
+def test_groups_encoded_in_bounded_calls():
+    """A video larger than one call's patch budget is encoded in calls of whole groups: the same embeddings."""
+    tower = tiny_tower()
+    patches, grid = patchify_for(tower.config, frames_of(10))  # 5 groups of 96 patches
+    whole = encode_groups(tower, patches, grid, grid.groups)
+    calls = []
+    handle = tower.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        chunked = encode_groups(tower, patches, grid, grid.groups, max_patches=2 * 96 + 50)
+        single = encode_groups(tower, patches, grid, grid.groups, max_patches=10)  # below one group: one a call
+    finally:
+        handle.remove()
+    assert calls == [192, 192, 96] + [96] * 5
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+    torch.testing.assert_close(single, whole, atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------- distributed

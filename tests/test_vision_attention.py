@@ -6,13 +6,13 @@ import copy
 
 import torch
 
-from megatron_apbv.models.vision import build_vision_tower, encode_groups, patchify_for
-from megatron_apbv.models.vision_attention import batch_vision_segments, segment_attention
+from megatron_apbv.models.vision import encode_groups, patchify_for
+from megatron_apbv.models.vision_attention import batch_vision_segments, build_transformers_tower, segment_attention
 
 
 def test_batched_tower_matches_transformers_tower():
     # window 56 px = 4 patches: windows of 16 patches, cut at the 10 x 14 grid's edges (unequal segments)
-    tower = build_vision_tower(dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=24,
+    tower = build_transformers_tower(dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=24,
                                     window_size=56, fullatt_block_indexes=[1]), seed=3)
     frames = torch.randint(0, 256, (4, 140, 196, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     patches, grid = patchify_for(tower.config, frames)
@@ -39,7 +39,7 @@ def test_batched_tower_matches_transformers_tower_gpu():
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    tower = build_vision_tower(dict(depth=4, hidden_size=160, num_heads=2, intermediate_size=64, out_hidden_size=24,
+    tower = build_transformers_tower(dict(depth=4, hidden_size=160, num_heads=2, intermediate_size=64, out_hidden_size=24,
                                     window_size=112, fullatt_block_indexes=[1, 3]), seed=3, device="cuda",
                                dtype=torch.bfloat16)
     frames = torch.randint(0, 256, (4, 252, 364, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)

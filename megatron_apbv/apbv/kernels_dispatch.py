@@ -38,6 +38,9 @@ KERNEL_MODULES = {
     "merge_partials": "lse_merge",
     "passing_scores": "passing_scores",
     "select_passing": "passing_scores",
+    "vision_bias_rms_norm": "vision_elementwise",
+    "vision_rope_qk_": "vision_elementwise",
+    "vision_silu_mul": "vision_elementwise",
 }
 
 

@@ -13,14 +13,15 @@ from megatron_apbv.runtime.config import RunConfig
 
 
 def build_vision_tower_for(cfg: RunConfig, device: torch.device):
-    """The Qwen2.5-VL tower of ``cfg.vision`` with output width ``model.hidden_size``.
+    """Our Qwen2.5-VL tower (:mod:`megatron_apbv.models.vision_tower`) of ``cfg.vision``, output width
+    ``model.hidden_size``, in ``cfg.dtype`` on ``device``.
 
     Weights come from ``model.checkpoint`` when it holds ``visual.*`` tensors,
     else they are seeded random ones.
     """
     from megatron_apbv.models.checkpoint import load_vision_weights
     from megatron_apbv.models.hf_config import read_hf_config, vision_config_from_hf
-    from megatron_apbv.models.vision import build_vision_tower
+    from megatron_apbv.models.vision_tower import build_vision_tower
 
     v = cfg.vision
     settings = dict(

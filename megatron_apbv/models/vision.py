@@ -1,8 +1,9 @@
 """Parallel vision encoding over the APB-V group (docs/design.md §6).
 
-The vision tower is Qwen2.5-VL's, from ``transformers``
-(``Qwen2_5_VisionTransformerPretrainedModel`` built from a
-``Qwen2_5_VLVisionConfig``). Its forward takes flattened patches
+The vision tower is Qwen2.5-VL's: ours (:mod:`megatron_apbv.models.vision_tower`),
+or ``transformers``' ``Qwen2_5_VisionTransformerPretrainedModel`` (the reference
+in tests, :func:`megatron_apbv.models.vision_attention.build_transformers_tower`);
+the functions here take either. Its forward takes flattened patches
 ``[num_patches, C * temporal_patch * patch * patch]`` and ``grid_thw``
 ``[num_items, 3]`` (temporal groups, patch rows, patch columns per item) and
 returns one embedding per merged ``merge x merge`` patch group.
@@ -158,37 +159,22 @@ def patchify_for(config, frames: torch.Tensor, **norm) -> tuple[torch.Tensor, Vi
     )
 
 
-def build_vision_tower(config=None, *, seed: int = 0, dtype=torch.float32, device=None, **overrides):
-    """A randomly initialised Qwen2.5-VL vision tower (weights are loaded elsewhere, if at all).
-
-    ``config`` is a ``Qwen2_5_VLVisionConfig``, a dict of its fields, or ``None``
-    (the defaults); ``overrides`` update it.
-    """
-    # Module paths (not the top-level names) exist in every transformers release with Qwen2.5-VL (>= 4.49).
-    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
-        Qwen2_5_VLVisionConfig,
-    )
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-        Qwen2_5_VisionTransformerPretrainedModel,
-    )
-
-    if config is None or isinstance(config, dict):
-        config = Qwen2_5_VLVisionConfig(**{**(config or {}), **overrides})
-    else:
-        for k, v in overrides.items():
-            setattr(config, k, v)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        tower = Qwen2_5_VisionTransformerPretrainedModel(config)
-    return tower.to(device=device, dtype=dtype).eval()
-
-
 def _tower_param(tower) -> torch.Tensor:
     return next(tower.parameters())
 
 
-def encode_groups(tower, patches: torch.Tensor, grid: VisionGrid, groups: int, *, device=None) -> torch.Tensor:
-    """Run the tower on ``groups`` temporal groups of patches, one grid item each: ``[groups * tokens, out_hidden]``."""
+# Temporal groups are encoded in calls of at most this many patches (whole groups; at least one group a call):
+# 64 frames at 1440p (594,048 patches) take about 20 GB of activations in the bf16 7B tower, so a long or 4K
+# video does not need all its activations at once. Groups are independent, so the split changes nothing.
+MAX_PATCHES_PER_CALL = 600_000
+
+
+def encode_groups(tower, patches: torch.Tensor, grid: VisionGrid, groups: int, *, device=None,
+                  max_patches: int = MAX_PATCHES_PER_CALL) -> torch.Tensor:
+    """Run the tower on ``groups`` temporal groups of patches, one grid item each: ``[groups * tokens, out_hidden]``.
+
+    The groups go through the tower in calls of at most ``max_patches`` patches (whole groups).
+    """
     param = _tower_param(tower)
     device = param.device if device is None else torch.device(device)
     out_hidden = int(tower.config.out_hidden_size)
@@ -196,15 +182,21 @@ def encode_groups(tower, patches: torch.Tensor, grid: VisionGrid, groups: int, *
         return torch.empty(0, out_hidden, dtype=param.dtype, device=device)
     if patches.shape[0] != groups * grid.patches_per_group:
         raise ValueError(f"{patches.shape[0]} patches for {groups} groups of {grid.patches_per_group}")
-    with torch.no_grad():
-        out = tower(patches.to(device=device, dtype=param.dtype), grid_thw=grid.grid_thw(groups).to(device))
-    # transformers >= 5 returns a model output (merged tokens in pooler_output); 4.x returns the tensor.
-    emb = out if isinstance(out, torch.Tensor) else out.pooler_output
-    if emb.shape != (groups * grid.tokens_per_group, out_hidden):
-        raise RuntimeError(
-            f"vision tower returned {tuple(emb.shape)}, expected {(groups * grid.tokens_per_group, out_hidden)}"
-        )
-    return emb
+    per_call = max(1, max_patches // grid.patches_per_group)
+    chunks = []
+    for start in range(0, groups, per_call):
+        count = min(per_call, groups - start)
+        part = patches[start * grid.patches_per_group : (start + count) * grid.patches_per_group]
+        with torch.no_grad():
+            out = tower(part.to(device=device, dtype=param.dtype), grid_thw=grid.grid_thw(count).to(device))
+        # transformers >= 5 returns a model output (merged tokens in pooler_output); 4.x returns the tensor.
+        emb = out if isinstance(out, torch.Tensor) else out.pooler_output
+        if emb.shape != (count * grid.tokens_per_group, out_hidden):
+            raise RuntimeError(
+                f"vision tower returned {tuple(emb.shape)}, expected {(count * grid.tokens_per_group, out_hidden)}"
+            )
+        chunks.append(emb)
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
 def split_groups(num_groups: int, world_size: int) -> tuple[tuple[int, int], ...]:

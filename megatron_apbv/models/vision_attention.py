@@ -1,4 +1,8 @@
-"""The vision tower's attention with every segment of one layer in one SDPA call.
+"""transformers' Qwen2.5-VL vision tower as a reference: its builder, and its attention batched over segments.
+
+The product runs our tower (:mod:`megatron_apbv.models.vision_tower`); this module
+keeps transformers' tower for the tests (equality) and the vision benchmark (the
+baseline), with and without :func:`batch_vision_segments`.
 
 Qwen2.5-VL's tower attends inside segments given by ``cu_seqlens``: windows of
 at most ``(window_size / patch_size)^2`` patches in most layers, one temporal
@@ -72,8 +76,41 @@ def segment_attention(q, k, v, cu_seqlens, scale: float) -> torch.Tensor:
     return full
 
 
+def build_transformers_tower(config=None, *, seed: int = 0, dtype=torch.float32, device=None, **overrides):
+    """A randomly initialised ``transformers`` Qwen2.5-VL vision tower (the reference of our tower).
+
+    ``config`` is a ``Qwen2_5_VLVisionConfig``, a dict of its fields, or ``None``
+    (the defaults); ``overrides`` update it.
+    """
+    # Module paths (not the top-level names) exist in every transformers release with Qwen2.5-VL (>= 4.49).
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
+        Qwen2_5_VLVisionConfig,
+    )
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+        Qwen2_5_VisionTransformerPretrainedModel,
+    )
+
+    if config is None or isinstance(config, dict):
+        config = Qwen2_5_VLVisionConfig(**{**(config or {}), **overrides})
+    else:
+        for k, v in overrides.items():
+            setattr(config, k, v)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tower = Qwen2_5_VisionTransformerPretrainedModel(config)
+    return tower.to(device=device, dtype=dtype).eval()
+
+
 def batch_vision_segments(tower: nn.Module) -> nn.Module:
-    """Give every block of ``tower`` a :class:`SegmentBatchedVisionAttention` (in place); returns ``tower``."""
+    """Give every block of transformers' ``tower`` a :class:`SegmentBatchedVisionAttention` (in place); returns it.
+
+    Our :class:`~megatron_apbv.models.vision_tower.VisionTower` already attends over
+    all segments of a block in one call and is returned unchanged.
+    """
+    from megatron_apbv.models.vision_tower import VisionTower
+
+    if isinstance(tower, VisionTower):
+        return tower
     for block in tower.blocks:
         if not isinstance(block.attn, SegmentBatchedVisionAttention):
             block.attn = SegmentBatchedVisionAttention(block.attn)
