@@ -20,6 +20,8 @@ on its own, at the same shape).
 
 from __future__ import annotations
 
+import sys
+
 import torch.distributed as dist
 
 from megatron_apbv.apbv.decode import DistributedKVCache
@@ -110,14 +112,23 @@ def serve_pipelined(replica: Replica, pending: list[PlannedRequest], engine: Eng
             stages["decode"] = seq.decode_seconds
             replica.write(replica.answer_record(pending[seq.key], prompt_tokens, seq.ids, stages))
 
+    def drop_claimed(popped: int = 0):
+        dropped = lookahead.drop() + popped
+        if replica.is_leader and not stopping["logged"]:
+            stopping["logged"] = True
+            active = len(slots.active) if slots is not None else 0
+            print(f"apbv infer: replica {replica.index}: SIGTERM: finishing the {active} sequence(s) in flight, "
+                  f"{dropped} claimed request(s) not started (a resume answers them)", file=sys.stderr, flush=True)
+
+    stopping = {"logged": False}
     try:
         while True:
             if replica.queue.agree(stop["signal"]):
-                lookahead.drop()
+                drop_claimed()
             while slots is None or slots.has_free_slot():
                 ready = lookahead.next()
                 if replica.queue.stopped:  # the claim saw SIGTERM: what was claimed but not started waits
-                    lookahead.drop()
+                    drop_claimed(int(ready is not None))
                     ready = None
                 if ready is None:
                     break
