@@ -94,8 +94,7 @@ def test_e2e_bench_and_the_job_run_the_same_stage_code(tmp_path, megatron_single
 
     for mode in ("serial", "pipelined"):
         current["who"] = mode
-        for key in (scheduler._NEXT, scheduler._DONE, scheduler._ERRORS, scheduler._TOKENS):
-            scheduler.job_store().delete_key(key)  # one launch = one job's counters; here two jobs share a store
+        scheduler.reset_job_counters()  # one launch = one job's counters; here two jobs share a store
         args = argparse.Namespace(prepared=plan_requests(read_requests(requests), "configs/qwen25vl_3b_e2e.yaml",
                                                          overrides),
                                   output=str(tmp_path / f"{mode}.jsonl"), quiet=True, pipeline=mode)

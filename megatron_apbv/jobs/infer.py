@@ -87,7 +87,8 @@ def command(args, cfg: RunConfig, env, device: torch.device) -> dict:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict) -> dict:
+def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict, engine: Optional[Engine] = None) -> dict:
+    """The job on this rank; ``engine`` (default: built here from ``cfg``) lets a benchmark reuse one model."""
     planned: list[PlannedRequest] = args.prepared
     group = parallel_state.get_tensor_and_context_parallel_group()
     size = dist.get_world_size(group)
@@ -100,7 +101,9 @@ def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict) -> dic
     done_ids = set(answered[0])
     pending = [item for item in planned if item.request.id not in done_ids]
 
-    engine = Engine.build(cfg, device, vision=any(p.cfg is not None and p.cfg.input.kind == "video" for p in planned))
+    if engine is None:
+        video = any(p.cfg is not None and p.cfg.input.kind == "video" for p in planned)
+        engine = Engine.build(cfg, device, vision=video)
     mode = args.pipeline or cfg.jobs.pipeline
     queue = WorkQueue(len(pending), group)
     replica = Replica(group, size, replica_index, queue)

@@ -25,6 +25,13 @@ def job_store():
     return dist.distributed_c10d._get_default_store()
 
 
+def reset_job_counters(store=None) -> None:
+    """Zero the claim and progress counters: for several jobs in one launch (a benchmark, a test)."""
+    store = job_store() if store is None else store
+    for key in (_NEXT, _DONE, _ERRORS, _TOKENS):
+        store.delete_key(key)
+
+
 class WorkQueue:
     """``next(stop)``: the index (into the pending list) this replica answers next, or None when it stops."""
 
