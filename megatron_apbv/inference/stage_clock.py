@@ -74,11 +74,16 @@ class StageClock:
             return None
         sync(self.device)
         wall_ms = self.wall_seconds() * 1000.0
-        spans = sorted((self.origin.elapsed_time(a), self.origin.elapsed_time(b)) for a, b in self.intervals)
-        busy, reach = 0.0, float("-inf")
-        for a, b in spans:
-            if b <= reach:
-                continue
-            busy += b - max(a, reach)
-            reach = b
+        busy = union_length([(self.origin.elapsed_time(a), self.origin.elapsed_time(b)) for a, b in self.intervals])
         return min(1.0, busy / wall_ms) if wall_ms > 0 else None
+
+
+def union_length(spans: list[tuple[float, float]]) -> float:
+    """Total length covered by the ``(start, end)`` intervals (overlaps counted once)."""
+    busy, reach = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b <= reach:
+            continue
+        busy += b - max(a, reach)
+        reach = b
+    return busy
