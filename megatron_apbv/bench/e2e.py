@@ -163,6 +163,8 @@ def run_e2e(cfg: RunConfig, device: torch.device, *, methods=E2E_METHODS, source
         "prompt_tokens": cfg.prompt_len, "video_tokens": cfg.input.video_tokens(cfg.vision), "anchor_len": cfg.anchor_len,
         "passing_len": max(cfg.passing_lens()), "query_len": cfg.query_len,
         "weights": "random", "init": pipe.init, "build_seconds": round(pipe.build_seconds, 3),
+        # Integration point (branch `vision`): models/ will provide vision_tower_flops(vision_config, grid_thw);
+        # then add "vision_tflops_per_s" = that / stages_s["vision"] / 1e12 to each method's record.
         "decode_source": pipe.decode_source, "warmup": warmup, "repeat": repeat, "methods": {},
     }
     plans = {}

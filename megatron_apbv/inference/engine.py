@@ -22,9 +22,8 @@ made per request.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional, TypeVar
+from typing import Optional
 
 import torch
 
@@ -32,9 +31,6 @@ from megatron_apbv.models.embeddings import build_vision_tower_for, input_embedd
 from megatron_apbv.models.gpt import build_gpt_model, build_rope, last_token_logits
 from megatron_apbv.models.inputs import Prompt, build_prompt
 from megatron_apbv.runtime.config import RunConfig
-from megatron_apbv.runtime.timing import sync
-
-T = TypeVar("T")
 
 STAGES = ("video_decode", "vision", "prefill", "decode")
 
@@ -115,13 +111,3 @@ class Engine:
         from megatron_apbv.inference.decode_step import DecodeRunner
 
         return DecodeRunner(self.model, self.rope, cache, positions, cuda_graph=cuda_graph)
-
-
-def timed_stage(stages: dict[str, float], name: str, fn: Callable[[], T], device: torch.device) -> T:
-    """``fn()``; adds its seconds (after the device finished) to ``stages[name]``."""
-    sync(device)
-    start = time.perf_counter()
-    result = fn()
-    sync(device)
-    stages[name] = stages.get(name, 0.0) + time.perf_counter() - start
-    return result

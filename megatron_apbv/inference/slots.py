@@ -28,12 +28,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_apbv.apbv.decode import DecodeCache
+from megatron_apbv.inference.generate import STOP_CHECK_EVERY
 from megatron_apbv.inference.prefill import Prefill
 from megatron_apbv.inference.sampling import Sampler
 from megatron_apbv.runtime.config import GenerateConfig
 from megatron_apbv.runtime.numerics import FiniteTracker, check_finite
 
-STOP_CHECK_EVERY = 8  # host reads of the chosen tokens: one per this many steps
 
 
 @dataclass

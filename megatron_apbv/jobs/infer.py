@@ -2,10 +2,13 @@
 
 World = DP x CP x TP ranks: each data-parallel replica is one APB-V (CP x TP) group
 built by Megatron's ``parallel_state``. Every process builds the model once
-(:class:`~megatron_apbv.inference.engine.Engine`) and answers requests one after
-another; replica leaders claim them dynamically (:mod:`.scheduler`) and append one
-record per request to ``--output`` (:mod:`.answers`). Running the same command
-again skips the ids already answered.
+(:class:`~megatron_apbv.inference.engine.Engine`); replica leaders claim requests
+dynamically (:mod:`.scheduler`) and append one record per request to ``--output``
+(:mod:`.answers`) as it finishes. ``--pipeline`` / ``jobs.pipeline`` picks how a
+replica serves them (:mod:`.serve`): ``pipelined`` (frames prefetched by CPU
+workers, continuous batched decoding of up to ``jobs.batch_size`` sequences) or
+``serial`` (one request after another). Running the same command again skips the
+ids already answered.
 
 A request that fails for its own reasons (missing or undecodable video, a prompt
 over ``model.max_position_embeddings``, a value the config rejects, a question the
@@ -13,7 +16,7 @@ tokenizer cannot render) gets the record ``{"id", "error", "replica"}``: every r
 of the replica learns every rank's verdict before the first collective on it.
 
 SIGTERM (SLURM's warning before preemption or ``scancel``): each replica finishes
-the request in flight, stops claiming, and every rank exits 0 with all finished
+the requests in flight (claimed but not started ones are left for the resume), stops claiming, and every rank exits 0 with all finished
 records on disk; the summary says ``"stopped_by_signal": true`` and how many
 requests remain. (The DeepSpeed launcher itself exits 1 after forwarding a
 SIGTERM to its ranks, whatever they return; under ``srun`` the job's code is the
@@ -29,7 +32,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import time
 from typing import Optional
 
 import torch

@@ -100,10 +100,11 @@ def serve_pipelined(replica: Replica, pending: list[PlannedRequest], engine: Eng
                            prompt=ready.prompt, barrier=False, clock=clock)
         for name in ("vision", "prefill"):
             sink[name] = sink.get(name, 0.0) + run.stage_seconds.get(name, 0.0)
-        if slots is None:  # the first prefill gives the cache's layer and head shapes
-            slots = DecodeSlots(engine, run, slots=settings.batch_size, capacity=capacity, cuda_graph=graphs,
-                                group=context_parallel_group())
-        slots.join(ready.index, run, cfg.generate, seed=cfg.seed, stop_ids=stop_ids)
+        with clock.stage("decode", sink):  # GPU work of the decode stage: the copy into the slot (and capture)
+            if slots is None:  # the first prefill gives the cache's layer and head shapes
+                slots = DecodeSlots(engine, run, slots=settings.batch_size, capacity=capacity, cuda_graph=graphs,
+                                    group=context_parallel_group())
+            slots.join(ready.index, run, cfg.generate, seed=cfg.seed, stop_ids=stop_ids)
         started[ready.index] = (run.seq.prompt_len, {"video_decode": ready.seconds, **run.stage_seconds})
 
     def finish():
