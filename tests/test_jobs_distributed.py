@@ -176,10 +176,12 @@ def test_dp2_cp2_both_pipelines_equal_dense_and_failed_decodes_are_one_error_eac
 def test_killed_rank_then_resume_answers_every_id_once(tmp_path):
     """DP 2 x CP 1: rank 1 (replica 1) dies in its first request; replica 0 answers the rest, the job
     fails; a torn line for the lost request is appended by hand; the rerun drops it and answers it."""
-    rows = [{"id": f"q{i}", "input.video_frames": 1 + i % 5, "generate.max_new_tokens": 2} for i in range(6)]
+    rows = [{"id": f"q{i}", "input.video_frames": 1 + i % 5, "generate.max_new_tokens": 2} for i in range(12)]
     requests = _write_requests(tmp_path / "requests.jsonl", rows)
     output = tmp_path / "answers.jsonl"
-    first = _finish(_start_ranks(2, requests, output, "parallel.context_parallel_size=1",
+    # few slots and little claiming ahead: replica 0 must not take every request before replica 1 starts
+    small = ["jobs.batch_size=2", "jobs.prefetch_depth=1"]
+    first = _finish(_start_ranks(2, requests, output, "parallel.context_parallel_size=1", *small,
                                  env_extra={"APBV_FAULT_INJECT": "rank=1,layer=1,action=kill"}))
     assert first[0][0] != 0 and first[1][0] == -signal.SIGKILL
     assert "collective failed" in first[0][2]
@@ -188,7 +190,7 @@ def test_killed_rank_then_resume_answers_every_id_once(tmp_path):
     assert len(done) == len(set(done)) and lost  # the killed replica's request is missing
     with output.open("a") as f:
         f.write(json.dumps({"id": lost[0], "replica": 1, "generated_ids": [1, 2]})[:25])  # a torn last line
-    second = _finish(_start_ranks(2, requests, output, "parallel.context_parallel_size=1"))
+    second = _finish(_start_ranks(2, requests, output, "parallel.context_parallel_size=1", *small))
     assert [code for code, _, _ in second] == [0, 0], second[0][2][-3000:]
     assert "dropped 1 incomplete line" in second[0][2]
     ids = [r["id"] for r in _records(output)]
