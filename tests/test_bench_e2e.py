@@ -45,3 +45,65 @@ def test_e2e_level_needs_one_gpu_and_video():
     cfg = load_config("configs/qwen25vl_3b_e2e.yaml", TINY + ["parallel.context_parallel_size=2"])
     with pytest.raises(ConfigError, match="one GPU"):
         run_e2e(cfg, torch.device("cpu"))
+
+
+def test_e2e_bench_and_the_job_run_the_same_stage_code(tmp_path, megatron_single, monkeypatch):
+    """Every stage of `apbv bench --level e2e` and of `apbv infer` (both pipelines) goes through the same
+    Engine methods, on the same tower: a bench that timed its own copy of a stage would fail here."""
+    import argparse
+
+    from megatron_apbv.inference import engine as engine_module
+    from megatron_apbv.jobs.infer import _run_job
+    from megatron_apbv.jobs.requests import plan_requests, read_requests
+    from megatron_apbv.models.video import synthetic_video, write_video
+    from megatron_apbv.runtime.distributed import LaunchEnv
+
+    calls: dict[str, set] = {}
+    current = {"who": None}
+    Engine = engine_module.Engine
+
+    def spy(name, original, static=False):
+        def wrapper(*args, **kwargs):
+            calls.setdefault(current["who"], set()).add(name)
+            return original(*args, **kwargs)
+        return staticmethod(wrapper) if static else wrapper
+
+    for name in ("embed", "prefill", "decode_runner"):
+        monkeypatch.setattr(Engine, name, spy(name, getattr(Engine, name)))
+    monkeypatch.setattr(Engine, "read_prompt", spy("read_prompt", Engine.read_prompt, static=True))
+    towers = {}
+    build = engine_module.build_vision_tower_for
+
+    def tower_spy(cfg, device):
+        tower = build(cfg, device)
+        towers[current["who"]] = sorted({type(m).__name__ for m in tower.modules()})
+        return tower
+
+    monkeypatch.setattr(engine_module, "build_vision_tower_for", tower_spy)
+
+    current["who"] = "bench"
+    cfg = load_config("configs/qwen25vl_3b_e2e.yaml", TINY)
+    run_e2e(cfg, torch.device("cpu"), source_size=(60, 90), warmup=0, repeat=1, out=str(tmp_path / "bench"))
+
+    video = tmp_path / "clip.mp4"
+    write_video(video, synthetic_video(8, 60, 90, seed=3))
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(f'{{"id": "a", "input.video_path": "{video}"}}\n{{"id": "b"}}\n')
+    overrides = TINY + ["generate.max_new_tokens=2", "input.kind=video"]
+    from megatron_apbv.jobs import scheduler
+
+    for mode in ("serial", "pipelined"):
+        current["who"] = mode
+        scheduler.reset_job_counters()  # one launch = one job's counters; here two jobs share a store
+        args = argparse.Namespace(prepared=plan_requests(read_requests(requests), "configs/qwen25vl_3b_e2e.yaml",
+                                                         overrides),
+                                  output=str(tmp_path / f"{mode}.jsonl"), quiet=True, pipeline=mode)
+        summary = _run_job(args, load_config("configs/qwen25vl_3b_e2e.yaml", overrides), LaunchEnv(0, 1, 0),
+                           torch.device("cpu"), {"signal": False})
+        assert (summary["answered"], summary["errors"], summary["pipeline"]) == (2, 0, mode)
+        assert summary["gpu_busy_fraction"] is None  # a CPU run has no separate device to be busy
+    prefill_stages = {"read_prompt", "embed", "prefill"}
+    assert calls["bench"] == prefill_stages
+    assert calls["serial"] == calls["pipelined"] == prefill_stages | {"decode_runner"}
+    assert towers["bench"] == towers["serial"] == towers["pipelined"]
+    assert "VisionTower" in towers["bench"]  # ours (models/vision_tower.py), not transformers' tower

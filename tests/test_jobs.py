@@ -150,3 +150,47 @@ def test_single_prompt_commands_refuse_data_parallel(monkeypatch, capsys):
     monkeypatch.setattr(distributed, "init_distributed", lambda *a: pytest.fail("reached process groups"))
     assert cli.main(["generate", str(CONFIG)]) == 2
     assert "apbv generate answers one prompt with one APB-V group, but 4 ranks make 2" in capsys.readouterr().err
+
+
+def test_jobs_section_is_job_level_and_validated(tmp_path):
+    cfg = load_config(CONFIG)
+    assert (cfg.jobs.pipeline, cfg.jobs.batch_size, cfg.jobs.prefetch_depth, cfg.jobs.prefetch_workers) == (
+        "pipelined", 8, 4, 2)
+    for bad, field in (("jobs.batch_size=0", "batch_size"), ("jobs.prefetch_workers=0", "prefetch_workers"),
+                       ("jobs.pipeline=fast", "pipeline"), ("jobs.prefetch_depth=-1", "prefetch_depth")):
+        with pytest.raises(ConfigError, match=field):
+            load_config(CONFIG, [bad])
+    path = _requests(tmp_path, '{"id": "x", "jobs.batch_size": 2}')
+    with pytest.raises(ConfigError, match="'jobs.batch_size' is a job-level key"):
+        read_requests(path)
+
+
+def test_gpu_busy_time_is_the_union_of_the_stage_intervals():
+    from megatron_apbv.inference.stage_clock import StageClock, union_length
+
+    assert union_length([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4.0
+    assert union_length([]) == 0.0
+    import torch
+
+    assert StageClock(torch.device("cpu"), sync_first=False).busy_fraction() is None  # no number on CPUs
+
+
+def test_prefetch_turns_a_failed_decode_into_the_request_error_and_keeps_claim_order():
+    from megatron_apbv.jobs.prefetch import Lookahead, prepare_request
+
+    claims = iter([0, 1, 2, None])
+
+    def read(index):
+        def decode():
+            if index == 1:
+                raise ValueError("cannot read video 'b.mp4': broken")
+            return f"prompt {index}"
+        return decode
+
+    ahead = Lookahead(lambda: next(claims), lambda i: prepare_request(i, read(i), None), depth=2, workers=2)
+    got = [ahead.next() for _ in range(4)]
+    ahead.close()
+    assert [g.index for g in got[:3]] == [0, 1, 2] and got[3] is None
+    assert got[0].prompt == "prompt 0" and got[0].error is None
+    assert got[1].prompt is None and "broken" in got[1].error
+    assert prepare_request(5, read(0), "planned error").error == "planned error"

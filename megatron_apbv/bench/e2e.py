@@ -1,32 +1,33 @@
 """``apbv bench --level e2e``: time to first token of a video prompt on one GPU, per stage.
 
 The paper's setting: Qwen2.5-VL on a 64-frame video, prefill plus the first
-token with the vision encoder included. One run of the pipeline is
+token with the vision encoder included. The bench drives the product's
+:class:`~megatron_apbv.inference.engine.Engine`, so it times the very stages
+``apbv infer`` and ``apbv generate`` run (``tests/test_bench_e2e.py`` checks that
+both call the same stage code):
 
-1. ``decode``: the video's frames become the tower's patches on the GPU. With
-   PyAV installed the source frames are written once (untimed) to an ``.mp4``
-   file and the stage decodes it (``models.video.load_video``: decode, sample,
-   resize on the CPU), then copies the frames to the GPU and patchifies them.
-   Without PyAV the source frames are synthetic ``uint8`` frames in memory and
-   the stage copies them to the GPU, resizes them to ``input.frame_size`` there
-   and patchifies them: no codec work, which the record says
-   (``decode_source``);
-2. ``vision``: the Qwen2.5-VL vision tower (``transformers``) on every temporal
-   group, one process (W = 1), its attention batched over segments
-   (:mod:`megatron_apbv.models.vision_attention`: same result, one SDPA call per
-   layer instead of one per window);
-3. ``prefill``: text embedding with the video embeddings scattered in, then the
-   decoder over the whole prompt with the method's core attention (``dense``:
-   causal attention over everything; ``apbv``: the APB-V layer at W = 1);
-4. ``first_token``: final norm, LM head on the last token, argmax.
+1. ``video_decode`` (:meth:`Engine.read_prompt`): with PyAV installed the source
+   frames are written once (untimed) to an ``.mp4`` file and the stage decodes it
+   as a request's ``input.video_path`` (``models.video``: decode, sample, resize on
+   the CPU). Without PyAV the source frames are synthetic ``uint8`` frames in
+   memory and the stage only resizes them to ``input.frame_size`` on the CPU (no
+   codec work, which the record says: ``decode_source``);
+2. ``vision`` (:meth:`Engine.embed`): patchify, the product's vision tower on every
+   temporal group (one process, W = 1), the text embeddings with the video rows
+   scattered in;
+3. ``prefill`` (:meth:`Engine.prefill`): the decoder over the whole prompt with
+   the method's core attention (``dense``: causal attention over everything;
+   ``apbv``: the APB-V layer at W = 1), then the last token's logits; the first
+   token is their argmax.
 
-Each stage is timed with ``perf_counter`` after a device synchronisation; the
-record gives the median over ``--repeat`` runs after ``--warmup`` runs. Stages 1-2
-are the same work for both methods at W = 1, so each repetition runs them once
-and both methods' prefills follow on the same embeddings (each method's total
-counts them). Weights
-are random; the model is built with its parameters initialised on the GPU
-(``init`` in the record; seeded, but not the same numbers as a CPU build).
+Each stage is timed with ``perf_counter`` after a device synchronisation
+(:class:`~megatron_apbv.inference.stage_clock.StageClock`, as ``apbv infer
+--pipeline serial``); the record gives the median over ``--repeat`` runs after
+``--warmup`` runs. Stages 1-2 are the same work for both methods at W = 1, so each
+repetition runs them once and both methods' prefills follow on the same
+embeddings (each method's total counts them). Weights are random; the model is
+built with its parameters initialised on the GPU (``init`` in the record; seeded,
+but not the same numbers as a CPU build).
 
 :func:`predict_scaling` turns the measured per-stage times into W = 2, 4, 8
 predictions with the cost model (``megatron_apbv.costmodel``).
@@ -43,15 +44,14 @@ from typing import Optional
 
 import torch
 
+from megatron_apbv.inference.engine import Engine
+from megatron_apbv.inference.stage_clock import StageClock
+from megatron_apbv.models.vision import vision_grid
+from megatron_apbv.models.vision_tower import vision_tower_flops
 from megatron_apbv.runtime.config import ConfigError, RunConfig
 
-STAGES = ("decode", "vision", "prefill", "first_token")
+STAGES = ("video_decode", "vision", "prefill")
 E2E_METHODS = ("dense", "apbv")
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def source_frames(cfg: RunConfig, source_size: tuple[int, int]) -> torch.Tensor:
@@ -67,95 +67,67 @@ def source_frames(cfg: RunConfig, source_size: tuple[int, int]) -> torch.Tensor:
     return small.repeat_interleave(8, 1).repeat_interleave(8, 2)[:, :h, :w].contiguous()
 
 
+def with_video_file(cfg: RunConfig, path: Path) -> RunConfig:
+    """``cfg`` reading its frames from the video file ``path`` (``input.source`` probed as load_config does)."""
+    from megatron_apbv.models.video import probe_video
+
+    data = cfg.model_dump()
+    data["input"] = {**data["input"], "video_path": str(path), "source": probe_video(path).model_dump()}
+    return RunConfig.model_validate(data, strict=False)
+
+
 class Pipeline:
-    """The model, tower and inputs of one config; :meth:`run` times the four stages once."""
+    """The engine and the input of one config; :meth:`encode` and :meth:`prefill` time the stages once."""
 
     def __init__(self, cfg: RunConfig, device: torch.device, source_size: tuple[int, int], workdir: Path):
-        from megatron_apbv.models.embeddings import build_vision_tower_for
-        from megatron_apbv.models.gpt import build_gpt_model, build_rope
-        from megatron_apbv.models.vision_attention import batch_vision_segments
-
         self.cfg, self.device = cfg, device
         t0 = time.perf_counter()
         self.init = "device"
         # Parameters are created and drawn where they live (torch's default-device context):
         # a CPU draw of the 7B model's weights takes about a minute.
         with torch.device(device):
-            self.model = build_gpt_model(cfg, method="apbv", device=device)
-            self.tower = batch_vision_segments(build_vision_tower_for(cfg, device))
-        self.rope = build_rope(cfg, device)
-        _sync(device)
+            self.engine = Engine.build(cfg, device, vision=True)
+        StageClock(device, sync_first=True)  # waits for the device: the build is finished
         self.build_seconds = time.perf_counter() - t0
         self.source = source_frames(cfg, source_size)
-        self.video_path = None
+        self.video_cfg, self.frames = cfg, None
         try:
             import av  # noqa: F401
 
             from megatron_apbv.models.video import write_video
 
-            self.video_path = workdir / f"e2e_{source_size[0]}x{source_size[1]}.mp4"
-            write_video(self.video_path, self.source)
-            self.decode_source = f"PyAV decode of {self.video_path.name} (libx264/mpeg4), CPU resize"
+            path = workdir / f"e2e_{source_size[0]}x{source_size[1]}.mp4"
+            write_video(path, self.source)
+            self.video_cfg = with_video_file(cfg, path)
+            self.decode_source = f"PyAV decode of {path.name} (libx264/mpeg4), CPU resize"
         except ImportError:
-            self.decode_source = ("synthetic uint8 frames in memory (PyAV not installed): the stage is copy to GPU, "
-                                  "GPU resize and patchify, no codec decode")
-        from megatron_apbv.models.inputs import build_prompt
+            self.decode_source = ("synthetic uint8 frames in memory (PyAV not installed): the stage is the CPU "
+                                  "resize only, no codec decode")
+        self.clock = StageClock(device, sync_first=True)
 
-        h, w = cfg.input.frame_size
-        self.prompt = build_prompt(cfg, frames=torch.zeros(cfg.input.video_frames, h, w, 3, dtype=torch.uint8))
+    def encode(self):
+        """Stages 1-2: the prompt, its input embeddings ``[N, b, h]`` (all tokens) and the seconds of each stage."""
+        from megatron_apbv.models.video import resize_frames
 
-    def _decode(self):
-        from megatron_apbv.models.video import load_video, resize_frames
-        from megatron_apbv.models.vision import patchify_for
+        times: dict = {}
+        with self.clock.stage("video_decode", times, gpu=False):
+            frames = None
+            if self.video_cfg.input.video_path is None:
+                frames = resize_frames(self.source, tuple(self.cfg.input.frame_size))
+            prompt = Engine.read_prompt(self.video_cfg, frames=frames)
+        with self.clock.stage("vision", times):
+            embeds = self.engine.embed(prompt, torch.arange(prompt.input_ids.shape[1]))
+        return prompt, embeds, times
 
-        size = tuple(self.cfg.input.frame_size)
-        if self.video_path is not None:
-            frames = load_video(self.video_path, num_frames=self.cfg.input.video_frames, size=size)
-            frames = frames.to(self.device, non_blocking=False)
-        else:
-            frames = resize_frames(self.source.to(self.device), size)
-        return patchify_for(self.tower.config, frames)
-
-    def encode(self) -> tuple[torch.Tensor, dict]:
-        """Stages 1-2: the video embeddings ``[video_tokens, hidden]`` and the seconds of each stage."""
-        from megatron_apbv.models.vision import encode_groups
-
-        dev, times = self.device, {}
-        with torch.inference_mode():
-            _sync(dev)
-            t = time.perf_counter()
-            patches, grid = self._decode()
-            _sync(dev)
-            times["decode"], t = time.perf_counter() - t, time.perf_counter()
-            video = encode_groups(self.tower, patches, grid, grid.groups, device=dev)
-            del patches
-            _sync(dev)
-            times["vision"] = time.perf_counter() - t
-        return video, times
-
-    def prefill(self, model, video: torch.Tensor, mask, layout) -> tuple[dict, int]:
-        """Stages 3-4 of one method (``layout`` None: dense over the whole prompt); seconds and the first token."""
-        from megatron_apbv.models.gpt import decoder_hidden, vocab_logits
-        from megatron_apbv.models.vision import insert_video_embeddings
-
-        dev, times = self.device, {}
-        idx = layout.global_indices if layout is not None else torch.arange(self.prompt.input_ids.shape[1])
-        local = self.prompt.local(idx)
-        ids, pos = local.input_ids.to(dev), local.position_ids.to(dev)
-        with torch.inference_mode():
-            _sync(dev)
-            t = time.perf_counter()
-            text = model.embedding(input_ids=ids, position_ids=None)
-            embeds = insert_video_embeddings(text, video, idx, self.prompt.video)
-            del text
-            hidden = decoder_hidden(model, self.rope, ids, pos, mask, inputs_embeds=embeds)
-            del embeds
-            _sync(dev)
-            times["prefill"], t = time.perf_counter() - t, time.perf_counter()
-            last = hidden.shape[0] - 1  # the prompt's last token is the last local row in both layouts
-            token = int(vocab_logits(model, hidden[last : last + 1]).argmax(-1)[0])
-            _sync(dev)
-            times["first_token"] = time.perf_counter() - t
+    def prefill(self, engine: Engine, prompt, embeds, mask, layout) -> tuple[dict, int]:
+        """Stage 3 of one method (``layout`` None: dense over the whole prompt); seconds and the first token."""
+        idx = layout.global_indices if layout is not None else torch.arange(prompt.input_ids.shape[1])
+        local = prompt.local(idx)
+        ids, pos = local.input_ids.to(self.device), local.position_ids.to(self.device)
+        mine = embeds if layout is None else embeds[idx.to(embeds.device)]
+        times: dict = {}
+        with torch.inference_mode(), self.clock.stage("prefill", times):
+            token = int(engine.prefill(ids, pos, mask, mine).argmax(-1)[0])
         return times, token
 
 
@@ -165,8 +137,7 @@ def run_e2e(cfg: RunConfig, device: torch.device, *, methods=E2E_METHODS, source
     from megatron_apbv.apbv.attention import APBVMask
     from megatron_apbv.apbv.attention_routes import describe_layer
     from megatron_apbv.apbv.layout import SequenceLayout
-    from megatron_apbv.bench.benchmark import method_model
-    from megatron_apbv.models.gpt import DTYPES
+    from megatron_apbv.models.gpt import DTYPES, build_gpt_model
 
     if cfg.input.kind != "video":
         raise ConfigError("apbv bench --level e2e needs input.kind=video (the vision tower is a stage)")
@@ -189,11 +160,14 @@ def run_e2e(cfg: RunConfig, device: torch.device, *, methods=E2E_METHODS, source
                   "kv_heads": m.num_query_groups, "ffn": m.ffn_hidden_size, "vocab": m.vocab_size},
         "vision": {"depth": v.depth, "hidden": v.hidden_size, "heads": v.num_heads,
                    "fullatt_block_indexes": list(v.fullatt_block_indexes),
-                   "attention": "one SDPA call per layer over all segments (models/vision_attention.py)"},
+                   "tower": "the product's (models/vision_tower.py, built by inference/engine.py)"},
         "frames": cfg.input.video_frames, "source_size": list(source_size), "frame_size": list(cfg.input.frame_size),
-        "prompt_tokens": cfg.prompt_len, "video_tokens": len(pipe.prompt.video), "anchor_len": cfg.anchor_len,
+        "prompt_tokens": cfg.prompt_len, "video_tokens": cfg.input.video_tokens(cfg.vision), "anchor_len": cfg.anchor_len,
         "passing_len": max(cfg.passing_lens()), "query_len": cfg.query_len,
         "weights": "random", "init": pipe.init, "build_seconds": round(pipe.build_seconds, 3),
+        "vision_flop": vision_tower_flops(v, vision_grid(v, cfg.input.video_frames,
+                                                         tuple(cfg.input.frame_size)).grid_thw(),
+                                          out_hidden_size=m.hidden_size),
         "decode_source": pipe.decode_source, "warmup": warmup, "repeat": repeat, "methods": {},
     }
     plans = {}
@@ -205,22 +179,25 @@ def run_e2e(cfg: RunConfig, device: torch.device, *, methods=E2E_METHODS, source
         else:
             whole = SequenceLayout(cfg.prompt_len, 0, 0, 1, zigzag=False).rank(0)
             plans[method] = (None, None, describe_layer(whole, m.head_dim, dtype, device)["block0"])
-    models = {method: method_model(pipe.model, method, cfg, device) for method in methods}  # shared weights
+    # each method's decoder on the very weights of the engine's, with the engine's tower and RoPE
+    engines = {method: pipe.engine.with_model(build_gpt_model(cfg, method=method, device=device,
+                                                                weights_of=pipe.engine.model))
+               for method in methods}
     runs = {method: [] for method in methods}
     tokens = {}
     # Decode and vision are the same work for every method at W = 1: they run once per repetition
     # and count in every method's total; each method's prefill then runs on the same embeddings.
     for i in range(warmup + repeat):
-        video, shared = pipe.encode()
+        prompt, embeds, shared = pipe.encode()
         for method in methods:
             mask, layout, _ = plans[method]
-            times, tokens[method] = pipe.prefill(models[method], video, mask, layout)
+            times, tokens[method] = pipe.prefill(engines[method], prompt, embeds, mask, layout)
             times = {**shared, **times}
             print(f"e2e {method} run {i}: " + " ".join(f"{k} {s:.3f}s" for k, s in times.items()), file=sys.stderr,
                   flush=True)
             if i >= warmup:
                 runs[method].append(times)
-        del video
+        del embeds
         if device.type == "cuda":
             torch.cuda.empty_cache()
     for method in methods:
@@ -228,6 +205,7 @@ def run_e2e(cfg: RunConfig, device: torch.device, *, methods=E2E_METHODS, source
         record["methods"][method] = {
             "stages_s": {k: round(s, 4) for k, s in stages.items()},
             "total_s": round(sum(stages.values()), 4),
+            "vision_tflops_per_s": round(record["vision_flop"] / stages["vision"] / 1e12, 1) if stages["vision"] else None,
             "runs_s": [{k: round(s, 4) for k, s in r.items()} for r in runs[method]],
             "first_token_id": tokens[method],
             "attention_backend": plans[method][2],
@@ -247,14 +225,14 @@ def predict_scaling(cfg: RunConfig, record: dict, gpus=(2, 4, 8), gpu: str = "h2
                     interconnect: str = "nvlink") -> dict:
     """W-GPU time to first token of APB-V from the measured W = 1 stages.
 
-    * ``decode``: unchanged (every rank decodes the video: the frames reach
-      every rank, as ``build_prompt`` does today);
-    * ``vision``: ``1 / W`` (each rank encodes its temporal groups,
+    * ``video_decode``: the largest rank's share of the temporal groups (each
+      rank decodes only its own frames, as the job and ``apbv generate`` do:
+      :mod:`megatron_apbv.costmodel.video_decode`);
+    * ``vision``: the same share (each rank encodes its temporal groups,
       ``models.vision.encode_frames_distributed``) plus the all-gather of the
       embeddings (``Cluster.allgather_s``);
     * ``prefill``: the measured W = 1 time times the cost model's ratio
-      ``predict(apbv, W) / predict(apbv, 1)`` (same prompt and budgets);
-    * ``first_token``: unchanged.
+      ``predict(apbv, W) / predict(apbv, 1)`` (same prompt and budgets).
 
     Also the same for ``dense`` (one GPU whatever W), so ``speedup_vs_dense``.
     The limiting stage is the one with the largest share of the W-GPU time.
@@ -262,6 +240,7 @@ def predict_scaling(cfg: RunConfig, record: dict, gpus=(2, 4, 8), gpu: str = "h2
     from megatron_apbv.costmodel.calibration import Profiles
     from megatron_apbv.costmodel.predict import predict
     from megatron_apbv.costmodel.shapes import ModelShape
+    from megatron_apbv.costmodel.video_decode import largest_group_share, video_decode_seconds
 
     measured = record["methods"].get("apbv")
     if measured is None:
@@ -278,11 +257,11 @@ def predict_scaling(cfg: RunConfig, record: dict, gpus=(2, 4, 8), gpu: str = "h2
     for w in gpus:
         cluster = profiles.cluster(gpu, interconnect, w)
         ratio = predict("apbv", shape, cluster, n, **kwargs).seconds / base
+        groups = cfg.input.frame_plan(cfg.vision).groups
         pred = {
-            "decode": stages["decode"],
-            "vision": stages["vision"] / w + cluster.allgather_s(emb_bytes),
+            "video_decode": video_decode_seconds(stages["video_decode"], groups, w),
+            "vision": stages["vision"] * largest_group_share(groups, w) + cluster.allgather_s(emb_bytes),
             "prefill": stages["prefill"] * ratio,
-            "first_token": stages["first_token"],
         }
         total = sum(pred.values())
         out[str(w)] = {

@@ -81,7 +81,8 @@ class DecodeRunner:
             self._restore(saved)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the job's prefetch threads may run (CPU-only) work meanwhile; only this thread captures
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self._forward()
         self._restore(saved)  # capture records without running, but leave no doubt
         torch.cuda.synchronize()

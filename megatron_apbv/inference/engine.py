@@ -1,25 +1,43 @@
-"""The model a process serves: GPT model, RoPE and vision tower, built and loaded once.
+"""The model a process serves and the code of every stage of a request: one pipeline for every command.
 
-``apbv run``/``apbv generate`` build one for their single prompt; ``apbv infer``
-builds one from the job config and passes it, with each request's own config, to
-:func:`~megatron_apbv.inference.generate.apbv_generate`. Nothing in it depends on
-a prompt's length: the layout, budgets and KV cache are made per request.
+``apbv run``/``apbv generate`` build an :class:`Engine` for their single prompt;
+``apbv infer`` builds one from the job config and serves every request with it;
+``apbv bench --level e2e`` times the same stages on one GPU. Each stage is one
+method here, so the job, the single-prompt commands and the benchmark run the
+same code (``tests/test_bench_e2e.py`` checks it):
+
+1. ``video_decode`` (:meth:`Engine.read_prompt`, CPU): the prompt's ids and
+   positions, and this rank's share of the video's frames, decoded and resized;
+2. ``vision`` (:meth:`Engine.embed`): the vision tower on the rank's temporal
+   groups, the embeddings all-gathered over the APB-V group and scattered into
+   the text embeddings;
+3. ``prefill`` (:meth:`Engine.prefill`): the decoder over the rank's tokens and
+   the last token's logits;
+4. ``decode`` (:meth:`Engine.decode_runner`): the static-shape batched decode
+   step (:mod:`.decode_step`, CUDA-graph capable).
+
+Nothing in it depends on a prompt's length: the layout, budgets and KV cache are
+made per request.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Callable, Optional, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Optional
 
 import torch
 
-from megatron_apbv.models.embeddings import build_vision_tower_for
-from megatron_apbv.models.gpt import build_gpt_model, build_rope
+from megatron_apbv.models.embeddings import build_vision_tower_for, input_embeddings
+from megatron_apbv.models.gpt import build_gpt_model, build_rope, last_token_logits
+from megatron_apbv.models.inputs import Prompt, build_prompt
 from megatron_apbv.runtime.config import RunConfig
-from megatron_apbv.runtime.timing import sync
 
-T = TypeVar("T")
+STAGES = ("video_decode", "vision", "prefill", "decode")
+
+
+def frame_share(cfg: RunConfig, rank: int, world: int) -> Optional[tuple[int, int]]:
+    """``share`` for :meth:`Engine.read_prompt`: a video prompt's rank reads only its temporal groups."""
+    return (rank, world) if cfg.input.kind == "video" else None
 
 
 @dataclass
@@ -44,12 +62,38 @@ class Engine:
         """The engine an earlier :class:`~megatron_apbv.inference.prefill.Prefill` ran on (same model, no rebuild)."""
         return cls(run.model, run.rope, run.tower, run.logits.device)
 
+    def with_model(self, model: torch.nn.Module) -> "Engine":
+        """The same tower and RoPE with another decoder (the bench's dense method on the same weights)."""
+        return replace(self, model=model)
 
-def timed_stage(stages: dict[str, float], name: str, fn: Callable[[], T], device: torch.device) -> T:
-    """``fn()``; adds its seconds (after the device finished) to ``stages[name]``."""
-    sync(device)
-    start = time.perf_counter()
-    result = fn()
-    sync(device)
-    stages[name] = stages.get(name, 0.0) + time.perf_counter() - start
-    return result
+    # The stages ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def read_prompt(cfg: RunConfig, share: Optional[tuple[int, int]] = None,
+                    frames: Optional[torch.Tensor] = None) -> Prompt:
+        """Stage ``video_decode`` (host only, thread-safe): ``build_prompt`` with this rank's ``share`` of frames.
+
+        Raises ``OSError``/``ValueError`` for the request's own failures (a missing
+        or undecodable video, a question the tokenizer cannot render).
+        """
+        return build_prompt(cfg, share=share, frames=frames)
+
+    def embed(self, prompt: Prompt, global_indices: torch.Tensor, group=None) -> Optional[torch.Tensor]:
+        """Stage ``vision``: ``[s, b, h]`` input embeddings of the rank's tokens (None for a text-only prompt)."""
+        if prompt.frames is not None and self.tower is None:
+            from megatron_apbv.runtime.config import ConfigError
+
+            raise ConfigError("the prompt has video frames but the engine was built without a vision tower")
+        with torch.inference_mode():
+            return input_embeddings(self.model, self.tower, prompt, global_indices, self.device, group=group)
+
+    def prefill(self, ids: torch.Tensor, pos: torch.Tensor, mask, embeds: Optional[torch.Tensor]) -> torch.Tensor:
+        """Stage ``prefill``: the decoder over the rank's tokens (``mask``: the method's core attention mask;
+        APB-V fills the KV cache it carries), then the prompt's last token's logits ``[b, vocab]``."""
+        return last_token_logits(self.model, self.rope, ids, pos, mask, inputs_embeds=embeds)
+
+    def decode_runner(self, cache, positions: torch.Tensor, *, cuda_graph: bool):
+        """Stage ``decode``: the static-shape step over ``cache`` (a ``DecodeCache``), eager or graphed."""
+        from megatron_apbv.inference.decode_step import DecodeRunner
+
+        return DecodeRunner(self.model, self.rope, cache, positions, cuda_graph=cuda_graph)

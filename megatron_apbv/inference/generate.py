@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_apbv.apbv.decode import DecodeCache
-from megatron_apbv.inference.decode_step import DecodeRunner
 from megatron_apbv.inference.engine import Engine
 from megatron_apbv.inference.prefill import Prefill, apbv_prefill
 from megatron_apbv.inference.sampling import Sampler
+from megatron_apbv.inference.stage_clock import StageClock
 from megatron_apbv.models.chat_prompt import has_tokenizer, load_tokenizer
 from megatron_apbv.models.hf_config import read_hf_config
 from megatron_apbv.models.inputs import Prompt
@@ -47,21 +47,26 @@ def apbv_generate(
     engine: Optional[Engine] = None,
     prompt: Optional[Prompt] = None,
     barrier: bool = True,
+    clock: Optional[StageClock] = None,
 ) -> dict:
     """Prefill with APB-V, then decode ``cfg.generate.max_new_tokens`` tokens; returns ids and timings.
 
     ``input.batch_size`` sequences are prefilled together and decoded together
     (:func:`generate_batch`). ``engine``, ``prompt`` and ``barrier`` go to
-    :func:`apbv_prefill` (``apbv infer`` passes its engine and each request's prompt).
+    :func:`apbv_prefill` (``apbv infer`` passes its engine and each request's prompt);
+    ``clock`` times every stage (default: a :class:`StageClock` synchronised around each stage).
     """
     settings = cfg.generate
     cfg.check_generation_fits()  # a ConfigError on every rank, before the prefill's first collective
     stop_ids = stop_token_ids(cfg)  # a broken generation_config.json fails here, on every rank, before collectives
     graphs = decode_mode_for(settings, device)
+    clock = clock or StageClock(device, sync_first=True)
     run = apbv_prefill(
-        cfg, device, max_new_tokens=settings.max_new_tokens, engine=engine, prompt=prompt, barrier=barrier
+        cfg, device, max_new_tokens=settings.max_new_tokens, engine=engine, prompt=prompt, barrier=barrier,
+        clock=clock,
     )
-    result = generate_batch([run], settings, seed=cfg.seed, stop_ids=stop_ids, cuda_graphs=graphs)
+    with clock.stage("decode", {}):  # the GPU's busy time; the record's decode seconds are generate_batch's
+        result = generate_batch([run], settings, seed=cfg.seed, stop_ids=stop_ids, cuda_graphs=graphs)
     return {
         "prompt_tokens": run.seq.prompt_len,
         "generated_ids": result.generated_ids,
@@ -134,7 +139,7 @@ def generate_batch(
     finite = FiniteTracker(device)  # decode steps: a device-side flag, checked once after the loop
     done = torch.isin(token, stop)
     capture_start = time.perf_counter()
-    runner = DecodeRunner(first.model, first.rope, cache, positions, cuda_graph=cuda_graphs)
+    runner = Engine.of(first).decode_runner(cache, positions, cuda_graph=cuda_graphs)
     capture_seconds = time.perf_counter() - capture_start if cuda_graphs else 0.0
     sync(device)
     start = time.perf_counter()

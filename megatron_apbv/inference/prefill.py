@@ -13,7 +13,8 @@ from megatron_apbv.apbv.attention_routes import describe_layer
 from megatron_apbv.apbv.decode import DistributedKVCache
 from megatron_apbv.apbv.layout import SequenceLayout
 from megatron_apbv.inference.divergence import kl_from_dense
-from megatron_apbv.inference.engine import Engine, timed_stage
+from megatron_apbv.inference.engine import Engine, frame_share
+from megatron_apbv.inference.stage_clock import StageClock
 from megatron_apbv.models.embeddings import input_embeddings
 from megatron_apbv.models.gpt import DTYPES, build_gpt_model, last_token_logits
 from megatron_apbv.models.inputs import Prompt, build_prompt
@@ -50,6 +51,7 @@ def apbv_prefill(
     engine: Optional[Engine] = None,
     prompt: Optional[Prompt] = None,
     barrier: bool = True,
+    clock: Optional[StageClock] = None,
 ) -> Prefill:
     """Run this rank's ``[A | blocks | Q]`` through the APB-V model (built here unless ``engine`` is given).
 
@@ -59,37 +61,35 @@ def apbv_prefill(
     vision tower built once (``apbv infer``, or several requests decoded together).
     ``prompt`` is ``build_prompt(cfg)`` when the caller made it already;
     ``barrier=False`` times without the world barriers (``apbv infer``: replicas
-    run different requests).
+    run different requests). ``clock`` times the stages (default: each alone, device synchronised).
     """
     seq = SequenceLayout.from_config(cfg)
     layout = seq.rank(context_parallel_rank())
     group = context_parallel_group()
     stages: dict[str, float] = {}
+    clock = clock or StageClock(device, sync_first=True)
     if prompt is None:
         # each rank decodes only the frames of the temporal groups its vision tower share encodes
-        share = (layout.rank, dist.get_world_size(group)) if cfg.input.kind == "video" else None
-        prompt = timed_stage(stages, "video_decode", lambda: build_prompt(cfg, share=share), device)
+        with clock.stage("video_decode", stages, gpu=False):
+            prompt = Engine.read_prompt(cfg, share=frame_share(cfg, layout.rank, dist.get_world_size(group)))
     video = _video_record(cfg, prompt, device, group)
     engine = engine or Engine.build(cfg, device, vision=prompt.frames is not None)
-    if prompt.frames is not None and engine.tower is None:
-        raise ConfigError("the prompt has video frames but the engine was built without a vision tower")
     local = prompt.local(layout.global_indices)
     cache = DistributedKVCache(layout, max_new_tokens) if max_new_tokens else None
     mask = APBVMask.from_config(cfg, layout, cache)
-    model, rope, tower = engine.model, engine.rope, engine.tower
     ids, pos = local.input_ids.to(device), local.position_ids.to(device)
 
     def forward():
-        with torch.inference_mode():
-            embeds = timed_stage(stages, "vision", lambda: input_embeddings(
-                model, tower, prompt, layout.global_indices, device, group=group), device)
-        return timed_stage(stages, "prefill", lambda: last_token_logits(
-            model, rope, ids, pos, mask, inputs_embeds=embeds), device)
+        with clock.stage("vision", stages):
+            embeds = engine.embed(prompt, layout.global_indices, group)
+        with clock.stage("prefill", stages):
+            return engine.prefill(ids, pos, mask, embeds)
 
     logits, seconds = timed(forward, device, repeat, barrier=barrier)
     runs = 1 + repeat  # the stage sums cover every run: report one run's share
     stages = {k: v / runs if k != "video_decode" else v for k, v in stages.items()}
-    return Prefill(logits, seconds, model, rope, prompt, seq, cache, tower, video, engine.build_timings, stages)
+    return Prefill(logits, seconds, engine.model, engine.rope, prompt, seq, cache, engine.tower, video,
+                   engine.build_timings, stages)
 
 
 def _video_record(cfg: RunConfig, prompt: Prompt, device: torch.device, group) -> Optional[dict]:

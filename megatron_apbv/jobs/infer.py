@@ -2,10 +2,13 @@
 
 World = DP x CP x TP ranks: each data-parallel replica is one APB-V (CP x TP) group
 built by Megatron's ``parallel_state``. Every process builds the model once
-(:class:`~megatron_apbv.inference.engine.Engine`) and answers requests one after
-another; replica leaders claim them dynamically (:mod:`.scheduler`) and append one
-record per request to ``--output`` (:mod:`.answers`). Running the same command
-again skips the ids already answered.
+(:class:`~megatron_apbv.inference.engine.Engine`); replica leaders claim requests
+dynamically (:mod:`.scheduler`) and append one record per request to ``--output``
+(:mod:`.answers`) as it finishes. ``--pipeline`` / ``jobs.pipeline`` picks how a
+replica serves them (:mod:`.serve`): ``pipelined`` (frames prefetched by CPU
+workers, continuous batched decoding of up to ``jobs.batch_size`` sequences) or
+``serial`` (one request after another). Running the same command again skips the
+ids already answered.
 
 A request that fails for its own reasons (missing or undecodable video, a prompt
 over ``model.max_position_embeddings``, a value the config rejects, a question the
@@ -13,7 +16,7 @@ tokenizer cannot render) gets the record ``{"id", "error", "replica"}``: every r
 of the replica learns every rank's verdict before the first collective on it.
 
 SIGTERM (SLURM's warning before preemption or ``scancel``): each replica finishes
-the request in flight, stops claiming, and every rank exits 0 with all finished
+the requests in flight (claimed but not started ones are left for the resume), stops claiming, and every rank exits 0 with all finished
 records on disk; the summary says ``"stopped_by_signal": true`` and how many
 requests remain. (The DeepSpeed launcher itself exits 1 after forwarding a
 SIGTERM to its ranks, whatever they return; under ``srun`` the job's code is the
@@ -29,24 +32,22 @@ from __future__ import annotations
 
 import signal
 import sys
-import time
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_apbv.inference.engine import Engine, timed_stage
-from megatron_apbv.inference.generate import apbv_generate
+from megatron_apbv.inference.engine import STAGES, Engine
+from megatron_apbv.inference.stage_clock import StageClock
 from megatron_apbv.jobs.answers import AnswerWriter, recover_answers, write_summary
 from megatron_apbv.jobs.progress import Progress
+from megatron_apbv.jobs.replica import Replica
 from megatron_apbv.jobs.requests import PlannedRequest, plan_requests, read_requests
 from megatron_apbv.jobs.scheduler import WorkQueue
-from megatron_apbv.models.inputs import build_prompt
+from megatron_apbv.jobs.serve import serve_pipelined, serve_serial
 from megatron_apbv.runtime.agreement import _collective_device
 from megatron_apbv.runtime.config import RunConfig
-
-STAGES = ("video_decode", "vision", "prefill", "decode")
 
 
 def add_arguments(parser) -> None:
@@ -55,6 +56,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output", required=True, metavar="ANSWERS.jsonl",
                         help="answers are appended here (one JSON line per request); existing ids are skipped")
     parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--pipeline", choices=("pipelined", "serial"), default=None,
+                        help="pipelined: prefetched frames, continuous batched decoding; serial: one request after "
+                             "another, stage after stage (default: jobs.pipeline)")
 
 
 def prepare(args, cfg: RunConfig) -> list[PlannedRequest]:
@@ -63,72 +67,6 @@ def prepare(args, cfg: RunConfig) -> list[PlannedRequest]:
 
     check_output_path(args.output, "--output")
     return plan_requests(read_requests(args.requests), args.config, args.overrides)
-
-
-def _agree(error: Optional[str], group, size: int) -> Optional[str]:
-    """The first rank's error of the replica (None when every rank is fine): the same verdict everywhere."""
-    if size == 1:
-        return error
-    verdicts: list = [None] * size
-    dist.all_gather_object(verdicts, error, group=group)
-    failed = [(rank, e) for rank, e in enumerate(verdicts) if e is not None]
-    if not failed:
-        return None
-    rank, message = failed[0]
-    return message if rank == 0 or message == verdicts[0] else f"{message} (on rank {rank} of the replica)"
-
-
-def answer(item: PlannedRequest, engine: Engine, group, size: int, replica: int, tokenizer) -> dict:
-    """Answer one request on every rank of the replica; returns its record (the leader writes it)."""
-    rid, stages, prompt, error = item.request.id, {}, None, item.error
-    if error is None:
-        try:  # video decode and chat rendering: the request's own failures, found on this rank
-            prompt = timed_stage(stages, "video_decode", lambda: build_prompt(item.cfg), engine.device)
-        except (OSError, ValueError) as err:
-            error = str(err)
-    error = _agree(error, group, size)
-    if error is not None:
-        return {"id": rid, "error": error, "replica": replica}
-    cfg = item.cfg
-    out = apbv_generate(cfg, engine.device, engine=engine, prompt=prompt, barrier=False)
-    stages.update(out["stage_seconds"])
-    ids = out["generated_ids"][0]
-    record = {
-        "id": rid,
-        "replica": replica,
-        "prompt_tokens": out["prompt_tokens"],
-        "anchor_len": cfg.anchor_len,
-        "passing_lens": list(cfg.passing_lens()),
-        "generated_ids": ids,
-    }
-    if tokenizer is not None:
-        record["generated_text"] = tokenizer.decode(ids, skip_special_tokens=True)
-    record["seconds"] = {name: round(stages.get(name, 0.0), 6) for name in STAGES}
-    return record
-
-
-class _Totals:
-    """What a leader answered, as one vector the replicas sum."""
-
-    FIELDS = ("answered", "errors", "prompt_tokens", "generated_tokens") + STAGES
-
-    def __init__(self):
-        self.values = dict.fromkeys(self.FIELDS, 0.0)
-
-    def add(self, record: dict) -> None:
-        if "error" in record:
-            self.values["errors"] += 1
-            return
-        self.values["answered"] += 1
-        self.values["prompt_tokens"] += record["prompt_tokens"]
-        self.values["generated_tokens"] += len(record["generated_ids"])
-        for name in STAGES:
-            self.values[name] += record["seconds"][name]
-
-    def all_sum(self, device) -> dict:
-        t = torch.tensor([self.values[k] for k in self.FIELDS], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return dict(zip(self.FIELDS, t.tolist()))
 
 
 def _all_max(values: list[float], device) -> list[float]:
@@ -151,11 +89,13 @@ def command(args, cfg: RunConfig, env, device: torch.device) -> dict:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict) -> dict:
+def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict, engine: Optional[Engine] = None) -> dict:
+    """The job on this rank; ``engine`` (default: built here from ``cfg``) lets a benchmark reuse one model."""
     planned: list[PlannedRequest] = args.prepared
     group = parallel_state.get_tensor_and_context_parallel_group()
     size = dist.get_world_size(group)
-    replica, replicas = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    replica_index = parallel_state.get_data_parallel_rank()
+    replicas = parallel_state.get_data_parallel_world_size()
     world_device = _collective_device(None)
 
     answered = [sorted(recover_answers(args.output))] if env.rank == 0 else [None]
@@ -163,29 +103,31 @@ def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict) -> dic
     done_ids = set(answered[0])
     pending = [item for item in planned if item.request.id not in done_ids]
 
-    engine = Engine.build(cfg, device, vision=any(p.cfg is not None and p.cfg.input.kind == "video" for p in planned))
+    if engine is None:
+        video = any(p.cfg is not None and p.cfg.input.kind == "video" for p in planned)
+        engine = Engine.build(cfg, device, vision=video)
+    mode = args.pipeline or cfg.jobs.pipeline
     queue = WorkQueue(len(pending), group)
-    writer = AnswerWriter(args.output) if queue.is_leader else None
-    tokenizer = _tokenizer(cfg) if queue.is_leader else None
-    progress = Progress(len(pending), quiet=args.quiet) if env.rank == 0 else None
-    totals = _Totals()
-    start = time.perf_counter()
+    replica = Replica(group, size, replica_index, queue)
+    if queue.is_leader:
+        replica.writer, replica.tokenizer = AnswerWriter(args.output), _tokenizer(cfg)
+    if env.rank == 0:
+        replica.progress = Progress(len(pending), quiet=args.quiet)
+    clock = StageClock(device, sync_first=mode == "serial")  # from the model loaded to the last record
     try:
-        while (index := queue.next(stop["signal"])) is not None:
-            record = answer(pending[index], engine, group, size, replica, tokenizer)
-            if writer is not None:
-                writer.append(record)
-                queue.finished("error" in record)
-                totals.add(record)
-            if progress is not None:
-                progress.update(*queue.counts())
+        if mode == "serial":
+            serve_serial(replica, pending, engine, clock, stop)
+        else:
+            serve_pipelined(replica, pending, engine, clock, stop, cfg, cfg.jobs)
     finally:
-        if writer is not None:
-            writer.close()
-        if progress is not None:
-            progress.close()
-    seconds, stopped = _all_max([time.perf_counter() - start, float(stop["signal"])], world_device)
-    sums = totals.all_sum(world_device)
+        if replica.writer is not None:
+            replica.writer.close()
+        if replica.progress is not None:
+            replica.progress.close()
+    busy = clock.busy_fraction()
+    seconds, stopped = _all_max([clock.wall_seconds(), float(stop["signal"])], world_device)
+    sums = replica.totals.all_sum(world_device)
+    busy_mean = _all_mean(busy, world_device)
     finished = int(sums["answered"] + sums["errors"])
     summary = {
         "output": str(args.output),
@@ -195,6 +137,10 @@ def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict) -> dic
         "errors": int(sums["errors"]),
         "remaining": len(pending) - finished,
         "stopped_by_signal": bool(stopped),
+        "pipeline": mode,
+        "batch_size": cfg.jobs.batch_size if mode == "pipelined" else 1,
+        "prefetch_depth": cfg.jobs.prefetch_depth if mode == "pipelined" else 0,
+        "prefetch_workers": cfg.jobs.prefetch_workers if mode == "pipelined" else 0,
         "world_size": env.world_size,
         "data_parallel_size": replicas,
         "context_parallel_size": cfg.parallel.context_parallel_size,
@@ -203,19 +149,31 @@ def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict) -> dic
         "requests_per_second": round(finished / seconds, 4) if seconds > 0 else None,
         "prompt_tokens_per_second": round(sums["prompt_tokens"] / seconds, 2) if seconds > 0 else None,
         "generated_tokens_per_second": round(sums["generated_tokens"] / seconds, 2) if seconds > 0 else None,
-        # summed over every answered request (each measured on its replica's leader)
+        # the seconds each stage ran on the replicas' leaders, summed over the replicas; video_decode is
+        # CPU time of the prefetch workers (overlapped with the GPU stages when pipelined)
         "stage_seconds": {name: round(sums[name], 6) for name in STAGES},
+        # the mean over ranks of the fraction of wall time the rank's GPU had work queued (null on CPUs)
+        "gpu_busy_fraction": None if busy_mean is None else round(busy_mean, 4),
     }
     if env.rank == 0:
         write_summary(args.output, summary)
         print(
             f"apbv infer: {summary['answered']} answered, {summary['errors']} errors, {summary['remaining']} remaining"
             f"{' (stopped by SIGTERM)' if stopped else ''} in {seconds:.1f} s = {summary['requests_per_second']} "
-            f"req/s on {replicas} replica(s); stages (s): "
+            f"req/s, {summary['generated_tokens_per_second']} generated tok/s on {replicas} replica(s), {mode}; "
+            f"GPU busy {summary['gpu_busy_fraction']}; stages (s): "
             + ", ".join(f"{k} {v:.2f}" for k, v in summary["stage_seconds"].items()),
             file=sys.stderr,
         )
     return summary
+
+
+def _all_mean(value: Optional[float], device) -> Optional[float]:
+    """The mean of every rank's ``value`` (None when any rank has none: CPU ranks)."""
+    t = torch.tensor([value if value is not None else float("nan")], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    mean = t.item() / dist.get_world_size()
+    return None if mean != mean else mean
 
 
 def _tokenizer(cfg: RunConfig):

@@ -17,12 +17,19 @@ import torch.distributed as dist
 
 from megatron_apbv.runtime.agreement import _collective_device
 
-_NEXT, _DONE, _ERRORS = "apbv/infer/next", "apbv/infer/done", "apbv/infer/errors"
+_NEXT, _DONE, _ERRORS, _TOKENS = "apbv/infer/next", "apbv/infer/done", "apbv/infer/errors", "apbv/infer/tokens"
 
 
 def job_store():
     """The store of the default process group (the launcher's rendezvous TCP store)."""
     return dist.distributed_c10d._get_default_store()
+
+
+def reset_job_counters(store=None) -> None:
+    """Zero the claim and progress counters: for several jobs in one launch (a benchmark, a test)."""
+    store = job_store() if store is None else store
+    for key in (_NEXT, _DONE, _ERRORS, _TOKENS):
+        store.delete_key(key)
 
 
 class WorkQueue:
@@ -36,14 +43,20 @@ class WorkQueue:
         self.leader = dist.get_global_rank(group, 0) if self.size > 1 else dist.get_rank()
         self.is_leader = dist.get_rank() == self.leader
         self.device = _collective_device(group)
+        self.stopped = False  # some rank of the replica got the stop flag (the same on every rank)
 
-    def next(self, stop: bool) -> Optional[int]:
-        """Stop (``stop`` on any rank of the replica) or claim the next request and tell the whole replica."""
+    def agree(self, stop: bool) -> bool:
+        """Whether any rank of the replica got ``stop`` (the same answer on every rank)."""
         if self.size > 1:
             flag = torch.tensor([int(stop)], dtype=torch.int64, device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
             stop = bool(flag.item())
-        if stop:
+        self.stopped = self.stopped or stop
+        return stop
+
+    def next(self, stop: bool) -> Optional[int]:
+        """Stop (``stop`` on any rank of the replica) or claim the next request and tell the whole replica."""
+        if self.agree(stop):
             return None
         index = torch.tensor([-1], dtype=torch.int64, device=self.device)
         if self.is_leader:
@@ -53,10 +66,16 @@ class WorkQueue:
             dist.broadcast(index, src=self.leader, group=self.group)
         return None if int(index.item()) < 0 else int(index.item())
 
-    def finished(self, error: bool) -> None:
-        """Count one answered request (leader only) for the progress bar."""
+    def finished(self, error: bool, tokens: int = 0) -> None:
+        """Count one answered request and its generated tokens (leader only) for the progress bar."""
         self.store.add(_ERRORS if error else _DONE, 1)
+        if tokens:
+            self.store.add(_TOKENS, tokens)
 
     def counts(self) -> tuple[int, int]:
         """(answered, errors) over all replicas so far."""
         return self.store.add(_DONE, 0), self.store.add(_ERRORS, 0)
+
+    def generated_tokens(self) -> int:
+        """Tokens generated over all replicas so far."""
+        return self.store.add(_TOKENS, 0)

@@ -340,6 +340,22 @@ class GenerateConfig(_Section):
     )
 
 
+class JobsConfig(_Section):
+    """``apbv infer``: how each data-parallel replica keeps its GPU busy (job-level; see megatron_apbv/jobs/)."""
+
+    pipeline: Literal["pipelined", "serial"] = Field(
+        "pipelined", description="pipelined: frames prefetched by CPU workers, continuous batched decoding; "
+        "serial: one request after another, each stage in turn (apbv infer --pipeline overrides it)"
+    )
+    batch_size: int = Field(8, ge=1, le=4096, description="pipelined: sequences a replica decodes together (slots)")
+    prefetch_depth: int = Field(
+        4, ge=0, le=1024, description="pipelined: requests claimed ahead whose frames the workers decode meanwhile"
+    )
+    prefetch_workers: int = Field(
+        2, ge=1, le=256, description="pipelined: CPU threads decoding and resizing the prefetched requests' frames"
+    )
+
+
 class RunConfig(_Section):
     model: ModelConfig = ModelConfig()
     apbv: APBVConfig = APBVConfig()
@@ -348,6 +364,7 @@ class RunConfig(_Section):
     vision: VisionConfig = VisionConfig()
     generate: GenerateConfig = GenerateConfig()
     needle: NeedleConfig = NeedleConfig()
+    jobs: JobsConfig = JobsConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and activations")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda:LOCAL_RANK when a GPU is visible")
     seed: int = Field(1234, description="random weights, synthetic prompts and sampling")
