@@ -38,13 +38,14 @@ from megatron.core import parallel_state
 
 from megatron_apbv.inference.engine import Engine, timed_stage
 from megatron_apbv.inference.generate import apbv_generate
-from megatron_apbv.jobs.answers import AnswerWriter, recover_answers, write_summary
+from megatron_apbv.jobs.answers import AnswerWriter, check_answer_outputs, recover_answers, write_summary
 from megatron_apbv.jobs.progress import Progress
 from megatron_apbv.jobs.requests import PlannedRequest, plan_requests, read_requests
 from megatron_apbv.jobs.scheduler import WorkQueue
 from megatron_apbv.models.inputs import build_prompt
 from megatron_apbv.runtime.agreement import _collective_device
-from megatron_apbv.runtime.config import RunConfig
+from megatron_apbv.runtime.config import ConfigError, RunConfig
+from megatron_apbv.runtime.outputs import OutputLock
 
 STAGES = ("video_decode", "vision", "prefill", "decode")
 
@@ -58,11 +59,23 @@ def add_arguments(parser) -> None:
 
 
 def prepare(args, cfg: RunConfig) -> list[PlannedRequest]:
-    """Read and check the request file and the output path (every rank, before any collective)."""
-    from megatron_apbv.runtime.outputs import check_output_path
+    """Read and check the request file and the output path (every rank, before any collective).
 
-    check_output_path(args.output, "--output")
-    return plan_requests(read_requests(args.requests), args.config, args.overrides)
+    Rank 0 also claims the output for the job (:class:`OutputLock`); when another job holds it,
+    the refusal is kept in ``args.output_claim`` and every rank raises it at the job's first
+    broadcast, before any model is built.
+    """
+    from megatron_apbv.runtime.launch_env import LaunchEnv
+
+    target = check_answer_outputs(args.output, args.requests)
+    planned = plan_requests(read_requests(args.requests), args.config, args.overrides)
+    args.output_claim = None
+    if LaunchEnv.from_environ().rank == 0:
+        try:
+            args.output_claim = OutputLock.acquire(target, "--output", args.output)
+        except ConfigError as err:
+            args.output_claim = str(err)
+    return planned
 
 
 def _agree(error: Optional[str], group, size: int) -> Optional[str]:
@@ -78,8 +91,12 @@ def _agree(error: Optional[str], group, size: int) -> Optional[str]:
     return message if rank == 0 or message == verdicts[0] else f"{message} (on rank {rank} of the replica)"
 
 
-def answer(item: PlannedRequest, engine: Engine, group, size: int, replica: int, tokenizer) -> dict:
-    """Answer one request on every rank of the replica; returns its record (the leader writes it)."""
+def answer(item: PlannedRequest, engine: Engine, group, size: int, replica: int, tokenizer,
+           should_stop=None) -> Optional[dict]:
+    """Answer one request on every rank of the replica; returns its record (the leader writes it).
+
+    None when ``should_stop()`` (SIGTERM) ended its decoding between tokens: it stays pending.
+    """
     rid, stages, prompt, error = item.request.id, {}, None, item.error
     if error is None:
         try:  # video decode and chat rendering: the request's own failures, found on this rank
@@ -90,7 +107,9 @@ def answer(item: PlannedRequest, engine: Engine, group, size: int, replica: int,
     if error is not None:
         return {"id": rid, "error": error, "replica": replica}
     cfg = item.cfg
-    out = apbv_generate(cfg, engine.device, engine=engine, prompt=prompt, barrier=False)
+    out = apbv_generate(cfg, engine.device, engine=engine, prompt=prompt, barrier=False, should_stop=should_stop)
+    if out["stopped_by_signal"]:
+        return None
     stages.update(out["stage_seconds"])
     ids = out["generated_ids"][0]
     record = {
@@ -149,6 +168,8 @@ def command(args, cfg: RunConfig, env, device: torch.device) -> dict:
         return _run_job(args, cfg, env, device, stop)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if isinstance(getattr(args, "output_claim", None), OutputLock):
+            args.output_claim.release()
 
 
 def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict) -> dict:
@@ -158,9 +179,21 @@ def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict) -> dic
     replica, replicas = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     world_device = _collective_device(None)
 
-    answered = [sorted(recover_answers(args.output))] if env.rank == 0 else [None]
+    answered: list = [None]
+    if env.rank == 0:  # under the job's lock only: recover_answers may cut a torn last line off
+        claim = getattr(args, "output_claim", None)
+        try:
+            if not isinstance(claim, OutputLock):
+                raise ConfigError(claim or "--output: the job holds no lock on it")
+            answered = [(None, sorted(recover_answers(args.output)))]
+        except ConfigError as err:
+            answered = [(str(err), None)]
     dist.broadcast_object_list(answered, src=0)
-    done_ids = set(answered[0])
+    refusal, answered_ids = answered[0]
+    if refusal is not None:  # every rank, before the model is built
+        raise ConfigError(refusal)
+    # answered_before counts this job's ids only: the file may hold other jobs' records too
+    done_ids = set(answered_ids) & {item.request.id for item in planned}
     pending = [item for item in planned if item.request.id not in done_ids]
 
     engine = Engine.build(cfg, device, vision=any(p.cfg is not None and p.cfg.input.kind == "video" for p in planned))
@@ -172,7 +205,9 @@ def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict) -> dic
     start = time.perf_counter()
     try:
         while (index := queue.next(stop["signal"])) is not None:
-            record = answer(pending[index], engine, group, size, replica, tokenizer)
+            record = answer(pending[index], engine, group, size, replica, tokenizer, lambda: stop["signal"])
+            if record is None:  # SIGTERM mid-request: it runs again on resume
+                continue
             if writer is not None:
                 writer.append(record)
                 queue.finished("error" in record)
