@@ -57,14 +57,17 @@ def _floor(text: str, n: int, name: str) -> float:
     """``"1/64"`` or ``"0.015"`` -> fraction of ``n``; ``"2048"`` -> tokens."""
     usage = f"--{name}={text!r}: give tokens (2048), a fraction (0.015) or a ratio (1/64)"
     try:
-        if "/" in text:
-            num, den = (float(part) for part in text.split("/"))
-            if not (math.isfinite(num) and math.isfinite(den)) or den <= 0 or num < 0:
-                raise ConfigError(f"{usage}; a ratio needs a finite numerator >= 0 and a denominator > 0")
-            return n * num / den
-        value = float(text)
+        parts = [float(part) for part in text.split("/")] if "/" in text else [float(text)]
     except ValueError:
         raise ConfigError(usage) from None
+    if len(parts) == 2:
+        num, den = parts
+        if not (math.isfinite(num) and math.isfinite(den)) or den <= 0 or num < 0:
+            raise ConfigError(f"{usage}; a ratio needs a finite numerator >= 0 and a denominator > 0")
+        return n * num / den
+    if len(parts) != 1:
+        raise ConfigError(usage)
+    value = parts[0]
     if not math.isfinite(value) or value < 0:
         raise ConfigError(f"--{name}={text!r} must be a finite number >= 0")
     return n * value if value < 1 else value
