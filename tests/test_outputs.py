@@ -294,3 +294,17 @@ def test_eval_out_refuses_a_device_and_an_empty_path_before_any_work(monkeypatch
         code = cli.main(["eval", "configs/needle.yaml", "parallel.context_parallel_size=1", *args])
         err = capsys.readouterr().err
         assert code == 2 and f"apbv: rank 0: {message}" in err and "Traceback" not in err, err
+
+
+def test_a_checkpoint_output_must_be_a_safetensors_file_to_be_replaced(tmp_path):
+    import torch
+
+    from megatron_apbv.runtime.atomic import atomic_save_safetensors
+
+    ours = tmp_path / "needle.safetensors"
+    atomic_save_safetensors({"w": torch.zeros(2)}, ours)
+    check_output_path(ours, "--out (needle.safetensors)")
+    theirs = tmp_path / "other.safetensors"
+    theirs.write_text("model:\n  num_layers: 2\n")
+    with pytest.raises(ConfigError, match=r"exists and is not a safetensors file"):
+        check_output_path(theirs, "--out (other.safetensors)")

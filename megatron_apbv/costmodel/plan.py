@@ -39,7 +39,7 @@ NOTE = ("time model, not an accuracy model: budgets are chosen for predicted spe
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--gpus", type=int, required=True, help="GPUs in the sequence-parallel group")
+    parser.add_argument("--gpus", type=int, required=True, help=f"GPUs in the sequence-parallel group (1 to {MAX_GPUS})")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     parser.add_argument("--interconnect", default=None,
                         help="link profile of megatron_apbv/costmodel/profiles.yaml: nvlink (one NVLink domain), ib (NVLink in a "

@@ -12,14 +12,18 @@ over ``model.max_position_embeddings``, a value the config rejects, a question t
 tokenizer cannot render) gets the record ``{"id", "error", "replica"}``: every rank
 of the replica learns every rank's verdict before the first collective on it.
 
-SIGTERM (SLURM's warning before preemption or ``scancel``): each replica finishes
-the request in flight, stops claiming, and every rank exits 0 with all finished
-records on disk; the summary says ``"stopped_by_signal": true`` and how many
+SIGTERM (SLURM's warning before preemption or ``scancel``): each replica ends the
+request in flight between tokens (it stays pending: the resume runs it), stops
+claiming, and every rank exits 0 with all finished records on disk; the summary says ``"stopped_by_signal": true`` and how many
 requests remain. (The DeepSpeed launcher itself exits 1 after forwarding a
 SIGTERM to its ranks, whatever they return; under ``srun`` the job's code is the
 ranks' 0.) A rank that dies fails the whole job within ``parallel.timeout_seconds``
 as for every command, which must therefore exceed the longest single request:
-a replica that ran out of work waits that long for the others at the end.
+a replica that ran out of work waits that long for the others at the end, and
+``jobs.max_new_tokens_limit`` refuses (as an error record) a request too long for it.
+
+The output is checked and claimed by :mod:`.answers` and ``runtime/outputs.py``
+(regular files only, never another file; rank 0 holds the job's lock on it).
 
 stdout carries one JSON line, the summary (rank 0); the summary line for people and
 the progress bar go to stderr; ``ANSWERS.summary.json`` holds the summary too.

@@ -11,7 +11,7 @@ compute. The rules, for every output:
   file: a device (``/dev/null``, ``/dev/full``), a FIFO, a socket or a directory
   is refused from ``os.stat`` alone, never opened;
 * an existing non-empty file must look like one of ours (a PNG for ``.png``, a
-  JSON object or JSON lines of objects otherwise; the caller may pass a stricter
+  safetensors file for ``.safetensors``, a JSON object or JSON lines of objects otherwise; the caller may pass a stricter
   test): a YAML config or a text file named by mistake is refused, not replaced;
 * two outputs of one command, or an output and an input (``--requests``), are
   never the same file.
@@ -117,9 +117,16 @@ def looks_like_png(head: bytes) -> bool:
     return head.startswith(PNG_MAGIC)
 
 
+def looks_like_safetensors(head: bytes) -> bool:
+    """8 bytes of header length, then the JSON header."""
+    return len(head) > 8 and head[8:9] == b"{"
+
+
 def _default_owned(target: Path) -> tuple[Callable[[bytes], bool], str]:
     if target.suffix.lower() == ".png":
         return looks_like_png, "a PNG image"
+    if target.suffix.lower() == ".safetensors":
+        return looks_like_safetensors, "a safetensors file"
     return looks_like_json_output, "a JSON file"
 
 
