@@ -308,3 +308,10 @@ def test_a_checkpoint_output_must_be_a_safetensors_file_to_be_replaced(tmp_path)
     theirs.write_text("model:\n  num_layers: 2\n")
     with pytest.raises(ConfigError, match=r"exists and is not a safetensors file"):
         check_output_path(theirs, "--out (other.safetensors)")
+
+
+def test_an_output_in_a_new_folder_is_claimed(tmp_path):
+    out = tmp_path / "new" / "deeper" / "answers.jsonl"
+    check_answer_outputs(out, tmp_path / "requests.jsonl")
+    with OutputLock.acquire(out, "--output"):
+        assert lock_path(out).is_file()

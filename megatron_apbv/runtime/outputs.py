@@ -211,6 +211,7 @@ class OutputLock:
         regular_or_missing(path, f"{field} (its lock file)", path)
         flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)  # checked creatable; the job's writes need it anyway
             fd = os.open(path, flags, 0o666)
         except OSError as err:
             raise ConfigError(f"{field}: cannot create the lock file {str(path)!r} ({err.strerror or err})") from None
