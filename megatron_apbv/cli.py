@@ -157,9 +157,12 @@ def main(argv: list[str] | None = None) -> int:
             pass
     sys.stderr.write(f"apbv: rank {LaunchEnv.from_environ().rank}: interrupted\n")
     if "torch.distributed" in sys.modules:
-        from megatron_apbv.runtime.distributed import shutdown
+        # A signal during start-up can stop torch's own import half way: importing more of it (or using
+        # a half-made process group) then raises from deep inside torch, which is no news to the user.
+        with contextlib.suppress(Exception, KeyboardInterrupt):
+            from megatron_apbv.runtime.distributed import shutdown
 
-        shutdown(wait_for_peers=False)
+            shutdown(wait_for_peers=False)
     return interrupt.exit_code
 
 
@@ -254,6 +257,7 @@ def _run(args, cfg, env, results, interrupt) -> int:
     from megatron_apbv.models.hf_config import CheckpointError
     from megatron_apbv.models.video import VideoError
     from megatron_apbv.runtime.numerics import NonFiniteError
+    from megatron_apbv.runtime.outputs import OutputError
 
     try:
         record = module.command(args, cfg, env, device)
@@ -263,7 +267,7 @@ def _run(args, cfg, env, results, interrupt) -> int:
     except (ConfigError, CheckpointError, VideoError) as err:  # bad input, found the same way on every rank
         print(f"apbv: rank {env.rank}: {err}", file=sys.stderr)
         return 2
-    except NonFiniteError as err:  # NaN / Inf: found together on every rank (runtime/numerics.py)
+    except (NonFiniteError, OutputError) as err:  # NaN / Inf on every rank; a full disk under an output
         print(f"apbv: rank {env.rank}: {err}", file=sys.stderr)
         return 1
     except Exception as err:  # a peer rank exited or hung mid-run: one line, non-zero exit, no hang

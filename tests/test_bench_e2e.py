@@ -31,6 +31,7 @@ def test_e2e_level_times_every_stage_and_predicts_scaling(tmp_path, megatron_sin
     assert rec["video_tokens"] == 2 * (56 // 28) * (84 // 28)
     for method in ("dense", "apbv"):
         stages = rec["methods"][method]["stages_s"]
+        assert rec["methods"][method]["vision_tflops_per_s"] > 0
         assert set(stages) == set(STAGES) and all(s > 0 for s in stages.values())
     # passing = the whole block: APB-V is exact at W = 1, so the first token is dense's
     assert rec["methods"]["apbv"]["first_token_id"] == rec["methods"]["dense"]["first_token_id"]

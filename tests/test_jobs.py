@@ -70,7 +70,7 @@ def test_request_config_is_job_config_plus_its_values(tmp_path):
     assert long.cfg is None and "model.max_position_embeddings=1000" in long.error
 
 
-def test_torn_and_duplicate_lines_are_dropped_on_recovery(tmp_path):
+def test_a_torn_tail_is_cut_off_and_a_duplicate_is_reported_and_kept(tmp_path, capsys):
     out = tmp_path / "answers.jsonl"
     assert recover_answers(out) == set()
     writer = AnswerWriter(out)
@@ -79,10 +79,16 @@ def test_torn_and_duplicate_lines_are_dropped_on_recovery(tmp_path):
     writer.close()
     lines = out.read_text().splitlines(keepends=True)
     assert len(lines) == 3 and all(line.endswith("\n") for line in lines)
+    inode = out.stat().st_ino
     out.write_text(lines[0] + lines[1] + lines[0] + '{"id": "c", "generated_ids": [1,')  # duplicate + torn tail
     assert recover_answers(out) == {"a", "b"}
-    assert out.read_text() == lines[0] + lines[1]
+    err = capsys.readouterr().err
+    assert "line 4 was torn" in err and "cut off" in err
+    assert "1 line(s) ignored and left as they are (line 3 repeats id 'a' of line 1)" in err
+    assert out.read_text() == lines[0] + lines[1] + lines[0]  # only the torn tail went, in place
+    assert out.stat().st_ino == inode
     assert recover_answers(out) == {"a", "b"}  # idempotent
+    assert "was torn" not in capsys.readouterr().err
 
 
 def test_summary_sidecar_path_and_content(tmp_path):

@@ -192,7 +192,7 @@ def test_killed_rank_then_resume_answers_every_id_once(tmp_path):
         f.write(json.dumps({"id": lost[0], "replica": 1, "generated_ids": [1, 2]})[:25])  # a torn last line
     second = _finish(_start_ranks(2, requests, output, "parallel.context_parallel_size=1", *small))
     assert [code for code, _, _ in second] == [0, 0], second[0][2][-3000:]
-    assert "dropped 1 incomplete line" in second[0][2]
+    assert "was torn (no end of line: a killed job's last write): cut off" in second[0][2]
     ids = [r["id"] for r in _records(output)]
     assert sorted(ids) == sorted(r["id"] for r in rows)  # every id exactly once
     summary = json.loads(second[0][1].strip().splitlines()[-1])

@@ -301,7 +301,7 @@ def test_yaml_errors_name_the_file_and_line(tmp_path):
         load_config(bad)
     listing = tmp_path / "list.yaml"
     listing.write_text("- model\n- apbv\n")
-    with pytest.raises(ConfigError, match="list.yaml: the top level must be a mapping of sections"):
+    with pytest.raises(ConfigError, match=r"list.yaml: the top level is \['model', 'apbv'\], not a mapping of sections"):
         load_config(listing)
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\xff\xfe\x00model")
@@ -326,7 +326,7 @@ def bad_yaml_files(tmp_path_factory):
     [
         (["--compare", "dense", "parallel.context_parallel_size=1", "parallel.tensor_parallel_size=2"],
          "--compare dense needs parallel.tensor_parallel_size=1"),
-        ("list.yaml", "list.yaml: the top level must be a mapping of sections"),
+        ("list.yaml", "list.yaml: the top level is ['model', 'apbv'], not a mapping of sections"),
         ("syntax.yaml", "syntax.yaml: not valid YAML: line 3, column 15: "),
     ],
 )

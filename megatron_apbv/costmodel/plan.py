@@ -16,7 +16,9 @@ to be less accurate by it.
 
 from __future__ import annotations
 
+import math
 import sys
+from pathlib import Path
 
 from megatron_apbv.apbv.layout import SequenceLayout
 from megatron_apbv.costmodel.calibration import calibrated_profiles
@@ -27,12 +29,17 @@ from megatron_apbv.runtime.config import ConfigError, RunConfig, roundup
 
 ANCHOR_FRACTIONS = (256, 128, 64, 32)  # a = N / f
 PASSING_FRACTIONS = (512, 256, 128, 64, 32)  # p = N / f
+# The ring model holds a (2 x gpus)^2 matrix of block pairs per prediction (pairs.py): time and memory grow
+# with the square of the group. 1024 GPUs (far beyond any sequence-parallel group) plans in about a minute
+# and 0.3 GB on one CPU core; 65536 would need 128 GiB.
+MAX_GPUS = 1024
+MAX_TOKENS = 1 << 40
 NOTE = ("time model, not an accuracy model: budgets are chosen for predicted speed subject only to the floors "
         "min_anchor / min_passing (the paper's defaults a >= N/64, p >= N/128 unless overridden)")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--gpus", type=int, required=True, help="GPUs in the sequence-parallel group")
+    parser.add_argument("--gpus", type=int, required=True, help=f"GPUs in the sequence-parallel group (1 to {MAX_GPUS})")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     parser.add_argument("--interconnect", default=None,
                         help="link profile of megatron_apbv/costmodel/profiles.yaml: nvlink (one NVLink domain), ib (NVLink in a "
@@ -49,22 +56,54 @@ def add_arguments(parser) -> None:
 
 def _floor(text: str, n: int, name: str) -> float:
     """``"1/64"`` or ``"0.015"`` -> fraction of ``n``; ``"2048"`` -> tokens."""
+    usage = f"--{name}={text!r}: give tokens (2048), a fraction (0.015) or a ratio (1/64)"
     try:
-        if "/" in text:
-            num, den = text.split("/")
-            return n * float(num) / float(den)
-        value = float(text)
+        parts = [float(part) for part in text.split("/")] if "/" in text else [float(text)]
     except ValueError:
-        raise ConfigError(f"--{name}={text!r}: give tokens (2048), a fraction (0.015) or a ratio (1/64)") from None
-    if value < 0:
-        raise ConfigError(f"--{name}={text!r} must be >= 0")
+        raise ConfigError(usage) from None
+    if len(parts) == 2:
+        num, den = parts
+        if not (math.isfinite(num) and math.isfinite(den)) or den <= 0 or num < 0:
+            raise ConfigError(f"{usage}; a ratio needs a finite numerator >= 0 and a denominator > 0")
+        return n * num / den
+    if len(parts) != 1:
+        raise ConfigError(usage)
+    value = parts[0]
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"--{name}={text!r} must be a finite number >= 0")
     return n * value if value < 1 else value
+
+
+def _check_profiles(path: str | None) -> None:
+    """``--profiles`` must be a YAML mapping with ``gpus`` and ``interconnects`` (a ConfigError otherwise)."""
+    if path is None:
+        return
+    import yaml
+
+    from megatron_apbv.runtime.loading import MAX_CONFIG_BYTES, parse_yaml
+
+    given = Path(path)
+    if not given.is_file():
+        raise ConfigError(f"--profiles={path!r} {'is not a regular file' if given.exists() else 'does not exist'}")
+    if given.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"--profiles={path!r}: larger than {MAX_CONFIG_BYTES} bytes: not a profiles YAML")
+    try:
+        data = parse_yaml(given.read_text(encoding="utf-8-sig"))
+    except (ConfigError, yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+        raise ConfigError(f"--profiles={path!r}: not a readable YAML file ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), dict) for k in ("gpus", "interconnects")):
+        raise ConfigError(
+            f"--profiles={path!r} is not a profiles YAML: it needs the mappings gpus: and interconnects: "
+            "(see megatron_apbv/costmodel/profiles.yaml)"
+        )
 
 
 def plan(cfg: RunConfig, *, gpus: int, gpus_per_node: int = 8, interconnect: str | None = None, gpu: str = "h100",
          tokens: int | None = None, min_anchor: str = "1/64", min_passing: str = "1/128",
          profiles: str | None = None, calibration_dir: str | None = None) -> dict:
     """The record ``apbv plan`` prints (see the module docstring)."""
+    check_arguments(gpus=gpus, gpus_per_node=gpus_per_node, tokens=tokens)
+    _check_profiles(profiles)
     try:
         calibration = calibrated_profiles(profiles, calibration_dir)
     except FileNotFoundError as err:
@@ -155,10 +194,17 @@ def format_table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def check_arguments(*, gpus: int, gpus_per_node: int, tokens: int | None) -> None:
+    """The numeric options' ranges, checked before any work (a ConfigError names the option)."""
+    for name, value in (("--gpus", gpus), ("--gpus-per-node", gpus_per_node)):
+        if not 1 <= value <= MAX_GPUS:
+            raise ConfigError(f"{name}={value} must be between 1 and {MAX_GPUS}")
+    if tokens is not None and not 1 <= tokens <= MAX_TOKENS:
+        raise ConfigError(f"--tokens={tokens} must be between 1 and {MAX_TOKENS}")
+
+
 def command(args, cfg: RunConfig) -> dict:
     """``apbv plan``: one JSON line on stdout (by the CLI), a readable table on stderr."""
-    if args.gpus < 1 or args.gpus_per_node < 1:
-        raise ConfigError(f"--gpus={args.gpus} and --gpus-per-node={args.gpus_per_node} must be >= 1")
     record = plan(cfg, gpus=args.gpus, gpus_per_node=args.gpus_per_node, interconnect=args.interconnect,
                   gpu=args.gpu, tokens=args.tokens, min_anchor=args.min_anchor, min_passing=args.min_passing,
                   profiles=args.profiles, calibration_dir=args.calibration_dir)

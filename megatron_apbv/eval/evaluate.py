@@ -186,7 +186,7 @@ def run_eval(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, examples: 
     """Every setting over the held-out set on every rank; the complete record on rank 0."""
     runner = NeedleRunner(cfg, device, checkpoint)
     geo = runner.geo
-    exs = heldout_set(geo, examples or cfg.needle.eval_examples)
+    exs = heldout_set(geo, cfg.needle.eval_examples if examples is None else examples)
     settings = eval_settings(cfg, geo.prompt_len, only)
     logits = {s["name"]: [] for s in settings}
     dense, seconds = [], {s["name"]: 0.0 for s in settings}
@@ -326,9 +326,30 @@ def write_outputs(record: dict, result: Path, figure: Path) -> None:
         raise
 
 
+MAX_EXAMPLES = 1 << 20  # about a million examples: days on one GPU; a typo (1e9) should not look like a run
+
+
+def check_arguments(args) -> None:
+    """``--examples`` and ``--out`` as the config checks its fields (every rank, before any work)."""
+    if args.examples is not None and not 1 <= args.examples <= MAX_EXAMPLES:
+        raise ConfigError(
+            f"--examples={args.examples} must be between 1 and {MAX_EXAMPLES} (leave it out for "
+            "needle.eval_examples)"
+        )
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out='' is empty: give the result JSON's path (the plot goes beside it), or leave it out")
+
+
+def prepare(args, cfg: RunConfig):
+    """The options' checks, on every rank before the process group starts (the CLI calls it)."""
+    check_arguments(args)
+    return output_paths(args.out) if args.out is not None else None
+
+
 def command(args, cfg: RunConfig, env: LaunchEnv, device: torch.device) -> dict:
     """``apbv eval``."""
-    outputs = output_paths(args.out) if args.out else None  # every rank, before any model is built
+    check_arguments(args)
+    outputs = output_paths(args.out) if args.out is not None else None  # every rank, before any model is built
     if args.demo:
         return run_demo(cfg, env, device, args.checkpoint)
     only = [s.strip() for s in args.settings.split(",")] if args.settings else None

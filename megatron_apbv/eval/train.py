@@ -197,6 +197,9 @@ def main(argv=None) -> int:
     from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
 
     cfg = load_config(args.config, args.overrides + ["parallel.context_parallel_size=1"])
+    from megatron_apbv.runtime.outputs import check_output_dir
+
+    check_output_dir(args.out, "--out", ("needle.safetensors", "train_log.json"))  # before the training, not after
     geo = NeedleGeometry.from_config(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
     autocast = device.type == "cuda" and not args.no_autocast
@@ -284,7 +287,9 @@ def main(argv=None) -> int:
             record["oracle_check"] = oracle_check(cfg, model, frontend, geo, examples[: args.oracle_examples], device)
             record["oracle_check"]["seconds"] = round(time.perf_counter() - t0, 1)
             print("oracle check:", json.dumps(record["oracle_check"]), flush=True)
-        (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
+        from megatron_apbv.runtime.atomic import atomic_write_text
+
+        atomic_write_text(out / "train_log.json", json.dumps(record, indent=1) + "\n")
     finally:
         shutdown()
     return 0

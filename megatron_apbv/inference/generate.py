@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -48,6 +48,7 @@ def apbv_generate(
     prompt: Optional[Prompt] = None,
     barrier: bool = True,
     clock: Optional[StageClock] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
 ) -> dict:
     """Prefill with APB-V, then decode ``cfg.generate.max_new_tokens`` tokens; returns ids and timings.
 
@@ -55,6 +56,8 @@ def apbv_generate(
     (:func:`generate_batch`). ``engine``, ``prompt`` and ``barrier`` go to
     :func:`apbv_prefill` (``apbv infer`` passes its engine and each request's prompt);
     ``clock`` times every stage (default: a :class:`StageClock` synchronised around each stage).
+    ``should_stop`` (``apbv infer``'s SIGTERM flag) may end the decoding between tokens
+    (``"stopped_by_signal": true`` in the result).
     """
     settings = cfg.generate
     cfg.check_generation_fits()  # a ConfigError on every rank, before the prefill's first collective
@@ -66,7 +69,8 @@ def apbv_generate(
         clock=clock,
     )
     with clock.stage("decode", {}):  # the GPU's busy time; the record's decode seconds are generate_batch's
-        result = generate_batch([run], settings, seed=cfg.seed, stop_ids=stop_ids, cuda_graphs=graphs)
+        result = generate_batch([run], settings, seed=cfg.seed, stop_ids=stop_ids, cuda_graphs=graphs,
+                                should_stop=should_stop)
     return {
         "prompt_tokens": run.seq.prompt_len,
         "generated_ids": result.generated_ids,
@@ -75,6 +79,7 @@ def apbv_generate(
         **result.record(),
         "cache_tokens_on_rank0": run.cache.num_tokens,
         "stop_ids": stop_ids,
+        "stopped_by_signal": result.stopped_by_signal,
         **({"video": run.video} if run.video is not None else {}),
         "stage_seconds": {**run.stage_seconds, "decode": result.decode_seconds},
     }
@@ -89,6 +94,7 @@ class BatchGeneration:
     decode_tokens: int  # tokens emitted by decode steps (the first token of each comes from its prefill)
     decode_mode: str  # "cuda_graph" or "eager"
     capture_seconds: float
+    stopped_by_signal: bool = False  # should_stop() ended the decoding early
 
     def record(self) -> dict:
         return {
@@ -103,7 +109,8 @@ class BatchGeneration:
 
 @torch.inference_mode()
 def generate_batch(
-    prefills: list[Prefill], settings: GenerateConfig, *, seed: int, stop_ids: list[int], cuda_graphs: bool
+    prefills: list[Prefill], settings: GenerateConfig, *, seed: int, stop_ids: list[int], cuda_graphs: bool,
+    should_stop: Optional[Callable[[], bool]] = None,
 ) -> BatchGeneration:
     """Decode every sequence of ``prefills`` together, one static-shape step per token.
 
@@ -113,7 +120,8 @@ def generate_batch(
     in one batched cache with per-sequence lengths. Every sequence stops on its
     own (at a stop id, or after ``max_new_tokens``); a finished one emits padding,
     which is dropped from its ids and not counted in the speed. Every rank of the
-    APB-V group calls this with its own prefills of the same requests.
+    APB-V group calls this with its own prefills of the same requests. ``should_stop()`` is asked
+    every :data:`STOP_CHECK_EVERY` steps; the group stops together when it is true on any rank.
     """
     first = prefills[0]
     device = first.logits.device
@@ -143,8 +151,12 @@ def generate_batch(
     capture_seconds = time.perf_counter() - capture_start if cuda_graphs else 0.0
     sync(device)
     start = time.perf_counter()
+    stopped = False
     for step in range(1, settings.max_new_tokens):
         if step % STOP_CHECK_EVERY == 0 and bool(done.all()):
+            break
+        if step % STOP_CHECK_EVERY == 0 and should_stop is not None and _any_rank(should_stop(), group, world, device):
+            stopped = True
             break
         runner.feed(token)
         runner.step()
@@ -163,7 +175,17 @@ def generate_batch(
         decode_tokens=int((ids[:, 1:] >= 0).sum()),
         decode_mode=runner.mode,
         capture_seconds=capture_seconds,
+        stopped_by_signal=stopped,
     )
+
+
+def _any_rank(flag: bool, group, world: int, device) -> bool:
+    """Whether ``flag`` is true on any rank of the group (every rank asks at the same step)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
 
 
 def _next_positions(run: Prefill) -> torch.Tensor:

@@ -2,24 +2,42 @@
 
 Replica leaders append to the same file: each record is one ``write`` of a whole
 line to a descriptor opened with ``O_APPEND``, under an exclusive ``flock``, then
-fsynced, so a killed job loses at most the requests in flight. A crash can still
-leave a partial line; :func:`recover_answers` (rank 0, at start) keeps only the
-complete records, rewrites the file atomically when it dropped any, and returns
-the ids already answered (their requests are skipped: the resume). Error records
-count as answered; delete their lines to try them again.
+fsynced, so a killed job loses at most the requests in flight. Rank 0 holds the
+job's :class:`~megatron_apbv.runtime.outputs.OutputLock` on the file for the whole
+job (a second job on it fails at once), and only under it does
+:func:`recover_answers` (rank 0, at start) read the file back:
+
+* it must be a regular file that holds answer records (any other file is refused,
+  never emptied), of at most :data:`MAX_ANSWERS_BYTES`, read line by line;
+* a torn last line (a killed job's partial write) is cut off in place (``truncate``:
+  the same file, so a symlink or a hard link keeps its target) and its request runs again;
+* any other line that is not a record (garbage, too deep, a repeated id) is left as
+  it is and reported by line number; the first record of an id wins.
+
+It returns the ids answered (their requests are skipped: the resume). Error
+records count as answered; delete their lines to try them again.
 
 The sidecar ``ANSWERS.summary.json`` (:func:`summary_path`) is written atomically.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from megatron_apbv.runtime.atomic import atomic_write_text
+from megatron_apbv.runtime.config import ConfigError
+from megatron_apbv.runtime.jsonl import JSONLineError, loads_bounded
+from megatron_apbv.runtime.outputs import OutputError, check_output_path, read_head, regular_or_missing
+
+MAX_ANSWERS_BYTES = 64 << 30  # 64 GiB: millions of records; a bigger file is not one job's answers
+MAX_RECORD_BYTES = 256 << 20  # one record: the generated ids (and text) of one request
+_SHOWN_PROBLEMS = 10
 
 
 def summary_path(output: str | Path) -> Path:
@@ -28,53 +46,134 @@ def summary_path(output: str | Path) -> Path:
     return output.with_name(output.name.removesuffix(".jsonl") + ".summary.json")
 
 
-def _complete_record(line: bytes):
-    """The record of a complete line (``\\n``-terminated JSON object with a string id), else None."""
-    if not line.endswith(b"\n"):
-        return None
+def is_answer_record(value) -> bool:
+    """A record this module writes: an object with a string id and generated ids or an error."""
+    return isinstance(value, dict) and isinstance(value.get("id"), str) and (
+        "generated_ids" in value or "error" in value
+    )
+
+
+def looks_like_answers(head: bytes) -> bool:
+    """Whether the first bytes of a file are an answer file's (a record, or one torn record line)."""
+    lines = head.split(b"\n")
+    for line in lines[:-1]:  # complete lines
+        try:
+            if is_answer_record(loads_bounded(line)):
+                return True
+        except JSONLineError:
+            continue
+    return len(lines) == 1 and head.startswith(b'{"id":')  # only a torn first record
+
+
+def looks_like_summary(head: bytes) -> bool:
     try:
-        record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("id"), str) else None
+        value = json.loads(head)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(value, dict) and "answered_before" in value
+
+
+def check_answer_outputs(output: str | Path, requests: str | Path) -> Path:
+    """The answer file and its summary may be written (every rank, before any collective); returns the target."""
+    target = check_output_path(output, "--output", owned=looks_like_answers, owned_what="an answer file of apbv infer",
+                               inputs={"--requests": requests})
+    check_output_path(summary_path(target), "--output (its summary)", owned=looks_like_summary,
+                      owned_what="the summary of an apbv infer job", inputs={"--requests": requests})
+    return target
+
+
+def _record_problem(line: bytes, seen: dict[str, int]) -> tuple[Optional[str], Optional[str]]:
+    """(id, None) for a record line, (None, why not) otherwise."""
+    if len(line) > MAX_RECORD_BYTES:
+        return None, f"longer than {MAX_RECORD_BYTES} bytes"
+    try:
+        value = loads_bounded(line)
+    except JSONLineError as err:
+        return None, str(err)
+    if not is_answer_record(value):
+        return None, "not an answer record (an object with a string id and generated_ids or error)"
+    if value["id"] in seen:
+        return None, f"repeats id {value['id']!r} of line {seen[value['id']]}"
+    return value["id"], None
 
 
 def recover_answers(output: str | Path) -> set[str]:
-    """Ids answered in ``output`` (none if it does not exist); torn or foreign lines are dropped from the file."""
-    output = Path(output)
-    if not output.exists():
+    """Ids answered in ``output`` (none if it does not exist); see the module docstring. Call under the job's lock."""
+    target = Path(os.path.realpath(output))
+    st = regular_or_missing(target, "--output", output)
+    if st is None or st.st_size == 0:
         return set()
-    kept, dropped, ids = [], [], set()
-    for number, line in enumerate(output.read_bytes().splitlines(keepends=True), 1):
-        record = _complete_record(line)
-        if record is None or record["id"] in ids:
-            dropped.append(number)
-            continue
-        kept.append(line)
-        ids.add(record["id"])
-    if dropped:
-        atomic_write_text(output, b"".join(kept).decode("utf-8"))
-        print(f"apbv: {output}: dropped {len(dropped)} incomplete line(s) (line {', '.join(map(str, dropped))}); "
-              "their requests run again", file=sys.stderr)
-    return ids
+    if st.st_size > MAX_ANSWERS_BYTES:
+        raise ConfigError(
+            f"--output={str(output)!r}: {st.st_size} bytes is more than {MAX_ANSWERS_BYTES}: "
+            "not one job's answers; choose another --output"
+        )
+    if not looks_like_answers(read_head(target)):
+        raise ConfigError(f"--output={str(output)!r} exists and is not an answer file of apbv infer: choose another path")
+    ids: dict[str, int] = {}
+    problems: list[str] = []
+    torn_at = None
+    with open(target, "rb") as f:
+        offset, number = 0, 0
+        while offset < st.st_size:  # what another writer appends meanwhile is not ours to read (we hold the lock)
+            line = f.readline(min(MAX_RECORD_BYTES + 1, st.st_size - offset))
+            number += 1
+            if not line.endswith(b"\n") and offset + len(line) >= st.st_size:
+                torn_at = offset
+                break
+            offset += len(line)
+            while not line.endswith(b"\n") and offset < st.st_size:  # an over-long line: skip the rest of it
+                rest = f.readline(min(1 << 20, st.st_size - offset))
+                offset += len(rest)
+                line = line[:MAX_RECORD_BYTES + 1] + rest[-1:]
+            rid, why = _record_problem(line, ids) if line.strip() else (None, None)
+            if rid is not None:
+                ids[rid] = number
+            elif why is not None:
+                problems.append(f"line {number} {why}")
+    if torn_at is not None:
+        os.truncate(target, torn_at)
+        print(f"apbv: {output}: line {number} was torn (no end of line: a killed job's last write): cut off; "
+              "its request runs again", file=sys.stderr)
+    if problems:
+        shown = "; ".join(problems[:_SHOWN_PROBLEMS])
+        more = f"; and {len(problems) - _SHOWN_PROBLEMS} more" if len(problems) > _SHOWN_PROBLEMS else ""
+        print(f"apbv: {output}: {len(problems)} line(s) ignored and left as they are ({shown}{more}); "
+              "the first record of each id counts", file=sys.stderr)
+    return set(ids)
 
 
 class AnswerWriter:
     """Appends whole records to the answer file (one per call), flushed to disk before returning."""
 
     def __init__(self, output: str | Path):
-        self.path = Path(output)
+        self.path = Path(os.path.realpath(output))
+        regular_or_missing(self.path, "--output", output)  # checked at the start; it must still hold
         self.path.parent.mkdir(parents=True, exist_ok=True)  # checked creatable before the job started
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        self._fd = os.open(self.path, flags, 0o666)
 
     def append(self, record: dict) -> None:
         data = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
         fcntl.flock(self._fd, fcntl.LOCK_EX)  # leaders of other replicas append to the same file
+        end = None
         try:
+            end = os.fstat(self._fd).st_size
             view = memoryview(data)
             while view:
                 view = view[os.write(self._fd, view):]
             os.fsync(self._fd)
+        except OSError as err:
+            if end is not None:  # a partly written record would tear the file in the middle: take it back
+                try:
+                    os.ftruncate(self._fd, end)
+                except OSError:
+                    pass
+            why = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
+            raise OutputError(
+                f"--output={str(self.path)!r}: cannot write the record of {record.get('id')!r}: {why}; the records "
+                "before it are on disk: free space and run again to resume"
+            ) from None
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
@@ -84,6 +183,9 @@ class AnswerWriter:
 
 def write_summary(output: str | Path, summary: dict) -> Path:
     """Write the sidecar summary of a job atomically; returns its path."""
-    path = summary_path(output)
-    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+    path = summary_path(os.path.realpath(output))
+    try:
+        atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+    except OSError as err:
+        raise OutputError(f"{str(path)!r}: cannot write the summary ({err.strerror or err})") from None
     return path

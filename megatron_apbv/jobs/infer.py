@@ -15,14 +15,21 @@ over ``model.max_position_embeddings``, a value the config rejects, a question t
 tokenizer cannot render) gets the record ``{"id", "error", "replica"}``: every rank
 of the replica learns every rank's verdict before the first collective on it.
 
-SIGTERM (SLURM's warning before preemption or ``scancel``): each replica finishes
-the requests in flight (claimed but not started ones are left for the resume), stops claiming, and every rank exits 0 with all finished
+SIGTERM (SLURM's warning before preemption or ``scancel``): each replica stops
+claiming; the serial pipeline ends the request in flight between tokens (it stays
+pending: the resume runs it), the pipelined one finishes the sequences in flight
+(each bounded by ``jobs.max_new_tokens_limit``; claimed but not started requests are
+left for the resume). Every rank exits 0 with all finished
 records on disk; the summary says ``"stopped_by_signal": true`` and how many
 requests remain. (The DeepSpeed launcher itself exits 1 after forwarding a
 SIGTERM to its ranks, whatever they return; under ``srun`` the job's code is the
 ranks' 0.) A rank that dies fails the whole job within ``parallel.timeout_seconds``
 as for every command, which must therefore exceed the longest single request:
-a replica that ran out of work waits that long for the others at the end.
+a replica that ran out of work waits that long for the others at the end, and
+``jobs.max_new_tokens_limit`` refuses (as an error record) a request too long for it.
+
+The output is checked and claimed by :mod:`.answers` and ``runtime/outputs.py``
+(regular files only, never another file; rank 0 holds the job's lock on it).
 
 stdout carries one JSON line, the summary (rank 0); the summary line for people and
 the progress bar go to stderr; ``ANSWERS.summary.json`` holds the summary too.
@@ -40,14 +47,15 @@ from megatron.core import parallel_state
 
 from megatron_apbv.inference.engine import STAGES, Engine
 from megatron_apbv.inference.stage_clock import StageClock
-from megatron_apbv.jobs.answers import AnswerWriter, recover_answers, write_summary
+from megatron_apbv.jobs.answers import AnswerWriter, check_answer_outputs, recover_answers, write_summary
 from megatron_apbv.jobs.progress import Progress
 from megatron_apbv.jobs.replica import Replica
 from megatron_apbv.jobs.requests import PlannedRequest, plan_requests, read_requests
 from megatron_apbv.jobs.scheduler import WorkQueue
 from megatron_apbv.jobs.serve import serve_pipelined, serve_serial
 from megatron_apbv.runtime.agreement import _collective_device
-from megatron_apbv.runtime.config import RunConfig
+from megatron_apbv.runtime.config import ConfigError, RunConfig
+from megatron_apbv.runtime.outputs import OutputLock
 
 
 def add_arguments(parser) -> None:
@@ -62,11 +70,23 @@ def add_arguments(parser) -> None:
 
 
 def prepare(args, cfg: RunConfig) -> list[PlannedRequest]:
-    """Read and check the request file and the output path (every rank, before any collective)."""
-    from megatron_apbv.runtime.outputs import check_output_path
+    """Read and check the request file and the output path (every rank, before any collective).
 
-    check_output_path(args.output, "--output")
-    return plan_requests(read_requests(args.requests), args.config, args.overrides)
+    Rank 0 also claims the output for the job (:class:`OutputLock`); when another job holds it,
+    the refusal is kept in ``args.output_claim`` and every rank raises it at the job's first
+    broadcast, before any model is built.
+    """
+    from megatron_apbv.runtime.launch_env import LaunchEnv
+
+    target = check_answer_outputs(args.output, args.requests)
+    planned = plan_requests(read_requests(args.requests), args.config, args.overrides)
+    args.output_claim = None
+    if LaunchEnv.from_environ().rank == 0:
+        try:
+            args.output_claim = OutputLock.acquire(target, "--output", args.output)
+        except ConfigError as err:
+            args.output_claim = str(err)
+    return planned
 
 
 def _all_max(values: list[float], device) -> list[float]:
@@ -87,6 +107,8 @@ def command(args, cfg: RunConfig, env, device: torch.device) -> dict:
         return _run_job(args, cfg, env, device, stop)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if isinstance(getattr(args, "output_claim", None), OutputLock):
+            args.output_claim.release()
 
 
 def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict, engine: Optional[Engine] = None) -> dict:
@@ -98,9 +120,21 @@ def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict, engine
     replicas = parallel_state.get_data_parallel_world_size()
     world_device = _collective_device(None)
 
-    answered = [sorted(recover_answers(args.output))] if env.rank == 0 else [None]
+    answered: list = [None]
+    if env.rank == 0:  # under the job's lock only: recover_answers may cut a torn last line off
+        claim = getattr(args, "output_claim", None)
+        try:
+            if not isinstance(claim, OutputLock):
+                raise ConfigError(claim or "--output: the job holds no lock on it")
+            answered = [(None, sorted(recover_answers(args.output)))]
+        except ConfigError as err:
+            answered = [(str(err), None)]
     dist.broadcast_object_list(answered, src=0)
-    done_ids = set(answered[0])
+    refusal, answered_ids = answered[0]
+    if refusal is not None:  # every rank, before the model is built
+        raise ConfigError(refusal)
+    # answered_before counts this job's ids only: the file may hold other jobs' records too
+    done_ids = set(answered_ids) & {item.request.id for item in planned}
     pending = [item for item in planned if item.request.id not in done_ids]
 
     if engine is None:

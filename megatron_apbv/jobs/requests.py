@@ -11,21 +11,30 @@ every rank before any collective.
 Each request's :class:`RunConfig` is the job's config plus its overrides, validated
 by :func:`~megatron_apbv.runtime.loading.load_config`. A request whose values the
 config rejects (or whose prompt is longer than ``model.max_position_embeddings``)
-becomes an error answer; the job goes on.
+becomes an error answer; the job goes on, and so does a request asking for more than
+``jobs.max_new_tokens_limit`` new tokens (one such request would hold its replica
+past ``parallel.timeout_seconds`` and fail the job on every resume).
+
+The file is JSON lines as :mod:`megatron_apbv.runtime.jsonl` reads them: split at
+``\n`` only, a UTF-8 BOM skipped, nesting bounded; it must be a regular file of at
+most :data:`MAX_REQUEST_FILE_BYTES` (every rank reads all of it).
 """
 
 from __future__ import annotations
 
-import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from megatron_apbv.runtime.config import ConfigError, RunConfig
+from megatron_apbv.runtime.jsonl import JSONLineError, loads_bounded, split_lines
 from megatron_apbv.runtime.loading import dotted_tree, load_config
 
 REQUEST_SECTIONS = ("input", "generate")
 REQUEST_KEYS = ("seed",)
+MAX_REQUEST_FILE_BYTES = 1 << 30
 # `seed` of a request seeds its prompt (random ids, synthetic video) and its sampler; the weights come from the job's.
 
 
@@ -67,9 +76,9 @@ def parse_request_line(text: str, path: str | Path, line: int) -> Request:
     """Line ``line`` of the request file -> :class:`Request`; every error starts ``FILE line N``."""
     where = f"{path} line {line}"
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        obj = loads_bounded(text)
+    except JSONLineError as err:
+        raise ConfigError(f"{where}: {err}") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"{where}: a request must be a JSON object, got {type(obj).__name__}")
     rid = obj.get("id")
@@ -84,13 +93,14 @@ def parse_request_line(text: str, path: str | Path, line: int) -> Request:
 def read_requests(path: str | Path) -> list[Request]:
     """Every request of ``path`` in file order (blank lines skipped); :class:`ConfigError` on a bad line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"--requests {str(path)!r}: cannot read it ({err})") from None
+    data = _read_request_file(path)
     requests: list[Request] = []
     first_line: dict[str, int] = {}
-    for number, text in enumerate(lines, 1):
+    for number, raw, _ in split_lines(data):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path} line {number}: not UTF-8 (byte {err.start + 1} of the line)") from None
         if not text.strip():
             continue
         request = parse_request_line(text, path, number)
@@ -104,6 +114,27 @@ def read_requests(path: str | Path) -> list[Request]:
     if not requests:
         raise ConfigError(f"--requests {str(path)!r}: no requests in the file")
     return requests
+
+
+def _read_request_file(path: Path) -> bytes:
+    """The bytes of a regular request file of bounded size (a FIFO or a device is never opened)."""
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        raise ConfigError(f"--requests {str(path)!r}: cannot read it ({err.strerror or err})") from None
+    if not stat.S_ISREG(st.st_mode):
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, FIFO or socket)"
+        raise ConfigError(f"--requests {str(path)!r} is {what}: give a JSON-lines file")
+    if st.st_size > MAX_REQUEST_FILE_BYTES:
+        raise ConfigError(
+            f"--requests {str(path)!r}: {st.st_size} bytes is more than {MAX_REQUEST_FILE_BYTES}: split it into "
+            "several jobs"
+        )
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_REQUEST_FILE_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"--requests {str(path)!r}: cannot read it ({err.strerror or err})") from None
 
 
 def plan_requests(
@@ -131,4 +162,11 @@ def request_problem(cfg: RunConfig) -> Optional[str]:
         return "input.batch_size must be 1: a request is one prompt"
     if cfg.input.kind == "needle":
         return "input.kind=needle is the benchmark's input (apbv eval), not a request"
+    limit = cfg.jobs.max_new_tokens_limit
+    if cfg.generate.max_new_tokens > limit:
+        return (
+            f"generate.max_new_tokens={cfg.generate.max_new_tokens} is more than the job's "
+            f"jobs.max_new_tokens_limit={limit}: ask for at most {limit} tokens (or raise the job's limit, keeping "
+            "the longest request within parallel.timeout_seconds)"
+        )
     return None

@@ -45,7 +45,8 @@ def _read_share(item: PlannedRequest):
 
 
 def serve_serial(replica: Replica, pending: list[PlannedRequest], engine: Engine, clock: StageClock, stop: dict):
-    """One request after another, every stage alone."""
+    """One request after another, every stage alone; SIGTERM ends the request in flight between tokens
+    (not written: the resume runs it)."""
     sink = replica.stage_sink
     while (index := replica.queue.next(stop["signal"])) is not None:
         item = pending[index]
@@ -55,7 +56,10 @@ def serve_serial(replica: Replica, pending: list[PlannedRequest], engine: Engine
         if error is not None:
             replica.write(replica.error_record(item, error))
             continue
-        out = apbv_generate(item.cfg, engine.device, engine=engine, prompt=ready.prompt, barrier=False, clock=clock)
+        out = apbv_generate(item.cfg, engine.device, engine=engine, prompt=ready.prompt, barrier=False, clock=clock,
+                            should_stop=lambda: stop["signal"])
+        if out["stopped_by_signal"]:
+            continue  # stays pending
         stages = {"video_decode": ready.seconds, **out["stage_seconds"]}
         for name, seconds in stages.items():
             sink[name] = sink.get(name, 0.0) + seconds

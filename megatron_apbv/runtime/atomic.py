@@ -5,6 +5,12 @@ Data goes to a temporary file in the destination's own directory (so the final
 flushed and fsynced, then renamed over the destination, and the directory is
 fsynced so the rename itself survives a crash. If anything fails before the
 rename, the temporary file is removed and the old file is left as it was.
+
+The destination's symlinks are resolved first (the link keeps pointing at the new
+file), and a destination that exists but is not a regular file (``/dev/null``, a
+FIFO, a directory) is refused before anything is created: renaming over a device
+would replace it for the whole machine (runtime/outputs.py checks every output
+at the start of a command; this is the last line of defence).
 """
 
 from __future__ import annotations
@@ -46,8 +52,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: Optional[st
     """``with atomic_open(path, "w") as f: f.write(...)``: ``path`` is replaced only if the block succeeds."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open mode must be 'w' or 'wb', got {mode!r}")
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
+    from megatron_apbv.runtime.outputs import regular_or_missing
+
+    given = path
+    path = Path(os.path.realpath(path))
+    regular_or_missing(path, "output", given)
+    directory = path.parent
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as f:

@@ -31,6 +31,14 @@ Ratio = confloat(gt=0.0, le=1.0)
 Count = Annotated[int, Field(ge=0)]
 # YAML has no tuples: a pair is a list of two integers (strict per item, lax only list -> tuple).
 IntPair = Annotated[tuple[StrictInt, StrictInt], Field(strict=False)]
+PositiveIntPair = Annotated[tuple[Annotated[StrictInt, Field(ge=1)], Annotated[StrictInt, Field(ge=1)]],
+                            Field(strict=False)]
+# Seeds feed torch generators (64-bit) after arithmetic (seed + 1, seed * 1_000_003 + index): 32 bits keep
+# every derived seed in range, so a request's seed can never overflow mid-job.
+MAX_SEED = 2**32 - 1
+# Below this a temperature (or above its inverse a repetition penalty) divides float32 logits past float64's
+# range (inf / nan probabilities); such a temperature is greedy in effect: use 0.
+MIN_SAMPLING_SCALE = 1e-4
 
 # timedelta -> milliseconds in the backends' C++ (gloo, NCCL, the TCP store): beyond 2**31 ms they wrap
 # or overflow (9e9 s hangs a gloo run), so the longest accepted timeout is the last whole second below it.
@@ -242,7 +250,7 @@ class InputConfig(_Section):
     fps: float = Field(2.0, gt=0, allow_inf_nan=False, description="video file: frames sampled per second")
     min_frames: int = Field(4, ge=1, description="video file, sampling by fps: at least this many frames")
     max_frames: int = Field(768, ge=1, description="video file, sampling by fps: at most this many frames")
-    frame_size: Optional[IntPair] = Field(
+    frame_size: Optional[PositiveIntPair] = Field(
         None, description="explicit (H, W) frames are resized to; null: smart_resize of the file's size "
         "within min/max/total_pixels, else (56, 56)"
     )
@@ -275,6 +283,11 @@ class InputConfig(_Section):
             raise ValueError(f"input.min_pixels={self.min_pixels} exceeds input.max_pixels={self.max_pixels}")
         if self.source is not None and self.video_path is None:
             raise ValueError("input.source describes input.video_path, which is not set: remove input.source")
+        if self.system_prompt is not None and self.question is None:
+            raise ValueError(
+                "input.system_prompt is set but input.question is not: the system turn is rendered only with a "
+                "question; set input.question too (or remove input.system_prompt)"
+            )
         return self
 
     def video_tokens(self, vision: VisionConfig) -> int:
@@ -318,14 +331,15 @@ class GenerateConfig(_Section):
     # null sampling keys: model.checkpoint's generation_config.json (set by load_config), else the neutral value
     temperature: Optional[float] = Field(
         None, ge=0.0, allow_inf_nan=False,
-        description="0 = greedy; null: generation_config.json's (0 unless it sets do_sample), else 0",
+        description=f"0 = greedy, else at least {MIN_SAMPLING_SCALE:g}; null: generation_config.json's (0 unless "
+        "it sets do_sample), else 0",
     )
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0, description="nucleus mass; null: generation_config.json's, else 1")
     top_k: Optional[int] = Field(
         None, ge=0, strict=True, description="keep the k most likely ids (0 = off); null: generation_config.json's, else 0"
     )
     repetition_penalty: Optional[float] = Field(
-        None, gt=0.0, allow_inf_nan=False,
+        None, ge=MIN_SAMPLING_SCALE, le=1 / MIN_SAMPLING_SCALE, allow_inf_nan=False,
         description="HF repetition penalty on ids already in the sequence; null: generation_config.json's, else 1",
     )
     stop_ids: list[Annotated[int, Field(ge=0)]] = Field(
@@ -339,9 +353,20 @@ class GenerateConfig(_Section):
         "true needs a CUDA device"
     )
 
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_is_greedy_or_usable(cls, value: Optional[float]) -> Optional[float]:
+        if value is not None and 0 < value < MIN_SAMPLING_SCALE:
+            raise ValueError(
+                f"{value!r} is below {MIN_SAMPLING_SCALE:g}: the logits divided by it overflow (inf / nan "
+                "probabilities); use 0 for greedy decoding"
+            )
+        return value
+
 
 class JobsConfig(_Section):
-    """``apbv infer``: how each data-parallel replica keeps its GPU busy (job-level; see megatron_apbv/jobs/)."""
+    """``apbv infer``: how each data-parallel replica keeps its GPU busy, and the limits that protect the whole
+    job from one request (job-level: requests cannot set them; see megatron_apbv/jobs/)."""
 
     pipeline: Literal["pipelined", "serial"] = Field(
         "pipelined", description="pipelined: frames prefetched by CPU workers, continuous batched decoding; "
@@ -353,6 +378,11 @@ class JobsConfig(_Section):
     )
     prefetch_workers: int = Field(
         2, ge=1, le=256, description="pipelined: CPU threads decoding and resizing the prefetched requests' frames"
+    )
+    max_new_tokens_limit: int = Field(
+        4096, ge=1,
+        description="a request asking for more generate.max_new_tokens gets an error record instead of running: "
+        "keep the longest request within parallel.timeout_seconds (an idle replica waits that long at the end)",
     )
 
 
@@ -367,7 +397,7 @@ class RunConfig(_Section):
     jobs: JobsConfig = JobsConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and activations")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda:LOCAL_RANK when a GPU is visible")
-    seed: int = Field(1234, description="random weights, synthetic prompts and sampling")
+    seed: int = Field(1234, ge=0, le=MAX_SEED, description="random weights, synthetic prompts and sampling")
 
     @model_validator(mode="after")
     def _check(self):

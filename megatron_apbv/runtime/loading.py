@@ -8,6 +8,7 @@ validation, so every error names a field of the file.
 from __future__ import annotations
 
 import re
+import reprlib
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,11 @@ from megatron_apbv.runtime.config import (
 # Location parts pydantic adds for the members of a union (``apbv.anchor.constrained-int``): not config keys.
 _UNION_PARTS = ("function-after", "literal[", "union[", "constrained-int", "constrained-float")
 _MAX_ERROR_LINES = 20  # a file of thousands of unknown keys still gives a readable message
+# A value shown in an error is cut short: a 5 MB string (or a huge list) would otherwise be the message.
+_shown = reprlib.Repr()
+_shown.maxstring = _shown.maxother = 80
+_shown.maxlist = _shown.maxtuple = _shown.maxdict = 8
+_shown.maxlevel = 3
 
 
 def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
@@ -46,7 +52,7 @@ def _format_errors(err: ValidationError, model: type[BaseModel]) -> str:
                 section = section.model_fields[part].annotation
             allowed = ", ".join(section.model_fields)
             msg = f"unknown key; allowed keys here: {allowed}"
-        got = "" if e["type"] in ("extra_forbidden", "value_error") else f" (got {e.get('input')!r})"
+        got = "" if e["type"] in ("extra_forbidden", "value_error") else f" (got {_shown.repr(e.get('input'))})"
         lines.append(f"  {where or '<config>'}: {msg}{got}")
     lines = list(dict.fromkeys(lines))
     if len(lines) > _MAX_ERROR_LINES:
@@ -60,6 +66,27 @@ MAX_CONFIG_BYTES = 1 << 20
 # libyaml's parser when PyYAML was built with it (~10x faster), else the pure-Python one.
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+# Values a document may expand to through its aliases: a config has a few hundred; nine nested levels of
+# nine aliases (466 bytes) expand to 387 million, which pydantic and any message would walk one by one.
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(root) -> int:
+    """Values the node graph stands for once every alias is expanded (shared nodes counted each time)."""
+    sizes: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:  # iterative post-order: a deep document cannot exhaust the stack here
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        value = node.value if isinstance(node.value, list) else []
+        children = [child for item in value for child in (item if isinstance(item, tuple) else (item,))]
+        if not children_done:
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+            continue
+        sizes[id(node)] = min(1 + sum(sizes.get(id(c), 0) for c in children), MAX_YAML_VALUES + 1)
+    return sizes[id(root)]
 
 
 class _UniqueKeys:
@@ -68,6 +95,14 @@ class _UniqueKeys:
     PyYAML keeps the last of duplicated keys, so a second ``apbv:`` section would
     silently drop the first one's settings. (``<<`` merge keys may still be overridden.)
     """
+
+    def construct_document(self, node):
+        if _expanded_size(node) > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"the document expands to more than {MAX_YAML_VALUES} values through its aliases (*name): "
+                "a config needs a few hundred; write the values out, or use fewer aliases"
+            )
+        return super().construct_document(node)
 
     def construct_mapping(self, node, deep=False):
         first_line: dict = {}
@@ -177,6 +212,7 @@ def _with_checkpoint_shape(data: dict) -> dict:
         return data
     from megatron_apbv.models.hf_config import model_config_from_hf, read_hf_config, vision_config_from_hf
 
+    _check_checkpoint_is_a_folder(model["checkpoint"])
     try:
         hf = read_hf_config(model["checkpoint"])
         derived = {"model": model_config_from_hf(hf), "vision": vision_config_from_hf(hf) or {}}
@@ -195,6 +231,24 @@ def _with_checkpoint_shape(data: dict) -> dict:
                 )
         out[section] = {**values, **given}
     return out
+
+
+def _check_checkpoint_is_a_folder(checkpoint) -> None:
+    """``model.checkpoint=/dev/zero`` (a device, FIFO or socket) is named as what it is, never opened."""
+    import os
+    import stat
+
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        return  # read_hf_config's TypeError names it
+    try:
+        mode = os.stat(checkpoint).st_mode
+    except OSError:
+        return  # missing: read_hf_config says so
+    if not stat.S_ISDIR(mode) and not stat.S_ISREG(mode):
+        raise ConfigError(
+            f"model.checkpoint={str(checkpoint)!r} is not a directory (a device, FIFO or socket): point it at the "
+            "folder that holds config.json and the safetensors files"
+        )
 
 
 def _with_chat_lengths(data: dict) -> dict:
@@ -275,7 +329,8 @@ def load_config(
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+            what = "is not a regular file" if path.exists() else "does not exist"
+            raise ConfigError(f"config file {str(path)!r} {what}")
         size = path.stat().st_size
         if size > MAX_CONFIG_BYTES:
             raise ConfigError(
@@ -283,13 +338,18 @@ def load_config(
                 "is it the right file?"
             )
         try:
-            data = parse_yaml(path.read_text()) or {}
+            data = parse_yaml(path.read_text(encoding="utf-8-sig"))  # utf-8-sig: a leading BOM is no key
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        if data is None:
+            data = {}  # an empty file (or only comments): the defaults
+        elif not isinstance(data, dict):
+            shown = _shown.repr(data)
+            raise ConfigError(
+                f"{path}: the top level is {shown}, not a mapping of sections (model:, apbv:, ...): is it a config?"
+            )
     extra = parse_overrides(overrides or [])
     variant = extra.get("apbv", {}).get("variant") if isinstance(extra.get("apbv"), dict) else None
     if isinstance(variant, str) and variant in VARIANTS and isinstance(data.get("apbv"), dict):
