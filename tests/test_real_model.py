@@ -128,3 +128,31 @@ def test_distributed_real_model_equals_dense_and_the_oracle(smollm2):
         assert (apbv - ref).abs().max() <= 2e-3, (name, float((apbv - ref).abs().max()))
         assert apbv.argmax() == ref.argmax(), name
         assert math.isfinite(float(apbv.sum()))
+
+
+def test_quality_benchmark_prompts_hold_the_key_where_they_say(smollm2):
+    """benchmarks/quality_real.py: every prompt has exactly the asked length, the fact at key_pos, the answer last."""
+    import importlib.util
+    import random
+    from pathlib import Path
+
+    from megatron_apbv.models.chat_prompt import load_tokenizer
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_real.py"
+    spec = importlib.util.spec_from_file_location("quality_real", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tok = load_tokenizer(smollm2)
+    tasks = bench.Tasks(tok)
+    rng = random.Random(0)
+    for task in ("passkey", "multikey"):
+        for depth in (0.05, 0.5, 0.95):
+            ex = tasks.example(task, 600, depth, rng)
+            assert len(ex["ids"]) == 600
+            fact = tok.decode(ex["ids"][ex["key_pos"]: ex["key_pos"] + 16])
+            assert fact.startswith("The pass key is" if task == "passkey" else "The code of the"), fact
+            value = tok.decode(ex["answer"]).strip()
+            assert value.isdigit() and len(value) == 5 and value in fact
+            assert tok.decode(ex["ids"][-ex["query_len"]:]).endswith(" is" + tok.decode(ex["answer"][:-1]))
+    lo, hi = bench.wilson(8, 10)  # textbook value: 0.490 .. 0.943
+    assert abs(lo - 0.4902) < 1e-3 and abs(hi - 0.9433) < 1e-3
