@@ -14,7 +14,7 @@ they batch; the key's depth is spread evenly over the context):
 * ``multikey``: three door codes (red, blue, green) at independent depths; asked for one of them.
 
 Scoring is teacher-forced exact match: the assistant turn starts with the answer's lead-in
-("The pass key is"), the digits follow, and an example is right when the argmax at every answer
+("The pass key is" and the space token before the digits), the digits follow, and an example is right when the argmax at every answer
 position is the answer's token (all of them inside the query span, whose rows are exact in APB-V).
 Reported per row: accuracy with a Wilson 95 % interval, agreement with dense (same argmax at every
 answer position), mean KL(dense || method) over the answer positions, and the same split by where
@@ -73,11 +73,19 @@ class Tasks:
     def ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def answer_ids(self, lead: str, value: str) -> list[int]:
-        """The answer's tokens after ``lead`` (tokenized with it, so the space lands where the model puts it)."""
+    def answer_ids(self, lead: str, value: str) -> tuple[list[int], list[int]]:
+        """``(lead-in ids, answer ids)`` of ``lead value``, tokenized together.
+
+        The tokenizer puts the space before the digits in a token of its own; it belongs to the
+        lead-in (the query span ends with it), so the scored tokens are the value's alone (without
+        it the model's top token after "is" is " the", whatever the method).
+        """
         whole, head = self.ids(lead + " " + value), self.ids(lead)
         assert whole[: len(head)] == head, "the lead-in tokenizes differently inside the answer"
-        return whole[len(head):]
+        cut = len(head)
+        while cut < len(whole) and not self.tok.decode(whole[cut:cut + 1]).strip():
+            cut += 1
+        return whole[:cut], whole[cut:]
 
     def example(self, task: str, length: int, depth: float, rng: random.Random) -> dict:
         """One prompt of exactly ``length`` tokens; ``key_pos`` is the global position of the asked fact."""
@@ -94,8 +102,8 @@ class Tasks:
                 f"The code of the {asked} door is"
             asked_text = f"The code of the {asked} door is {codes[asked]}. "
         chat = self.render(self.tok, None, question, context="x")
-        answer = self.answer_ids(lead, value)
-        after = list(chat.after) + self.ids(lead) + answer[:-1]
+        lead_ids, answer = self.answer_ids(lead, value)
+        after = list(chat.after) + lead_ids + answer[:-1]
         context_len = length - len(chat.before) - len(after)
         fact_ids = [self.ids(text) for _, text in facts]
         room = context_len - sum(map(len, fact_ids))

@@ -153,6 +153,7 @@ def test_quality_benchmark_prompts_hold_the_key_where_they_say(smollm2):
             assert fact.startswith("The pass key is" if task == "passkey" else "The code of the"), fact
             value = tok.decode(ex["answer"]).strip()
             assert value.isdigit() and len(value) == 5 and value in fact
-            assert tok.decode(ex["ids"][-ex["query_len"]:]).endswith(" is" + tok.decode(ex["answer"][:-1]))
+            assert tok.decode(ex["ids"][-ex["query_len"]:]).endswith(" is " + tok.decode(ex["answer"][:-1]))
+            assert len(ex["answer"]) == 5  # the digits, one token each; the space before them ends the query
     lo, hi = bench.wilson(8, 10)  # textbook value: 0.490 .. 0.943
     assert abs(lo - 0.4902) < 1e-3 and abs(hi - 0.9433) < 1e-3
