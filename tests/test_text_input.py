@@ -81,3 +81,18 @@ def test_oversized_or_binary_documents_are_refused(tokenizer_dir, tmp_path, monk
         load_config(None, _overrides(tokenizer_dir, f"input.context_path={big}"))
     with pytest.raises(ConfigError, match="input.context holds 17 bytes"):
         load_config(None, _overrides(tokenizer_dir, "input.context=" + "y" * 17))
+
+
+def test_a_request_document_replaces_the_jobs(tokenizer_dir, tmp_path):
+    """apbv infer: a request's input.context_path replaces the job's input.context (and the other way round)."""
+    from megatron_apbv.jobs.requests import Request, plan_requests
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOCUMENT, encoding="utf-8")
+    job = _overrides(tokenizer_dir, "input.context=the job's own document")
+    planned = plan_requests([Request("a", 1, {"input.context_path": str(doc)}),
+                             Request("b", 2, {"input.context": "short", "input.question": "Which?"})], None, job)
+    (a, b) = planned
+    assert a.error is None and a.cfg.input.context is None and a.cfg.input.context_path == str(doc)
+    assert a.cfg.input.context_tokens == len(byte_tokenizer()(DOCUMENT)["input_ids"])
+    assert b.error is None and b.cfg.input.context == "short" and b.cfg.input.context_tokens == 5
