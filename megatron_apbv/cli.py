@@ -57,7 +57,10 @@ COMMANDS = {
 
 def _parser(selected: str | None) -> argparse.ArgumentParser:
     """The parser; only the ``selected`` command's module is imported (for its own options)."""
-    parser = argparse.ArgumentParser(prog="apbv", description="APB-V long-context inference on Megatron-core")
+    parser = argparse.ArgumentParser(
+        prog="apbv", description="APB-V long-context inference on Megatron-core",
+        epilog="apbv convert-gguf [GGUF] OUT_DIR: a Llama GGUF file -> a checkpoint folder for model.checkpoint",
+    )
     # Launchers may append --local_rank / --local-rank; the rank is read from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +173,10 @@ def _main(argv: list[str] | None, interrupt) -> int:
     warnings.filterwarnings("ignore", module="megatron")  # Megatron warns at import about missing TE/apex
     argv_given = argv is not None
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert-gguf"]:  # a file conversion: no config, no ranks
+        from megatron_apbv.models.gguf_convert import main as convert_main
+
+        return convert_main(argv[1:])
     selected = next((a for a in argv if a in COMMANDS), None)
 
     # Everything that can be wrong with the config is checked first: before any collective, and before

@@ -137,6 +137,14 @@ def _read_request_file(path: Path) -> bytes:
         raise ConfigError(f"--requests {str(path)!r}: cannot read it ({err.strerror or err})") from None
 
 
+def _one_document(values: dict) -> dict:
+    """A request's document (input.context or input.context_path) replaces the job's, whichever key that used."""
+    for mine, other in (("input.context", "input.context_path"), ("input.context_path", "input.context")):
+        if values.get(mine) is not None and other not in values:
+            return {other: None, **values}
+    return values
+
+
 def plan_requests(
     requests: list[Request], config: Optional[str | Path], overrides: list[str]
 ) -> list[PlannedRequest]:
@@ -144,7 +152,7 @@ def plan_requests(
     planned = []
     for request in requests:
         try:
-            cfg = load_config(config, overrides, dotted_tree(request.values))
+            cfg = load_config(config, overrides, dotted_tree(_one_document(request.values)))
             error = request_problem(cfg)
         except ConfigError as err:
             cfg, error = None, str(err)

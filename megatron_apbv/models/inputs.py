@@ -1,4 +1,4 @@
-"""The prompt ``[system | video | question]``: token ids, global positions, and the video frames."""
+"""The prompt ``[system | video or document | question]``: token ids, global positions, and the video frames."""
 
 from __future__ import annotations
 
@@ -60,7 +60,9 @@ def build_prompt(
     ids = torch.randint(0, cfg.model.vocab_size - 1, (inp.batch_size, cfg.prompt_len), generator=generator)
     plan = frames = video = None
     decode_seconds, shared = 0.0, False
-    if inp.kind != "video":
+    if inp.kind == "text":
+        grid = None  # a document: 1-D positions (text positions of multimodal RoPE are equal in t, h, w)
+    elif inp.kind != "video":
         grid = (inp.frame_count,) + frame_grid(inp.tokens_per_frame)
     else:
         plan = inp.frame_plan(cfg.vision)
@@ -78,6 +80,8 @@ def build_prompt(
         ids = _with_chat_text(cfg, ids, video)
     if cfg.model.mrope_section is None:
         positions = torch.arange(cfg.prompt_len)
+    elif grid is None:
+        positions = torch.arange(cfg.prompt_len).expand(3, -1).clone()
     else:
         step = plan.time_step(cfg.vision.tokens_per_second) if plan is not None else 1.0
         positions = video_position_ids(inp.system_tokens, grid[0], grid[1:], inp.query_tokens, step)
@@ -104,15 +108,19 @@ def _frames(cfg: RunConfig, plan: FramePlan, share) -> tuple[torch.Tensor, float
 
 def _with_chat_text(cfg: RunConfig, ids: torch.Tensor, video: Optional[Span]) -> torch.Tensor:
     """``ids`` with the chat text before and after the video (every batch row the same)."""
-    from megatron_apbv.models.chat_prompt import chat_text
+    from megatron_apbv.models.chat_prompt import chat_text, read_context
 
     inp = cfg.input
-    text = chat_text(cfg.model.tokenizer_dir, inp.system_prompt, inp.question)
+    context = read_context(inp.context, inp.context_path) if inp.kind == "text" else None
+    text = chat_text(cfg.model.tokenizer_dir, inp.system_prompt, inp.question, context)
     # load_config set the lengths from this same text; a mismatch is a bug, not bad input
     assert (len(text.before), len(text.after)) == (inp.system_tokens, inp.query_tokens)
     ids = ids.clone()
     n = cfg.prompt_len
     ids[:, : inp.system_tokens] = torch.tensor(text.before, dtype=torch.long)
+    if text.context is not None:
+        assert len(text.context) == inp.context_tokens
+        ids[:, inp.system_tokens : n - inp.query_tokens] = torch.tensor(text.context, dtype=torch.long)
     ids[:, n - inp.query_tokens :] = torch.tensor(text.after, dtype=torch.long)
     if video is not None and text.video_token_id is not None:
         ids[:, video.start : video.stop] = text.video_token_id

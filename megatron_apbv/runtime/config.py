@@ -235,8 +235,9 @@ class InputConfig(_Section):
     frames are sampled and resized by Qwen2.5-VL's rules (models/video_sampling.py).
     """
 
-    kind: Literal["synthetic", "video", "needle"] = Field(
-        "synthetic", description="synthetic: random ids; video: frames through the vision tower; needle: apbv eval"
+    kind: Literal["synthetic", "video", "needle", "text"] = Field(
+        "synthetic", description="synthetic: random ids; video: frames through the vision tower; needle: apbv eval; "
+        "text: a long document (input.context or input.context_path) before input.question"
     )
     system_tokens: int = Field(
         16, ge=0, description="random ids before the video (set by the text with input.question)"
@@ -274,6 +275,12 @@ class InputConfig(_Section):
     # system_tokens and query_tokens (megatron_apbv/models/chat_prompt.py).
     system_prompt: Optional[str] = Field(None, description="system turn text (with input.question)")
     question: Optional[str] = Field(None, min_length=1, description="the user's question after the video")
+    # kind: text. The document is the context span split across the ranks (models/chat_prompt.py).
+    context: Optional[str] = Field(None, min_length=1, description="text kind: the document, inline")
+    context_path: Optional[str] = Field(None, min_length=1, description="text kind: a UTF-8 file holding the document")
+    context_tokens: Optional[int] = Field(
+        None, ge=1, description="text kind: the document's token count (set by the loader from the text)"
+    )
 
     @model_validator(mode="after")
     def _check_video(self):
@@ -288,9 +295,25 @@ class InputConfig(_Section):
                 "input.system_prompt is set but input.question is not: the system turn is rendered only with a "
                 "question; set input.question too (or remove input.system_prompt)"
             )
+        given = [name for name in ("context", "context_path") if getattr(self, name) is not None]
+        if self.kind != "text" and given:
+            raise ValueError(f"input.{given[0]} is the document of input.kind=text: set input.kind=text or remove it")
+        if self.kind == "text":
+            if len(given) != 1:
+                raise ValueError("input.kind=text needs exactly one of input.context (the text) and "
+                                 f"input.context_path (a file){'; both are set' if given else ''}")
+            if self.question is None:
+                raise ValueError("input.kind=text needs input.question: the question after the document is "
+                                 "the query span")
+            if self.context_tokens is None:
+                raise ValueError("input.context_tokens is unset: load the config with load_config, which "
+                                 "tokenizes the document")
         return self
 
     def video_tokens(self, vision: VisionConfig) -> int:
+        """Tokens of the span between the system and query spans (the video's, or the document's)."""
+        if self.kind == "text":
+            return self.context_tokens
         if self.kind != "video":  # synthetic and needle: tokens_per_frame tokens per frame
             return self.frame_count * self.tokens_per_frame
         plan = self.frame_plan(vision)

@@ -147,7 +147,7 @@ def _yaml_problem(err: Exception) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
-_TEXT_KEYS = frozenset({"input.question", "input.system_prompt"})
+_TEXT_KEYS = frozenset({"input.question", "input.system_prompt", "input.context"})
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -264,14 +264,19 @@ def _with_chat_lengths(data: dict) -> dict:
     path = model.get("tokenizer") or model.get("checkpoint")  # ModelConfig.tokenizer_dir, before validation
     if not path:
         raise ConfigError("input.question needs a tokenizer: set model.tokenizer (or model.checkpoint) to its dir")
-    from megatron_apbv.models.chat_prompt import TokenizerError, chat_text
+    from megatron_apbv.models.chat_prompt import TokenizerError, chat_text, read_context
 
+    try:  # input.kind text: the document between the system turn and the question
+        context = read_context(inp.get("context"), inp.get("context_path")) if inp.get("kind") == "text" else None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     try:
-        text = chat_text(str(path), system, question)
+        text = chat_text(str(path), system, question, context)
     except TokenizerError as err:
         raise ConfigError(f"model.tokenizer: {err}") from None
     vocab = model.get("vocab_size", ModelConfig.model_fields["vocab_size"].default)
-    ids = text.before + text.after + ((text.video_token_id,) if text.video_token_id is not None else ())
+    ids = text.before + text.after + ((text.video_token_id,) if text.video_token_id is not None else ()) + \
+        (text.context or ())
     if isinstance(vocab, int) and max(ids) >= vocab:
         raise ConfigError(
             f"model.tokenizer={str(path)!r} gives token id {max(ids)} but model.vocab_size={vocab}: the tokenizer "
@@ -280,6 +285,8 @@ def _with_chat_lengths(data: dict) -> dict:
     # The text's lengths replace the counts a file gives for random-id prompts (e.g. tiny_cpu.yaml's),
     # so a question can be added on the command line; the run's JSON reports the lengths used.
     derived = {"system_tokens": len(text.before), "query_tokens": len(text.after)}
+    if text.context is not None:
+        derived["context_tokens"] = len(text.context)
     return {**data, "input": {**inp, **derived}}
 
 
