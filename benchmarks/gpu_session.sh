@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One device call of this session's work (issues 25-27): the installed wheel on the GPU image, the GPU tests,
+# our vision tower against transformers'; `jobs` instead runs the job benchmark (serial vs pipelined).
+# Usage (device machine, repo root, wheels in .whl/, the project's wheel in .whl/apbv/):
+#   bash benchmarks/gpu_session.sh "$OUT" [check|jobs]
+set -uo pipefail
+out="${1:-/tmp/apbv_gpu_session}"; part="${2:-check}"; mkdir -p "$out"
+scratch=$(mktemp -d); t_start=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
+step() {  # step NAME SECONDS CMD...: run under a timeout, log to scratch, say how long it took
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$limit" "$@" > "$scratch/$name.log" 2>&1; local rc=$?
+  echo "step $name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$out/steps.txt"
+  tail -6 "$scratch/$name.log"
+}
+if [[ $part == check ]]; then
+  # The wheel as users install it on the GPU image: its own folder, run from an empty one (no repository on the path).
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/apbv_wheel .whl/apbv/*.whl || exit 1
+  (mkdir -p /tmp/empty && cd /tmp/empty && export PYTHONPATH=/tmp/apbv_wheel:/tmp/site PYTHONUNBUFFERED=1 &&
+   step wheel_examples 60 python3 -m megatron_apbv config --examples ex &&
+   printf '{"id": "a", "input.video_frames": 8}\n{"id": "b", "input.video_frames": 16, "generate.max_new_tokens": 4}\n' > req.jsonl &&
+   step wheel_infer_gpu 180 torchrun --nproc_per_node 1 -m megatron_apbv infer ex/tiny_cpu.yaml \
+     parallel.context_parallel_size=1 device=cuda --requests req.jsonl --output ans.jsonl --quiet &&
+   cp ans.jsonl "$out/wheel_infer_answers.jsonl"; python3 -c "import megatron_apbv, sys; print(megatron_apbv.__file__)" >> "$out/steps.txt")
+  export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
+  step gpu_tests 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_kernels_gpu.py \
+    tests/test_gpu_integration.py tests/test_decode_gpu.py tests/test_vision_tower.py tests/test_vision_attention.py
+  cp "$scratch/gpu_tests.log" "$out/gpu_tests.log"
+  step bench_vision 220 python3 benchmarks/bench_vision.py --out "$out" --repeat 2 --budget 120
+else
+  export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
+  step bench_jobs 520 python3 benchmarks/bench_jobs.py --out "$out/jobs_gpu.json"
+  cp "$scratch/bench_jobs.log" "$out/bench_jobs.log"
+fi
+echo "total $(( $(date +%s) - t_start ))s" | tee -a "$out/steps.txt"
