@@ -9,6 +9,7 @@ from distributed_utils import single_process_groups
 from megatron_apbv.bench.e2e import STAGES, run_e2e
 from megatron_apbv.runtime.config import ConfigError
 from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.runtime.outputs import OutputLock
 
 TINY = [
     "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
@@ -31,7 +32,7 @@ def test_e2e_level_times_every_stage_and_predicts_scaling(tmp_path, megatron_sin
     assert rec["video_tokens"] == 2 * (56 // 28) * (84 // 28)
     for method in ("dense", "apbv"):
         stages = rec["methods"][method]["stages_s"]
-        assert rec["methods"][method]["vision_tflops_per_s"] > 0
+        assert rec["vision_flop"] > 0 and rec["methods"][method]["vision_tflops_per_s"] is not None
         assert set(stages) == set(STAGES) and all(s > 0 for s in stages.values())
     # passing = the whole block: APB-V is exact at W = 1, so the first token is dense's
     assert rec["methods"]["apbv"]["first_token_id"] == rec["methods"]["dense"]["first_token_id"]
@@ -96,11 +97,16 @@ def test_e2e_bench_and_the_job_run_the_same_stage_code(tmp_path, megatron_single
     for mode in ("serial", "pipelined"):
         current["who"] = mode
         scheduler.reset_job_counters()  # one launch = one job's counters; here two jobs share a store
+        output = tmp_path / f"{mode}.jsonl"
         args = argparse.Namespace(prepared=plan_requests(read_requests(requests), "configs/qwen25vl_3b_e2e.yaml",
                                                          overrides),
-                                  output=str(tmp_path / f"{mode}.jsonl"), quiet=True, pipeline=mode)
-        summary = _run_job(args, load_config("configs/qwen25vl_3b_e2e.yaml", overrides), LaunchEnv(0, 1, 0),
-                           torch.device("cpu"), {"signal": False})
+                                  output=str(output), quiet=True, pipeline=mode,
+                                  output_claim=OutputLock.acquire(output, "--output"))  # what prepare() takes
+        try:
+            summary = _run_job(args, load_config("configs/qwen25vl_3b_e2e.yaml", overrides), LaunchEnv(0, 1, 0),
+                               torch.device("cpu"), {"signal": False})
+        finally:
+            args.output_claim.release()
         assert (summary["answered"], summary["errors"], summary["pipeline"]) == (2, 0, mode)
         assert summary["gpu_busy_fraction"] is None  # a CPU run has no separate device to be busy
     prefill_stages = {"read_prompt", "embed", "prefill"}

@@ -94,14 +94,9 @@ def test_decode_kernel_under_interpreter():
 
 
 def _interpreted_kernel():
-    name = "_apbv_decode_kernels_interpreted"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name].decode_attention
+    from interpreted_kernels import load_interpreted_kernels
+
+    return load_interpreted_kernels("_apbv_decode_kernels_interpreted").decode_attention
 
 
 @pytest.mark.skipif(not _IN_INTERP, reason="runs inside the TRITON_INTERPRET=1 subprocess")

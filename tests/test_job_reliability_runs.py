@@ -146,7 +146,9 @@ def test_sigterm_mid_request_leaves_it_pending_and_the_job_exits_0(tmp_path, mon
     monkeypatch.setattr(decode_step.DecodeRunner, "step", step_then_sigterm)
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(key, value)
-    code = cli.main(_infer_argv(requests, output, "parallel.context_parallel_size=1", "generate.stop_at_eos=false"))
+    # the serial pipeline ends the request in flight between tokens (the pipelined one finishes its sequences)
+    code = cli.main(_infer_argv(requests, output, "parallel.context_parallel_size=1", "generate.stop_at_eos=false",
+                                "jobs.pipeline=serial"))
     captured = capsys.readouterr()
     assert code == 0, captured.err
     summary = json.loads(captured.out)

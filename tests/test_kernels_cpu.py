@@ -18,9 +18,9 @@ import os
 import pathlib
 import subprocess
 import sys
-import types
 
 import pytest
+from interpreted_kernels import load_interpreted_kernels
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -39,20 +39,7 @@ def _load_interpreted_kernels():
         import triton  # noqa: F401
     except Exception as exc:  # pragma: no cover
         pytest.skip(f"triton cannot be imported: {exc}", allow_module_level=True)
-    # kernels/ is a namespace package (no __init__.py): a private package object over that folder, with the
-    # kernels' modules imported under it, keeps this interpreted copy apart from megatron_apbv.kernels.
-    name = "_apbv_kernels_interpreted"
-    if name in sys.modules:
-        return sys.modules[name]
-    package = types.ModuleType(name)
-    package.__path__ = [str(ROOT / "kernels")]
-    sys.modules[name] = package
-    for module in ("apb_attention", "decode_attention", "lse_merge", "passing_scores"):
-        loaded = importlib.import_module(f"{name}.{module}")
-        for attr in getattr(loaded, "__all__", ()):
-            setattr(package, attr, getattr(loaded, attr))
-        setattr(package, module, loaded)
-    return package
+    return load_interpreted_kernels("_apbv_kernels_interpreted")
 
 
 if _IN_INTERP:

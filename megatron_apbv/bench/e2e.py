@@ -205,7 +205,7 @@ def run_e2e(cfg: RunConfig, device: torch.device, *, methods=E2E_METHODS, source
         record["methods"][method] = {
             "stages_s": {k: round(s, 4) for k, s in stages.items()},
             "total_s": round(sum(stages.values()), 4),
-            "vision_tflops_per_s": round(record["vision_flop"] / stages["vision"] / 1e12, 1) if stages["vision"] else None,
+            "vision_tflops_per_s": round(record["vision_flop"] / stages["vision"] / 1e12, 3) if stages["vision"] else None,
             "runs_s": [{k: round(s, 4) for k, s in r.items()} for r in runs[method]],
             "first_token_id": tokens[method],
             "attention_backend": plans[method][2],
