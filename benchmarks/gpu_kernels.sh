@@ -15,13 +15,8 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'cudnn
 python3 -c "import av; print('av', av.__version__)" >> "$scratch/device.txt" 2>&1 || true
 python3 -c "import flash_attn; print('flash_attn', flash_attn.__version__)" >> "$scratch/device.txt" 2>&1 || true
 
-step() {  # step NAME SECONDS CMD...: run under a timeout, log to scratch, say how long it took
-  local name=$1 limit=$2; shift 2
-  local t0=$(date +%s)
-  timeout "$limit" "$@" > "$scratch/$name.log" 2>&1; local rc=$?
-  echo "step $name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$scratch/steps.txt"
-  tail -4 "$scratch/$name.log"
-}
+steps_file="$scratch/steps.txt"
+source "$(dirname "$0")/gpu_step.sh"
 
 if [[ $part != e2e ]]; then
 step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_kernels_gpu.py tests/test_gpu_integration.py tests/test_vision_attention.py::test_batched_tower_matches_transformers_tower_gpu

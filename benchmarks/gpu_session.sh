@@ -8,13 +8,8 @@ out="${1:-/tmp/apbv_gpu_session}"; part="${2:-check}"; mkdir -p "$out"
 scratch=$(mktemp -d); t_start=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
-step() {  # step NAME SECONDS CMD...: run under a timeout, log to scratch, say how long it took
-  local name=$1 limit=$2; shift 2
-  local t0=$(date +%s)
-  timeout "$limit" "$@" > "$scratch/$name.log" 2>&1; local rc=$?
-  echo "step $name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$out/steps.txt"
-  tail -6 "$scratch/$name.log"
-}
+steps_file="$out/steps.txt"
+source "$(dirname "$0")/gpu_step.sh"
 if [[ $part == check ]]; then
   # The wheel as users install it on the GPU image: its own folder, run from an empty one (no repository on the path).
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/apbv_wheel .whl/apbv/*.whl || exit 1
