@@ -117,6 +117,7 @@ def main() -> int:
     from megatron_apbv.jobs.scheduler import reset_job_counters
     from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, select_device, shutdown
     from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.runtime.outputs import OutputLock
 
     job = (TINY_JOB if args.tiny else GPU_JOB) + [f"jobs.batch_size={args.batch_size}"]
     videos = video_plan(args.videos, args.tiny)
@@ -154,8 +155,10 @@ def main() -> int:
                 output = workdir / f"answers_{mode}_{tokens}.jsonl"
                 output.unlink(missing_ok=True)
                 reset_job_counters()
-                run_args = argparse.Namespace(prepared=planned, output=str(output), quiet=True, pipeline=mode)
-                summary = _run_job(run_args, cfg, env, device, {"signal": False}, engine=engine)
+                with OutputLock.acquire(output, "--output", str(output)) as claim:  # as `apbv infer` does
+                    run_args = argparse.Namespace(prepared=planned, output=str(output), quiet=True, pipeline=mode,
+                                                  output_claim=claim)
+                    summary = _run_job(run_args, cfg, env, device, {"signal": False}, engine=engine)
                 records = [json.loads(line) for line in output.read_text().splitlines()]
                 errors = [r for r in records if "error" in r]
                 if errors:
