@@ -155,13 +155,19 @@ def decode_layer_attention(
     that row is scratch space the visible length leaves out), then the tail owner
     attends to them causally; the partials of all ranks are merged by log-sum-exp.
     """
-    cache = step.cache
-    k_cache, v_cache = cache.layers[layer_number]
+    k_cache, v_cache = step.cache.layers[layer_number]
     t, b = k.shape[:2]
-    positions = cache.lengths.long()[None, :] + torch.arange(t, device=k.device)[:, None]  # [t, b]
+    positions = step.cache.lengths.long()[None, :] + torch.arange(t, device=k.device)[:, None]  # [t, b]
     rows = torch.arange(b, device=k.device).expand(t, b)
     k_cache.index_put_((positions, rows), k)
     v_cache.index_put_((positions, rows), v)
+    return attend_cached(q, step, layer_number, softmax_scale=softmax_scale, group=group)
+
+
+def attend_cached(q: torch.Tensor, step: DecodeStep, layer_number: int, *, softmax_scale: float, group) -> torch.Tensor:
+    """:func:`decode_layer_attention` once the new keys are in the cache: attention, then the cross-rank merge."""
+    cache = step.cache
+    k_cache, v_cache = cache.layers[layer_number]
     out, lse = decode_attention(q, k_cache, v_cache, step.visible, cache.tail, softmax_scale=softmax_scale)
     if cache.world_size == 1:
         return out
