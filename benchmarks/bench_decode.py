@@ -253,6 +253,7 @@ def main() -> None:
     log(f"copy bandwidth {bandwidth:.0f} GB/s")
     with torch.inference_mode():
         kernels = kernel_rows(cfg, device)
+    _write(args.out, [], kernels, quiet=True)
     random_timings: dict = {}
     model = build_gpt_model(cfg, method="apbv", device=device, timings=random_timings)
     rope = build_rope(cfg, device)
@@ -288,6 +289,7 @@ def main() -> None:
                                                  / row["bandwidth_limit_tokens_per_second"], 4)
                 log(json.dumps(row))
                 rows.append(row)
+                _write(args.out, rows, kernels, quiet=True)  # partial results survive a time limit
                 del runner
             del cache
             torch.cuda.empty_cache()
@@ -320,11 +322,12 @@ def main() -> None:
     shutdown()
 
 
-def _write(out: str, rows: list, kernels: list) -> None:
+def _write(out: str, rows: list, kernels: list, quiet: bool = False) -> None:
     result = {"rows": rows, "kernel_rows": kernels}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result), flush=True)
+    if not quiet:
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -375,14 +375,11 @@ def main():
             row = measure(Work(32768, n_pass, a, 0, d=d, hq=hq, hkv=hkv), sdpa=(), ways=())
             res["head_dim_routes"].append(judge_route(row))
             torch.cuda.empty_cache()
+            # after every row: a run cut short by its time limit still leaves what it measured
+            res["route_table"] = route_table(res["head_dim_routes"], name)
+            if args.routes_out:
+                pathlib.Path(args.routes_out).write_text(json.dumps(res["route_table"], indent=1) + "\n")
             save()
-    if res["head_dim_routes"]:
-        table = route_table(res["head_dim_routes"], name)
-        res["route_table"] = table
-        if args.routes_out:
-            pathlib.Path(args.routes_out).write_text(json.dumps(table, indent=1) + "\n")
-            print(f"route table -> {args.routes_out}", file=sys.stderr)
-        save()
 
     # Triton vs cuDNN route on smaller blocks: where the route table switches
     res["crossover"] = []

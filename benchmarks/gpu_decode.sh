@@ -20,11 +20,11 @@ keep() { cp -f "$scratch/$1.log" "$out/" 2>/dev/null; }
 
 step gpu_tests 120 python3 -m pytest -q -p no:cacheprovider --tb=short -rs tests/test_decode_gpu.py
 keep gpu_tests
-step bench_decode 230 torchrun --nproc_per_node 1 benchmarks/bench_decode.py configs/qwen25vl_7b_lm.yaml \
+step bench_decode 220 torchrun --nproc_per_node 1 benchmarks/bench_decode.py configs/qwen25vl_7b_lm.yaml \
   --out "$out/decode_gpu.json" --profile-dir "$out" --steps 64 --eager-steps 8
 keep bench_decode
-step bench_kernels 110 python3 benchmarks/bench_kernels.py --no-tests --lengths "" --crossover "" \
-  --out "$out/kernels_gpu.json" --routes-out "$out/attention_routes_measured.json"
+step bench_kernels 140 python3 benchmarks/bench_kernels.py --no-tests --lengths "" --crossover "" \
+  --head-dims 96,80,64,128 --out "$out/kernels_gpu.json" --routes-out "$out/attention_routes_measured.json"
 keep bench_kernels
 echo "total $(( $(date +%s) - t_start ))s" | tee -a "$steps_file"
 exit 0
