@@ -305,7 +305,8 @@ def route_table(rows: list[dict], device_name: str) -> dict:
         old_from = entry.get("cudnn_from_rows")
         entry.update({
             "device": device_name,
-            "software": f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, Triton {triton.__version__}",
+            "software": (f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
+                         f"Triton {triton.__version__}"),
             "tflops": tflops, "tflops_by_gqa": by_gqa,
             "cudnn_from_rows": (min(old_from or mine[0]["L"], mine[0]["L"]) if cudnn_wins else None),
             "cudnn_native_gqa": entry.get("cudnn_native_gqa", False),
