@@ -20,8 +20,8 @@ shape per call, eight layers' caches in turn so that L2 holds none of them, 64
 calls replayed from a CUDA graph) next to a device copy of the same bytes (the
 valid K and V rows, also eight buffers in turn): ``kernel_gbps`` = bytes read / time,
 ``copy_gbps`` = (read + write) / time, ``fraction_of_copy`` their ratio, for each
-split combine (``in_kernel``, ``kernel``) and split count (programs per SM; ``default``
-marks the kernel's own choice).
+split combine (``in_kernel``, ``kernel``), split count (programs per SM), keys per tile,
+stages and warps (``KERNEL_VARIANTS``; ``default`` marks the kernel's own launch).
 """
 
 from __future__ import annotations
@@ -37,8 +37,13 @@ from pathlib import Path
 import torch
 
 SETTINGS = ((32768, 1), (131072, 1), (32768, 8))
-# (split combine, programs per SM) of the kernel rows: the defaults and their neighbours
-KERNEL_VARIANTS = (("in_kernel", 1), ("in_kernel", 2), ("in_kernel", 4), ("kernel", 2), ("kernel", 4))
+# kernel rows: (split combine, programs per SM, keys per tile, pipeline stages, warps); the first of each
+# combine with 64 / 3 / 4 is the kernel's default launch, the others its neighbours
+KERNEL_VARIANTS = (
+    ("in_kernel", 1, 64, 3, 4), ("in_kernel", 2, 64, 3, 4), ("in_kernel", 4, 64, 3, 4),
+    ("in_kernel", 2, 128, 2, 4), ("in_kernel", 2, 64, 4, 4), ("in_kernel", 2, 64, 3, 8),
+    ("kernel", 2, 64, 3, 4), ("kernel", 4, 64, 3, 4),
+)
 
 
 def log(*args) -> None:
@@ -85,9 +90,15 @@ def _graphed_ms(fn, calls: int) -> float:
     return best
 
 
+def _splits(capacity: int, wanted: int, block_n: int) -> int:
+    """The splits a launch really runs: split lengths round up to whole tiles (kernels/decode_attention.py)."""
+    split_len = -(-(-(-capacity // wanted)) // block_n) * block_n
+    return -(-capacity // split_len)
+
+
 def kernel_rows(cfg, device, layers: int = 8, calls: int = 64) -> list[dict]:
     """The decode kernel on its own bytes next to a copy of the same bytes (module docstring)."""
-    from megatron_apbv.kernels.decode_attention import PROGRAMS_PER_SM, decode_attention, num_splits
+    from megatron_apbv.kernels.decode_attention import BLOCK_N, PROGRAMS_PER_SM, decode_attention, num_splits
 
     m = cfg.model
     dtype = getattr(torch, cfg.dtype)
@@ -105,15 +116,24 @@ def kernel_rows(cfg, device, layers: int = 8, calls: int = 64) -> list[dict]:
         dsts = [torch.empty_like(x) for x in srcs]
         copy_ms = _graphed_ms(lambda i: dsts[i % layers].copy_(srcs[i % layers]), calls)
         del srcs, dsts
-        for combine, per_sm in KERNEL_VARIANTS:
-            def call(i, combine=combine, per_sm=per_sm):
+        for combine, per_sm, block_n, stages, warps in KERNEL_VARIANTS:
+            launch = dict(combine=combine, programs_per_sm=per_sm, block_n=block_n, num_stages=stages,
+                          num_warps=warps)
+
+            def call(i, launch=launch):
                 k, v = caches[i % layers]
-                decode_attention(q, k, v, lengths, tail, softmax_scale=m.head_dim ** -0.5, combine=combine,
-                                 counters=counters, programs_per_sm=per_sm)
-            ms = _graphed_ms(call, calls)
-            row = {"prompt_tokens": prompt_tokens, "batch_size": batch, "combine": combine,
-                   "programs_per_sm": per_sm, "default": per_sm == PROGRAMS_PER_SM[combine],
-                   "splits": num_splits(shape[0], batch, m.num_query_groups, device, combine, per_sm),
+                decode_attention(q, k, v, lengths, tail, softmax_scale=m.head_dim ** -0.5, counters=counters,
+                                 **launch)
+            try:
+                ms = _graphed_ms(call, calls)
+            except Exception as exc:  # recorded, not hidden: e.g. a launch that needs too much shared memory
+                rows.append({"prompt_tokens": prompt_tokens, "batch_size": batch, **launch, "error": repr(exc)[:300]})
+                log(json.dumps(rows[-1]))
+                continue
+            row = {"prompt_tokens": prompt_tokens, "batch_size": batch, **launch,
+                   "default": (per_sm, block_n, stages, warps) == (PROGRAMS_PER_SM[combine], BLOCK_N, 3, 4),
+                   "splits": _splits(shape[0], num_splits(shape[0], batch, m.num_query_groups, device, combine,
+                                                          per_sm), block_n),
                    "kv_bytes": nbytes, "kernel_ms": round(ms, 5), "copy_ms": round(copy_ms, 5),
                    "kernel_gbps": round(nbytes / ms / 1e6, 1), "copy_gbps": round(2 * nbytes / copy_ms / 1e6, 1),
                    "device": torch.cuda.get_device_name(device)}

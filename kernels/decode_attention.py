@@ -197,13 +197,15 @@ def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, tail: torch.Tensor,
     *, softmax_scale: float, splits: int | None = None, combine: str = "in_kernel",
     counters: torch.Tensor | None = None, programs_per_sm: int | None = None,
+    block_n: int = BLOCK_N, num_stages: int = 3, num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``megatron_apbv.apbv.decode.decode_attention``: ``(out [t, b, hq, d], lse [b, hq, t])``.
 
     ``combine`` picks where the splits are merged (module docstring). ``counters``
     (int32 ``[b * hkv]``, zero) are the in-kernel combine's counters; the kernel
     leaves them zero. Without them a zeroed tensor is allocated per call.
-    ``splits`` / ``programs_per_sm`` override :func:`num_splits` (benchmarks).
+    ``splits`` / ``programs_per_sm`` override :func:`num_splits`; ``block_n`` (keys per tile),
+    ``num_stages``, ``num_warps`` the launch (benchmarks sweep them).
     """
     if combine not in COMBINES:
         raise ValueError(f"decode_attention: combine={combine!r}; choose one of {COMBINES}")
@@ -215,7 +217,7 @@ def decode_attention(
     group = hq // hkv
     if splits is None:
         splits = num_splits(capacity, b, hkv, q.device, combine, programs_per_sm)
-    split_len = triton.cdiv(triton.cdiv(capacity, splits), BLOCK_N) * BLOCK_N
+    split_len = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n
     splits = triton.cdiv(capacity, split_len)
     fused = combine == "in_kernel"
     if fused and counters is None:
@@ -237,10 +239,10 @@ def decode_attention(
         lses.stride(0), lses.stride(1), lses.stride(2),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         hkv, split_len, splits, softmax_scale * _LOG2E.value,
-        T=t, GROUP=group, HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        T=t, GROUP=group, HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         FUSED_COMBINE=fused, CHUNK_S=max(1, 8192 // (block_m * d_pad)),
-        num_warps=4, num_stages=3,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if fused:
         return out, lse
