@@ -49,6 +49,7 @@ setup(
     package_data={
         "megatron_apbv": ["configs/*.yaml", "configs/*.jsonl"],
         "megatron_apbv.costmodel": ["profiles.yaml", "calibration_points.json"],
+        "megatron_apbv.apbv": ["attention_routes_measured.json"],
     },
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

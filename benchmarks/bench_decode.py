@@ -13,7 +13,15 @@ measured in the same run (a 4 GiB device-to-device copy reads and writes 4 GiB
 each: bandwidth = 2 x bytes / time), so ``bandwidth_limit_tokens_per_second =
 copy_bandwidth / bytes_per_step x batch``. Then the random model is written to
 local disk as a Hugging Face safetensors checkpoint and built + loaded from it.
-Writes ``{"rows": [...]}``; progress and the profile tables go to stderr / files.
+Writes ``{"rows": [...], "kernel_rows": [...]}``; progress and the profile tables go to stderr / files.
+
+``kernel_rows`` time the decode-attention kernel alone (one layer's cache of the 7B
+shape per call, eight layers' caches in turn so that L2 holds none of them, 64
+calls replayed from a CUDA graph) next to a device copy of the same bytes (the
+valid K and V rows, also eight buffers in turn): ``kernel_gbps`` = bytes read / time,
+``copy_gbps`` = (read + write) / time, ``fraction_of_copy`` their ratio, for each
+split combine (``in_kernel``, ``kernel``), split count (programs per SM), keys per tile,
+stages and warps (``KERNEL_VARIANTS``; ``default`` marks the kernel's own launch).
 """
 
 from __future__ import annotations
@@ -29,6 +37,13 @@ from pathlib import Path
 import torch
 
 SETTINGS = ((32768, 1), (131072, 1), (32768, 8))
+# kernel rows: (split combine, programs per SM, keys per tile, pipeline stages, warps); the first of each
+# combine with 64 / 3 / 4 is the kernel's default launch, the others its neighbours
+KERNEL_VARIANTS = (
+    ("in_kernel", 1, 64, 3, 4), ("in_kernel", 2, 64, 3, 4), ("in_kernel", 4, 64, 3, 4),
+    ("in_kernel", 2, 128, 2, 4), ("in_kernel", 2, 64, 4, 4), ("in_kernel", 2, 64, 3, 8),
+    ("kernel", 2, 64, 3, 4), ("kernel", 4, 64, 3, 4),
+)
 
 
 def log(*args) -> None:
@@ -50,6 +65,84 @@ def copy_bandwidth_gbps(device, gib: int = 4, repeat: int = 10) -> float:
         best = min(best, start.elapsed_time(end) / 1e3)
     del src, dst
     return 2 * (gib << 30) / best / 1e9
+
+
+def _graphed_ms(fn, calls: int) -> float:
+    """Milliseconds per ``fn(i)`` call, ``calls`` calls captured in one CUDA graph, best of 5 replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(3):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    best = float("inf")
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / calls)
+    return best
+
+
+def _splits(capacity: int, wanted: int, block_n: int) -> int:
+    """The splits a launch really runs: split lengths round up to whole tiles (kernels/decode_attention.py)."""
+    split_len = -(-(-(-capacity // wanted)) // block_n) * block_n
+    return -(-capacity // split_len)
+
+
+def kernel_rows(cfg, device, layers: int = 8, calls: int = 64) -> list[dict]:
+    """The decode kernel on its own bytes next to a copy of the same bytes (module docstring)."""
+    from megatron_apbv.kernels.decode_attention import BLOCK_N, PROGRAMS_PER_SM, decode_attention, num_splits
+
+    m = cfg.model
+    dtype = getattr(torch, cfg.dtype)
+    rows = []
+    for prompt_tokens, batch in SETTINGS:
+        shape = (prompt_tokens + 16, batch, m.num_query_groups, m.head_dim)
+        caches = [tuple(torch.empty(shape, dtype=dtype, device=device).normal_() for _ in range(2))
+                  for _ in range(layers)]
+        q = torch.randn(1, batch, m.num_attention_heads, m.head_dim, dtype=dtype, device=device)
+        lengths = torch.full((batch,), prompt_tokens, dtype=torch.int32, device=device)
+        tail = torch.ones_like(lengths)
+        counters = torch.zeros(batch * m.num_query_groups, dtype=torch.int32, device=device)
+        nbytes = 2 * prompt_tokens * batch * m.num_query_groups * m.head_dim * torch.finfo(dtype).bits // 8
+        srcs = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(layers)]
+        dsts = [torch.empty_like(x) for x in srcs]
+        copy_ms = _graphed_ms(lambda i: dsts[i % layers].copy_(srcs[i % layers]), calls)
+        del srcs, dsts
+        for combine, per_sm, block_n, stages, warps in KERNEL_VARIANTS:
+            launch = dict(combine=combine, programs_per_sm=per_sm, block_n=block_n, num_stages=stages,
+                          num_warps=warps)
+
+            def call(i, launch=launch):
+                k, v = caches[i % layers]
+                decode_attention(q, k, v, lengths, tail, softmax_scale=m.head_dim ** -0.5, counters=counters,
+                                 **launch)
+            try:
+                ms = _graphed_ms(call, calls)
+            except Exception as exc:  # recorded, not hidden: e.g. a launch that needs too much shared memory
+                rows.append({"prompt_tokens": prompt_tokens, "batch_size": batch, **launch, "error": repr(exc)[:300]})
+                log(json.dumps(rows[-1]))
+                continue
+            row = {"prompt_tokens": prompt_tokens, "batch_size": batch, **launch,
+                   "default": (per_sm, block_n, stages, warps) == (PROGRAMS_PER_SM[combine], BLOCK_N, 3, 4),
+                   "splits": _splits(shape[0], num_splits(shape[0], batch, m.num_query_groups, device, combine,
+                                                          per_sm), block_n),
+                   "kv_bytes": nbytes, "kernel_ms": round(ms, 5), "copy_ms": round(copy_ms, 5),
+                   "kernel_gbps": round(nbytes / ms / 1e6, 1), "copy_gbps": round(2 * nbytes / copy_ms / 1e6, 1),
+                   "device": torch.cuda.get_device_name(device)}
+            row["fraction_of_copy"] = round(row["kernel_gbps"] / row["copy_gbps"], 4)
+            log(json.dumps(row))
+            rows.append(row)
+        del caches
+        torch.cuda.empty_cache()
+    return rows
 
 
 def random_cache(cfg, prompt_tokens: int, batch: int, extra: int, device):
@@ -162,6 +255,8 @@ def main() -> None:
     parser.add_argument("--profile-dir", default=None)
     parser.add_argument("--checkpoint-dir", default="/tmp/apbv_decode_ckpt")
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--eager-steps", type=int, default=8, help="steps timed eagerly (the slow path)")
+    parser.add_argument("--skip-checkpoint", action="store_true", help="no checkpoint write + load")
     args = parser.parse_args()
 
     from megatron_apbv.inference.decode_step import DecodeRunner
@@ -176,6 +271,9 @@ def main() -> None:
     init_distributed(cfg, env, device)
     bandwidth = copy_bandwidth_gbps(device)
     log(f"copy bandwidth {bandwidth:.0f} GB/s")
+    with torch.inference_mode():
+        kernels = kernel_rows(cfg, device)
+    _write(args.out, [], kernels, quiet=True)
     random_timings: dict = {}
     model = build_gpt_model(cfg, method="apbv", device=device, timings=random_timings)
     rope = build_rope(cfg, device)
@@ -193,7 +291,7 @@ def main() -> None:
                 runner = DecodeRunner(model, rope, cache, pos, cuda_graph=graphed)
                 if not graphed:
                     runner.step()  # allocates the output buffers
-                step_ms = time_steps(runner, args.steps)
+                step_ms = time_steps(runner, args.steps if graphed else args.eager_steps)
                 if args.profile_dir and prompt_tokens == SETTINGS[0][0] and batch == 1:
                     Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
                     profile_step(runner, Path(args.profile_dir) / f"profile_step_{runner.mode}.txt",
@@ -205,15 +303,21 @@ def main() -> None:
                     "copy_bandwidth_gbps": round(bandwidth, 1),
                     "bandwidth_limit_tokens_per_second": round(bandwidth * 1e9 / nbytes * batch, 2),
                     "dtype": cfg.dtype, "device": torch.cuda.get_device_name(device),
+                    "decode_layers": runner.layers_path,
                 }
                 row["fraction_of_limit"] = round(row["decode_tokens_per_second"]
                                                  / row["bandwidth_limit_tokens_per_second"], 4)
                 log(json.dumps(row))
                 rows.append(row)
+                _write(args.out, rows, kernels, quiet=True)  # partial results survive a time limit
                 del runner
             del cache
             torch.cuda.empty_cache()
 
+    if args.skip_checkpoint:
+        _write(args.out, rows, kernels)
+        shutdown()
+        return
     # Checkpoint of this shape on local disk, then a fresh build + load from it.
     folder = Path(args.checkpoint_dir)
     shutil.rmtree(folder, ignore_errors=True)
@@ -234,10 +338,16 @@ def main() -> None:
         row.update(checkpoint_gb=round(gigabytes, 2), build_seconds=timings["build_seconds"],
                    load_seconds=timings["load_seconds"], checkpoint_loaded_equal=same,
                    random_init_seconds=random_timings["build_seconds"])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-    print(json.dumps({"rows": rows}), flush=True)
+    _write(args.out, rows, kernels)
     shutdown()
+
+
+def _write(out: str, rows: list, kernels: list, quiet: bool = False) -> None:
+    result = {"rows": rows, "kernel_rows": kernels}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    if not quiet:
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -266,6 +266,56 @@ def probe_cudnn_op():
     return res
 
 
+GQA_SHAPES = ((28, 4), (16, 2))  # (query heads, KV heads): Qwen2.5-VL-7B, -3B
+ROUTES = ("triton", "cudnn")
+NOISE = 0.03  # run-to-run spread of these timings (kernels/NOTES.md): "no slower" within it
+
+
+def judge_route(row: dict) -> dict:
+    """The head-dim row with the best measured route and whether the routed call is no slower than it."""
+    measured = {r: row[f"ours_{r}_tflops"] for r in ROUTES if f"ours_{r}_tflops" in row}
+    if measured:
+        row["best_route"] = max(measured, key=measured.get)
+        row["best_tflops"] = measured[row["best_route"]]
+    routed = row.get("ours_routed_tflops")
+    row["routed_no_slower_than_best"] = (routed is not None and bool(measured)
+                                         and routed >= (1 - NOISE) * row["best_tflops"])
+    return row
+
+
+def route_table(rows: list[dict], device_name: str) -> dict:
+    """``attention_routes_measured.json`` rebuilt from the head-dim rows (the other GPU generations kept).
+
+    cuDNN is taken for a head dim when it was faster at every GQA ratio measured; the TFLOP/s of
+    the 7B ratio are the table's numbers, every ratio's under ``tflops_by_gqa``.
+    """
+    gen = torch.cuda.get_device_capability()[0]
+    table = json.loads(attention_routes.MEASURED_FILE.read_text())
+    for d in sorted({r["d"] for r in rows}):
+        mine = [r for r in rows if r["d"] == d and all(f"ours_{x}_tflops" in r for x in ROUTES)]
+        if not mine:
+            continue
+        key = f"{gen}/{d}"
+        entry = table.get(key, {})
+        by_gqa = {f"{r['hq']}/{r['hkv']}": {x: round(r[f"ours_{x}_tflops"], 1) for x in ROUTES} for r in mine}
+        first = by_gqa.get(f"{HQ}/{HKV}", next(iter(by_gqa.values())))
+        cudnn_wins = all(v["cudnn"] > v["triton"] for v in by_gqa.values())
+        tflops = dict(entry.get("tflops", {}))
+        tflops[str(mine[0]["L"])] = first
+        old_from = entry.get("cudnn_from_rows")
+        entry.update({
+            "device": device_name,
+            "software": (f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
+                         f"Triton {triton.__version__}"),
+            "tflops": tflops, "tflops_by_gqa": by_gqa,
+            "cudnn_from_rows": (min(old_from or mine[0]["L"], mine[0]["L"]) if cudnn_wins else None),
+            "cudnn_native_gqa": entry.get("cudnn_native_gqa", False),
+            "source": "bench_kernels.py head_dim_routes (kernels_gpu.json)",
+        })
+        table[key] = entry
+    return table
+
+
 def best(row, how):
     cands = [(row[f"sdpa_{b}_{how}_tflops"], b) for b in BACKENDS if f"sdpa_{b}_{how}_tflops" in row]
     return max(cands) if cands else (None, None)
@@ -277,6 +327,9 @@ def main():
     ap.add_argument("--lengths", default="32768,65536,131072")
     ap.add_argument("--crossover", default="4096,8192,16384", help="block lengths for the Triton/cuDNN crossover")
     ap.add_argument("--no-tests", action="store_true")
+    ap.add_argument("--head-dims", default="64,80,96,128", help="head dims of the route rows (head_dim_routes)")
+    ap.add_argument("--routes-out", default=None,
+                    help="write the route table rebuilt from the head-dim rows here (attention_routes_measured.json)")
     args = ap.parse_args()
 
     name = torch.cuda.get_device_name()
@@ -314,13 +367,20 @@ def main():
             torch.cuda.empty_cache()
             save()
 
-    # head dims of other models (vision tower d = 80): 32K block work, ours vs SDPA
-    res["head_dims"] = []
-    for d, hq, hkv in ((64, 32, 8), (80, 16, 16), (96, 24, 4)):
-        a, _, n_pass = workload(32768)
-        res["head_dims"].append(measure(Work(32768, n_pass, a, 0, d=d, hq=hq, hkv=hkv), ways=("lower_right", "split")))
-        torch.cuda.empty_cache()
-        save()
+    # every head dim our models use, at both GQA ratios of Qwen2.5-VL (7B 28/4, 3B 16/2; 72B's 64/8 is the 3B
+    # ratio): 32K block work, each of our routes, and the route table rebuilt from the measurement
+    res["head_dim_routes"] = []
+    for d in [int(x) for x in args.head_dims.split(",") if x]:
+        for hq, hkv in GQA_SHAPES:
+            a, _, n_pass = workload(32768)
+            row = measure(Work(32768, n_pass, a, 0, d=d, hq=hq, hkv=hkv), sdpa=(), ways=())
+            res["head_dim_routes"].append(judge_route(row))
+            torch.cuda.empty_cache()
+            # after every row: a run cut short by its time limit still leaves what it measured
+            res["route_table"] = route_table(res["head_dim_routes"], name)
+            if args.routes_out:
+                pathlib.Path(args.routes_out).write_text(json.dumps(res["route_table"], indent=1) + "\n")
+            save()
 
     # Triton vs cuDNN route on smaller blocks: where the route table switches
     res["crossover"] = []
@@ -332,6 +392,10 @@ def main():
     res["cudnn_faster_from_L"] = next((L for L in faster if all(x in faster for x in
                                                                [r["L"] for r in ladder if r["L"] >= L])), None)
 
+    if not lengths:
+        save()
+        print(json.dumps({"out": str(out_path), "head_dim_routes": res["head_dim_routes"]}))
+        return
     # the scoring + select step of one block (L = first length)
     L = lengths[0]
     kb = torch.randn(L, 1, HKV, D, device="cuda", dtype=DT)

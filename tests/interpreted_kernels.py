@@ -13,7 +13,7 @@ import types
 from pathlib import Path
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
-MODULES = ("apb_attention", "decode_attention", "lse_merge", "passing_scores")
+MODULES = ("apb_attention", "decode_attention", "decode_step", "lse_merge", "passing_scores")
 
 
 def load_interpreted_kernels(name: str) -> types.ModuleType:

@@ -90,7 +90,7 @@ def test_decode_kernel_under_interpreter():
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pathlib.Path(__file__)), "-k", "kernel_"],
         cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert f"{2 * len(CASES)} passed" in proc.stdout, proc.stdout[-2000:]
+    assert f"{4 * len(CASES)} passed" in proc.stdout, proc.stdout[-2000:]
 
 
 def _interpreted_kernel():
@@ -101,6 +101,9 @@ def _interpreted_kernel():
 
 @pytest.mark.skipif(not _IN_INTERP, reason="runs inside the TRITON_INTERPRET=1 subprocess")
 @pytest.mark.parametrize("dtype,splits", [(torch.float32, 1), (torch.float16, 3)])
+@pytest.mark.parametrize("combine", ["in_kernel", "kernel"])
 @pytest.mark.parametrize("case", CASES)
-def test_kernel_matches_float64(case, dtype, splits):
-    _check(_interpreted_kernel(), case, dtype, splits=splits)
+def test_kernel_matches_float64(case, dtype, splits, combine):
+    counters = torch.zeros(len(case[3]) * case[2], dtype=torch.int32)
+    _check(_interpreted_kernel(), case, dtype, splits=splits, combine=combine, counters=counters)
+    assert not counters.any()  # the in-kernel combine leaves its counters ready for the next call

@@ -161,3 +161,24 @@ def test_cudnn_route_assembles_the_apb_result(monkeypatch):
         ref_out, ref_lse = _torch_apb_attention(q, kp, vp, ka, va, kb, vb, anchor_rows=ar, softmax_scale=0.3)
         torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)  # the torch path computes in fp32
         torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-6)
+
+
+def test_route_table_is_read_from_its_json_and_null_means_triton(hopper_with_cudnn, monkeypatch, tmp_path):
+    """The table is data (attention_routes_measured.json, rebuilt by bench_kernels.py); a head dim whose
+    measurement found cuDNN slower (``cudnn_from_rows: null``) stays on Triton at every length."""
+    import json
+
+    path = tmp_path / "routes.json"
+    path.write_text(json.dumps({"9/96": {"tflops": {"32768": {"cudnn": 300.0, "triton": 350.0}},
+                                         "cudnn_from_rows": None},
+                                "9/80": {"tflops": {"32768": {"cudnn": 450.0, "triton": 351.0}},
+                                         "cudnn_from_rows": 32768}}))
+    table = attention_routes.load_measured(path)
+    assert table[(9, 96)]["tflops"] == {32768: {"cudnn": 300.0, "triton": 350.0}}
+    monkeypatch.setattr(attention_routes, "MEASURED", table)
+    square = dict(anchor_rows=0, n_pass=3000, n_anchor=2000)
+    assert route_for(CUDA, torch.bfloat16, 96, rows=65536, n_block=65536, **square).block_rows == TRITON
+    assert route_for(CUDA, torch.bfloat16, 80, rows=32768, n_block=32768, **square).block_rows == CUDNN
+    assert route_for(CUDA, torch.bfloat16, 80, rows=16384, n_block=16384, **square).block_rows == TRITON
+    committed = attention_routes.load_measured()
+    assert committed[(9, 128)]["cudnn_from_rows"] == 32768

@@ -24,7 +24,9 @@ is the recorded choice, not a fallback, and :func:`describe` reports it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -39,25 +41,24 @@ TORCH = "torch"
 FEW_QUERY_ROWS = 128
 KEY_CHUNK = 4096
 
-# (compute capability major, head dim) -> block-work TFLOP/s (visible pairs) of both routes at
-# block lengths L with n_pass + anchor prefix keys (W = 2 defaults, bench_kernels.py `workload`),
-# bf16, 28 query / 4 KV heads, and the smallest L from which cuDNN is taken.
-MEASURED = {
-    (9, 128): {
-        "device": "NVIDIA H200",
-        "software": "torch 2.11+cu130, cuDNN 9.19, Triton 3.6",
-        "tflops": {  # L: {route: TFLOP/s} on the block work (n_pass + anchor prefix keys)
-            32768: {CUDNN: 568.4, TRITON: 504.7},
-            65536: {CUDNN: 574.5, TRITON: 496.8},
-            131072: {CUDNN: 550.5, TRITON: 498.7},
-        },
-        # smallest measured block length; cuDNN was faster at every measured one (4K-16K not measured)
-        "cudnn_from_rows": 32768,
-        # the op took 4 KV heads for 28 query heads with a result identical to expanded K/V (max |diff| 0)
-        "cudnn_native_gqa": True,
-        "source": "benchmarks/results/kernels_h200.json (bench_kernels.py, commit f738c45)",
-    },
-}
+# (compute capability major, head dim) -> block-work TFLOP/s (visible pairs) of both routes at block lengths L
+# with n_pass + anchor prefix keys (W = 2 defaults, bench_kernels.py `workload`), bf16, and the smallest L from
+# which cuDNN is taken (null: Triton at every length). The numbers live in attention_routes_measured.json, which
+# bench_kernels.py rewrites from its measurement (its `route_table` output): the table is data, not code.
+MEASURED_FILE = Path(__file__).with_name("attention_routes_measured.json")
+
+
+def load_measured(path: Path = MEASURED_FILE) -> dict:
+    """The route table ``{(generation, head_dim): entry}`` of a ``attention_routes_measured.json`` file."""
+    raw = json.loads(path.read_text())
+    table = {}
+    for key, entry in raw.items():
+        gen, d = (int(x) for x in key.split("/"))
+        table[(gen, d)] = {**entry, "tflops": {int(L): r for L, r in entry.get("tflops", {}).items()}}
+    return table
+
+
+MEASURED = load_measured()
 
 
 def cudnn_op_available() -> bool:
@@ -85,7 +86,9 @@ def block_rows_route(device: torch.device, dtype: torch.dtype, head_dim: int, bl
     if dtype not in (torch.bfloat16, torch.float16) or block_rows != n_block or block_rows == 0:
         return TRITON
     entry = MEASURED.get((_generation(device), head_dim))
-    if entry is None or block_rows < entry["cudnn_from_rows"] or not cudnn_op_available():
+    if entry is None or entry.get("cudnn_from_rows") is None or block_rows < entry["cudnn_from_rows"]:
+        return TRITON
+    if not cudnn_op_available():
         return TRITON
     return CUDNN
 

@@ -34,6 +34,8 @@ def kernels_disabled() -> bool:
 KERNEL_MODULES = {
     "apb_attention": "apb_attention",
     "decode_attention": "decode_attention",
+    "decode_add_rms_norm": "decode_step",
+    "decode_qkv_rope_append": "decode_step",
     "merge_pair": "lse_merge",
     "merge_partials": "lse_merge",
     "passing_scores": "passing_scores",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from megatron_apbv.apbv.decode import DecodeCache, DecodeStep
+from megatron_apbv.inference.decode_layer import FusedDecodeLayers, rotary_cos_sin
 from megatron_apbv.models.gpt import vocab_logits
 
 
@@ -24,11 +25,20 @@ class DecodeRunner:
     ``positions`` is ``[b]`` (1-D RoPE) or ``[3, b]`` (multimodal RoPE): the
     positions of the tokens in ``tokens`` ``[b]``; both are advanced by the step
     itself (positions), and by the caller (tokens, via :meth:`feed`).
+
+    ``fused`` runs the layers as :class:`~megatron_apbv.inference.decode_layer.FusedDecodeLayers`
+    (the Triton kernels on CUDA); ``None`` chooses it on CUDA whenever the model
+    allows it (tensor parallel size 1), and Megatron's layers (torch ops) on CPU.
+    :attr:`layers_path` says which one runs.
     """
 
-    def __init__(self, model, rope, cache: DecodeCache, positions: torch.Tensor, *, cuda_graph: bool):
+    def __init__(self, model, rope, cache: DecodeCache, positions: torch.Tensor, *, cuda_graph: bool,
+                 fused: bool | None = None):
         self.model, self.rope, self.cache = model, rope, cache
         device = cache.lengths.device
+        if fused is None:
+            fused = device.type == "cuda" and FusedDecodeLayers.unsupported(model) is None
+        self.fused_layers = FusedDecodeLayers(model) if fused else None
         self.positions = positions.to(device).clone()
         self.tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=device)
         self.logits: torch.Tensor | None = None
@@ -40,6 +50,10 @@ class DecodeRunner:
     @property
     def mode(self) -> str:
         return "cuda_graph" if self.graph is not None else "eager"
+
+    @property
+    def layers_path(self) -> str:
+        return "fused" if self.fused_layers is not None else "megatron"
 
     def feed(self, tokens: torch.Tensor) -> None:
         """The tokens the next step embeds (one per sequence)."""
@@ -57,7 +71,11 @@ class DecodeRunner:
         step = DecodeStep.begin(self.cache, new_tokens=1)
         rotary = self.rope.per_sequence(self.positions[..., None])
         hidden = model.embedding(input_ids=self.tokens[:, None], position_ids=None)
-        hidden = model.decoder(hidden_states=hidden, attention_mask=step, rotary_pos_emb=rotary)
+        if self.fused_layers is not None:
+            cos, sin = rotary_cos_sin(rotary)
+            hidden = self.fused_layers.forward(hidden, step, cos, sin)
+        else:
+            hidden = model.decoder(hidden_states=hidden, attention_mask=step, rotary_pos_emb=rotary)
         logits = vocab_logits(model, hidden)
         step.commit()
         self.positions.add_(1)

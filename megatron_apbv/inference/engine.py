@@ -92,8 +92,8 @@ class Engine:
         APB-V fills the KV cache it carries), then the prompt's last token's logits ``[b, vocab]``."""
         return last_token_logits(self.model, self.rope, ids, pos, mask, inputs_embeds=embeds)
 
-    def decode_runner(self, cache, positions: torch.Tensor, *, cuda_graph: bool):
+    def decode_runner(self, cache, positions: torch.Tensor, *, cuda_graph: bool, fused: Optional[bool] = None):
         """Stage ``decode``: the static-shape step over ``cache`` (a ``DecodeCache``), eager or graphed."""
         from megatron_apbv.inference.decode_step import DecodeRunner
 
-        return DecodeRunner(self.model, self.rope, cache, positions, cuda_graph=cuda_graph)
+        return DecodeRunner(self.model, self.rope, cache, positions, cuda_graph=cuda_graph, fused=fused)

@@ -95,6 +95,7 @@ class BatchGeneration:
     decode_mode: str  # "cuda_graph" or "eager"
     capture_seconds: float
     stopped_by_signal: bool = False  # should_stop() ended the decoding early
+    layers_path: str = "megatron"  # DecodeRunner.layers_path: "fused" (FusedDecodeLayers) or "megatron"
 
     def record(self) -> dict:
         return {
@@ -110,7 +111,7 @@ class BatchGeneration:
 @torch.inference_mode()
 def generate_batch(
     prefills: list[Prefill], settings: GenerateConfig, *, seed: int, stop_ids: list[int], cuda_graphs: bool,
-    should_stop: Optional[Callable[[], bool]] = None,
+    should_stop: Optional[Callable[[], bool]] = None, fused_layers: Optional[bool] = None,
 ) -> BatchGeneration:
     """Decode every sequence of ``prefills`` together, one static-shape step per token.
 
@@ -122,6 +123,7 @@ def generate_batch(
     which is dropped from its ids and not counted in the speed. Every rank of the
     APB-V group calls this with its own prefills of the same requests. ``should_stop()`` is asked
     every :data:`STOP_CHECK_EVERY` steps; the group stops together when it is true on any rank.
+    ``fused_layers`` is :class:`~megatron_apbv.inference.decode_step.DecodeRunner`'s ``fused``.
     """
     first = prefills[0]
     device = first.logits.device
@@ -147,7 +149,7 @@ def generate_batch(
     finite = FiniteTracker(device)  # decode steps: a device-side flag, checked once after the loop
     done = torch.isin(token, stop)
     capture_start = time.perf_counter()
-    runner = Engine.of(first).decode_runner(cache, positions, cuda_graph=cuda_graphs)
+    runner = Engine.of(first).decode_runner(cache, positions, cuda_graph=cuda_graphs, fused=fused_layers)
     capture_seconds = time.perf_counter() - capture_start if cuda_graphs else 0.0
     sync(device)
     start = time.perf_counter()
@@ -176,6 +178,7 @@ def generate_batch(
         decode_mode=runner.mode,
         capture_seconds=capture_seconds,
         stopped_by_signal=stopped,
+        layers_path=runner.layers_path,
     )
 
 
