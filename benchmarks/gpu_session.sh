@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# One device call of this session's work (issues 25-27): the installed wheel on the GPU image, the GPU tests,
-# our vision tower against transformers'; `jobs` instead runs the job benchmark (serial vs pipelined).
-# Usage (device machine, repo root, wheels in .whl/, the project's wheel in .whl/apbv/):
-#   bash benchmarks/gpu_session.sh "$OUT" [check|jobs]
+# One device call (at most ~10 minutes) of the session's GPU work, by part:
+#   check: every GPU test, our vision tower against transformers' (bench_vision), decoding (bench_decode)
+#   jobs:  the job benchmark (serial vs pipelined, bench_jobs)
+#   all:   in one call, shorter limits: every GPU test, bench_vision, bench_jobs
+#   wheel: the installed wheel on the GPU image, run from an empty folder
+# Usage (device machine, repo root, wheels in .whl/, the project's wheel in .whl/apbv/ for `wheel`):
+#   bash benchmarks/gpu_session.sh "$OUT" [check|jobs|wheel]
 set -uo pipefail
 out="${1:-/tmp/apbv_gpu_session}"; part="${2:-check}"; mkdir -p "$out"
 scratch=$(mktemp -d); t_start=$(date +%s)
@@ -10,7 +13,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
 steps_file="$out/steps.txt"
 source "$(dirname "$0")/gpu_step.sh"
-if [[ $part == check ]]; then
+if [[ $part == wheel ]]; then
   # The wheel as users install it on the GPU image: its own folder, run from an empty one (no repository on the path).
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/apbv_wheel .whl/apbv/*.whl || exit 1
   (mkdir -p /tmp/empty && cd /tmp/empty && export PYTHONPATH=/tmp/apbv_wheel:/tmp/site PYTHONUNBUFFERED=1 &&
@@ -19,11 +22,25 @@ if [[ $part == check ]]; then
    step wheel_infer_gpu 180 torchrun --nproc_per_node 1 -m megatron_apbv infer ex/tiny_cpu.yaml \
      parallel.context_parallel_size=1 device=cuda --requests req.jsonl --output ans.jsonl --quiet &&
    cp ans.jsonl "$out/wheel_infer_answers.jsonl"; python3 -c "import megatron_apbv, sys; print(megatron_apbv.__file__)" >> "$out/steps.txt")
-  export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
-  step gpu_tests 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_kernels_gpu.py \
+elif [[ $part == check ]]; then
+  export PYTHONPATH="$PWD:/tmp/site" PATH="/tmp/site/bin:$PATH" PYTHONUNBUFFERED=1
+  step gpu_tests 200 python3 -m pytest -q -p no:cacheprovider --tb=short -rs tests/test_kernels_gpu.py \
     tests/test_gpu_integration.py tests/test_decode_gpu.py tests/test_vision_tower.py tests/test_vision_attention.py
   cp "$scratch/gpu_tests.log" "$out/gpu_tests.log"
-  step bench_vision 220 python3 benchmarks/bench_vision.py --out "$out" --repeat 2 --budget 120
+  step bench_vision 180 python3 benchmarks/bench_vision.py --out "$out" --repeat 2 --budget 100
+  cp "$scratch/bench_vision.log" "$out/bench_vision.log"
+  step bench_decode 180 torchrun --nproc_per_node 1 benchmarks/bench_decode.py configs/qwen25vl_7b_lm.yaml \
+    --out "$out/decode_gpu.json" --profile-dir "$out" --steps 64 --eager-steps 8
+  cp "$scratch/bench_decode.log" "$out/bench_decode.log"
+elif [[ $part == all ]]; then
+  export PYTHONPATH="$PWD:/tmp/site" PATH="/tmp/site/bin:$PATH" PYTHONUNBUFFERED=1
+  step gpu_tests 120 python3 -m pytest -q -p no:cacheprovider --tb=short -rs tests/test_decode_gpu.py \
+    tests/test_vision_tower.py tests/test_kernels_gpu.py tests/test_gpu_integration.py tests/test_vision_attention.py
+  cp "$scratch/gpu_tests.log" "$out/gpu_tests.log"
+  step bench_vision 110 python3 benchmarks/bench_vision.py --out "$out" --repeat 2 --budget 40
+  cp "$scratch/bench_vision.log" "$out/bench_vision.log"
+  step bench_jobs 330 python3 benchmarks/bench_jobs.py --out "$out/jobs_gpu.json"
+  cp "$scratch/bench_jobs.log" "$out/bench_jobs.log"
 else
   export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
   step bench_jobs 520 python3 benchmarks/bench_jobs.py --out "$out/jobs_gpu.json"
