@@ -255,6 +255,7 @@ def _scrape(port):
 
 
 def test_metrics_endpoint_scraped_while_the_job_is_paused_mid_way(tmp_path):
+    pytest.importorskip("prometheus_client")  # the [metrics] extra (in [test])
     rows = [{"id": f"r{i}", "input.video_frames": 1 + i % 5, "generate.max_new_tokens": 6} for i in range(40)]
     rows[3] = {"id": "bad", "input.video_frames": -1}
     requests = _write(tmp_path / "requests.jsonl", rows)
@@ -288,6 +289,10 @@ def test_metrics_endpoint_scraped_while_the_job_is_paused_mid_way(tmp_path):
         raise
     results = collect(procs, 120)
     assert all(rc == 0 for rc, _, _ in results), show(results)
+    # off a terminal rank 0's progress is plain lines (one per jobs.progress_seconds, and the last one)
+    assert re.search(r"^apbv infer: 40/40 done, errors 1 \| [0-9.]+ req/s \| [0-9.]+ tok/s \| ETA 0s",
+                     results[0][2], re.M), results[0][2][-2000:]
+    assert "done, errors" not in results[1][2]
     answered = [r for r in records if "error" not in r]
     assert 5 <= len(records) < 40  # scraped in the middle of the job
     assert metrics["apbv_requests_total"] == len(answered)
