@@ -4,7 +4,8 @@ Both read the job's counters from the store (:mod:`.scheduler`), which every rep
 updates, so they show all replicas; neither waits for rank 0's own replica, which may be in the
 middle of a long request. A daemon thread polls the counters (every second on a terminal,
 every ``jobs.progress_seconds`` in a log); the metrics endpoint (:mod:`.metrics`) reads them
-at each scrape.
+at each scrape. (A TCPStore client serialises its operations under one lock, so these threads
+and the main one share the job's store safely.)
 """
 
 from __future__ import annotations
