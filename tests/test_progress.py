@@ -28,3 +28,40 @@ def test_other_ranks_print_nothing():
     progress.note("note")
     progress.close()
     assert out.getvalue() == ""
+
+
+def test_counts_off_a_terminal_print_one_line_per_interval_and_a_last_one(monkeypatch):
+    import megatron_apbv.runtime.progress as module
+
+    clock = {"now": 100.0}
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock["now"])
+    out = io.StringIO()
+    progress = Progress(40, "apbv infer", stream=out, interval=30.0)
+    for t, done, errors, tokens in ((10, 2, 0, 20), (31, 10, 1, 310), (45, 12, 1, 400), (61, 20, 1, 610)):
+        clock["now"] = 100.0 + t
+        progress.update(done, errors, tokens)
+    progress.close()
+    lines = out.getvalue().splitlines()
+    # at 31 s (>= 30 s since the start) and 61 s (30 s after that), then the last counts at close
+    assert lines == [
+        "apbv infer: 10/40 done, errors 1 | 0.32 req/s | 10.0 tok/s | ETA 93s (31 s so far)",
+        "apbv infer: 20/40 done, errors 1 | 0.33 req/s | 10.0 tok/s | ETA 61s (61 s so far)",
+        "apbv infer: 20/40 done, errors 1 | 0.33 req/s | 10.0 tok/s | ETA 61s (61 s so far)",
+    ]
+
+
+def test_counts_on_a_terminal_move_the_bar():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Terminal()
+    progress = Progress(4, "apbv infer", stream=tty)
+    progress.update(2, 1, 8)
+    assert progress.bar.n == 2 and "errors 1" in tty.getvalue()
+    progress.close()
+    quiet = Terminal()
+    progress = Progress(4, "apbv infer", enabled=False, stream=quiet)
+    progress.update(2, 0)
+    progress.close()
+    assert quiet.getvalue() == ""

@@ -46,11 +46,21 @@ def summary_path(output: str | Path) -> Path:
     return output.with_name(output.name.removesuffix(".jsonl") + ".summary.json")
 
 
+def record_id(value) -> Optional[str]:
+    """The request id of an answer record (None when ``value`` is none): an object with a string id and
+    generated ids or an error, or an OpenAI batch output line (``--output-format openai``: its custom_id)."""
+    if not isinstance(value, dict):
+        return None
+    if isinstance(value.get("custom_id"), str) and "response" in value and "error" in value:
+        return value["custom_id"]
+    if isinstance(value.get("id"), str) and ("generated_ids" in value or "error" in value):
+        return value["id"]
+    return None
+
+
 def is_answer_record(value) -> bool:
-    """A record this module writes: an object with a string id and generated ids or an error."""
-    return isinstance(value, dict) and isinstance(value.get("id"), str) and (
-        "generated_ids" in value or "error" in value
-    )
+    """A record this module writes (see :func:`record_id`)."""
+    return record_id(value) is not None
 
 
 def looks_like_answers(head: bytes) -> bool:
@@ -90,11 +100,12 @@ def _record_problem(line: bytes, seen: dict[str, int]) -> tuple[Optional[str], O
         value = loads_bounded(line)
     except JSONLineError as err:
         return None, str(err)
-    if not is_answer_record(value):
+    rid = record_id(value)
+    if rid is None:
         return None, "not an answer record (an object with a string id and generated_ids or error)"
-    if value["id"] in seen:
-        return None, f"repeats id {value['id']!r} of line {seen[value['id']]}"
-    return value["id"], None
+    if rid in seen:
+        return None, f"repeats id {rid!r} of line {seen[rid]}"
+    return rid, None
 
 
 def recover_answers(output: str | Path) -> set[str]:
@@ -171,7 +182,7 @@ class AnswerWriter:
                     pass
             why = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
             raise OutputError(
-                f"--output={str(self.path)!r}: cannot write the record of {record.get('id')!r}: {why}; the records "
+                f"--output={str(self.path)!r}: cannot write the record of {record_id(record)!r}: {why}; the records "
                 "before it are on disk: free space and run again to resume"
             ) from None
         finally:

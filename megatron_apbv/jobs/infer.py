@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -48,10 +50,12 @@ from megatron.core import parallel_state
 from megatron_apbv.inference.engine import STAGES, Engine
 from megatron_apbv.inference.stage_clock import StageClock
 from megatron_apbv.jobs.answers import AnswerWriter, check_answer_outputs, recover_answers, write_summary
-from megatron_apbv.jobs.progress import Progress
+from megatron_apbv.jobs.metrics import metrics_port, reset_stage_histograms
+from megatron_apbv.jobs.monitor import JobMonitor
+from megatron_apbv.jobs.openai_batch import OpenAIOutput
 from megatron_apbv.jobs.replica import Replica
-from megatron_apbv.jobs.requests import PlannedRequest, plan_requests, read_requests
-from megatron_apbv.jobs.scheduler import WorkQueue
+from megatron_apbv.jobs.requests import REQUEST_FORMATS, PlannedRequest, plan_requests, read_requests
+from megatron_apbv.jobs.scheduler import WorkQueue, job_store, reset_job_counters
 from megatron_apbv.jobs.serve import serve_pipelined, serve_serial
 from megatron_apbv.runtime.agreement import _collective_device
 from megatron_apbv.runtime.config import ConfigError, RunConfig
@@ -63,7 +67,15 @@ def add_arguments(parser) -> None:
                         help="one JSON object per line: an id plus input.*, generate.*, seed overrides")
     parser.add_argument("--output", required=True, metavar="ANSWERS.jsonl",
                         help="answers are appended here (one JSON line per request); existing ids are skipped")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--requests-format", choices=REQUEST_FORMATS, default="auto",
+                        help="dotted: {id, input.*, generate.*, seed}; openai: the OpenAI Batch API lines vLLM's "
+                             "run-batch reads; auto (default): the first line's")
+    parser.add_argument("--output-format", choices=("apbv", "openai"), default="apbv",
+                        help="apbv: our records (ids, text, seconds); openai: OpenAI Batch output lines (needs "
+                             "model.tokenizer)")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="rank 0 serves Prometheus metrics on PORT (default: jobs.metrics_port; 0: a free port)")
     parser.add_argument("--pipeline", choices=("pipelined", "serial"), default=None,
                         help="pipelined: prefetched frames, continuous batched decoding; serial: one request after "
                              "another, stage after stage (default: jobs.pipeline)")
@@ -79,7 +91,8 @@ def prepare(args, cfg: RunConfig) -> list[PlannedRequest]:
     from megatron_apbv.runtime.launch_env import LaunchEnv
 
     target = check_answer_outputs(args.output, args.requests)
-    planned = plan_requests(read_requests(args.requests), args.config, args.overrides)
+    check_job_options(cfg, args.output_format, args.metrics_port)
+    planned = plan_requests(read_requests(args.requests, args.requests_format), args.config, args.overrides)
     args.output_claim = None
     if LaunchEnv.from_environ().rank == 0:
         try:
@@ -87,6 +100,26 @@ def prepare(args, cfg: RunConfig) -> list[PlannedRequest]:
         except ConfigError as err:
             args.output_claim = str(err)
     return planned
+
+
+def check_job_options(cfg: RunConfig, output_format: str, port: Optional[int]) -> None:
+    """What the output format and the metrics need is there (every rank, before any collective)."""
+    if output_format == "openai" and _tokenizer_dir(cfg) is None:
+        raise ConfigError(
+            "--output-format openai: the answers are text, so the config needs model.tokenizer (or a "
+            "model.checkpoint with tokenizer files)"
+        )
+    port = metrics_port(port, cfg.jobs.metrics_port)
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(f"--metrics-port={port}: a TCP port is 0..65535 (0: any free port)")
+    if port is not None:
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "--metrics-port / jobs.metrics_port: needs the prometheus-client package (pip install "
+                "prometheus-client)"
+            ) from None
 
 
 def _all_max(values: list[float], device) -> list[float]:
@@ -114,11 +147,6 @@ def command(args, cfg: RunConfig, env, device: torch.device) -> dict:
 def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict, engine: Optional[Engine] = None) -> dict:
     """The job on this rank; ``engine`` (default: built here from ``cfg``) lets a benchmark reuse one model."""
     planned: list[PlannedRequest] = args.prepared
-    group = parallel_state.get_tensor_and_context_parallel_group()
-    size = dist.get_world_size(group)
-    replica_index = parallel_state.get_data_parallel_rank()
-    replicas = parallel_state.get_data_parallel_world_size()
-    world_device = _collective_device(None)
 
     answered: list = [None]
     if env.rank == 0:  # under the job's lock only: recover_answers may cut a torn last line off
@@ -138,33 +166,21 @@ def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict, engine
     pending = [item for item in planned if item.request.id not in done_ids]
 
     if engine is None:
-        video = any(p.cfg is not None and p.cfg.input.kind == "video" for p in planned)
-        engine = Engine.build(cfg, device, vision=video)
+        engine = Engine.build(cfg, device, vision=needs_vision(planned))
     mode = args.pipeline or cfg.jobs.pipeline
-    queue = WorkQueue(len(pending), group)
-    replica = Replica(group, size, replica_index, queue)
-    if queue.is_leader:
-        replica.writer, replica.tokenizer = AnswerWriter(args.output), _tokenizer(cfg)
-    if env.rank == 0:
-        replica.progress = Progress(len(pending), quiet=args.quiet)
-    clock = StageClock(device, sync_first=mode == "serial")  # from the model loaded to the last record
-    try:
-        if mode == "serial":
-            serve_serial(replica, pending, engine, clock, stop)
-        else:
-            serve_pipelined(replica, pending, engine, clock, stop, cfg, cfg.jobs)
-    finally:
-        if replica.writer is not None:
-            replica.writer.close()
-        if replica.progress is not None:
-            replica.progress.close()
-    busy = clock.busy_fraction()
-    seconds, stopped = _all_max([clock.wall_seconds(), float(stop["signal"])], world_device)
-    sums = replica.totals.all_sum(world_device)
-    busy_mean = _all_mean(busy, world_device)
+    output_format = getattr(args, "output_format", "apbv")
+
+    def answer_file():
+        writer = AnswerWriter(args.output)
+        return OpenAIOutput(writer, _model_name(cfg)) if output_format == "openai" else writer
+
+    served = serve_requests(pending, cfg, engine, mode=mode, stop=stop, sink=answer_file, quiet=args.quiet,
+                            port=metrics_port(getattr(args, "metrics_port", None), cfg.jobs.metrics_port))
+    sums, seconds, stopped, busy_mean = served.sums, served.seconds, served.stopped, served.busy_mean
     finished = int(sums["answered"] + sums["errors"])
     summary = {
         "output": str(args.output),
+        "output_format": output_format,
         "requests": len(planned),
         "answered_before": len(done_ids),
         "answered": int(sums["answered"]),
@@ -176,7 +192,7 @@ def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict, engine
         "prefetch_depth": cfg.jobs.prefetch_depth if mode == "pipelined" else 0,
         "prefetch_workers": cfg.jobs.prefetch_workers if mode == "pipelined" else 0,
         "world_size": env.world_size,
-        "data_parallel_size": replicas,
+        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
         "context_parallel_size": cfg.parallel.context_parallel_size,
         "tensor_parallel_size": cfg.parallel.tensor_parallel_size,
         "seconds": round(seconds, 6),
@@ -194,12 +210,67 @@ def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict, engine
         print(
             f"apbv infer: {summary['answered']} answered, {summary['errors']} errors, {summary['remaining']} remaining"
             f"{' (stopped by SIGTERM)' if stopped else ''} in {seconds:.1f} s = {summary['requests_per_second']} "
-            f"req/s, {summary['generated_tokens_per_second']} generated tok/s on {replicas} replica(s), {mode}; "
+            f"req/s, {summary['generated_tokens_per_second']} generated tok/s on {summary['data_parallel_size']} "
+            f"replica(s), {mode}; "
             f"GPU busy {summary['gpu_busy_fraction']}; stages (s): "
             + ", ".join(f"{k} {v:.2f}" for k, v in summary["stage_seconds"].items()),
             file=sys.stderr,
         )
     return summary
+
+
+@dataclass(frozen=True)
+class Served:
+    """What :func:`serve_requests` did, summed (or maxed) over every rank."""
+
+    sums: dict  # Totals.FIELDS -> the sum over the replicas' leaders
+    seconds: float  # wall seconds, the longest rank's
+    stopped: bool  # SIGTERM on some rank
+    busy_mean: Optional[float]  # mean GPU-busy fraction (None on CPUs)
+
+
+def needs_vision(planned: list[PlannedRequest]) -> bool:
+    """Whether some request has video frames (the engine then builds the vision tower)."""
+    return any(p.cfg is not None and p.cfg.input.kind == "video" for p in planned)
+
+
+def serve_requests(pending: list[PlannedRequest], cfg: RunConfig, engine: Engine, *, mode: str, stop: dict,
+                   sink: Callable[[], object], quiet: bool = True, port: Optional[int] = None) -> Served:
+    """Answer ``pending`` (the same list on every rank) over every data-parallel replica: collective.
+
+    Each replica's leader sends its records to ``sink()`` (made on the leaders only: an object with
+    ``append(record)`` and ``close()``); rank 0 shows the progress (unless ``quiet``) and, with
+    ``port``, serves the metrics. The job's counters in the store start from zero.
+    """
+    group = parallel_state.get_tensor_and_context_parallel_group()
+    world_device = _collective_device(None)
+    if dist.get_rank() == 0:
+        reset_job_counters()
+        reset_stage_histograms(job_store())
+    dist.barrier()  # nobody claims before the counters are zero
+    queue = WorkQueue(len(pending), group)
+    replica = Replica(group, dist.get_world_size(group), parallel_state.get_data_parallel_rank(), queue)
+    if queue.is_leader:
+        replica.writer, replica.tokenizer = sink(), _tokenizer(cfg)
+        replica.stage_histograms = port is not None
+    monitor = None
+    if dist.get_rank() == 0:
+        monitor = JobMonitor(queue, len(pending), quiet=quiet, interval=cfg.jobs.progress_seconds, port=port)
+    clock = StageClock(engine.device, sync_first=mode == "serial")  # from the model loaded to the last record
+    try:
+        if mode == "serial":
+            serve_serial(replica, pending, engine, clock, stop)
+        else:
+            serve_pipelined(replica, pending, engine, clock, stop, cfg, cfg.jobs)
+    finally:
+        if replica.writer is not None:
+            replica.writer.close()
+        if monitor is not None:
+            monitor.close()
+    busy = clock.busy_fraction()
+    seconds, stopped = _all_max([clock.wall_seconds(), float(stop["signal"])], world_device)
+    sums = replica.totals.all_sum(world_device)
+    return Served(sums, seconds, bool(stopped), _all_mean(busy, world_device))
 
 
 def _all_mean(value: Optional[float], device) -> Optional[float]:
@@ -210,9 +281,22 @@ def _all_mean(value: Optional[float], device) -> Optional[float]:
     return None if mean != mean else mean
 
 
-def _tokenizer(cfg: RunConfig):
-    """The tokenizer that renders generated text, when the config has one."""
-    from megatron_apbv.models.chat_prompt import has_tokenizer, load_tokenizer
+def _tokenizer_dir(cfg: RunConfig) -> Optional[str]:
+    from megatron_apbv.models.chat_prompt import has_tokenizer
 
     folder = cfg.model.tokenizer_dir
-    return load_tokenizer(folder) if folder and has_tokenizer(folder) else None
+    return folder if folder and has_tokenizer(folder) else None
+
+
+def _tokenizer(cfg: RunConfig):
+    """The tokenizer that renders generated text, when the config has one."""
+    from megatron_apbv.models.chat_prompt import load_tokenizer
+
+    folder = _tokenizer_dir(cfg)
+    return load_tokenizer(folder) if folder else None
+
+
+def _model_name(cfg: RunConfig) -> str:
+    """The ``model`` of an OpenAI output line: the checkpoint folder's name, else the tokenizer's."""
+    folder = cfg.model.checkpoint or cfg.model.tokenizer_dir
+    return Path(folder).name if folder else "apbv"

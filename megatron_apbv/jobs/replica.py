@@ -3,7 +3,8 @@
 Both pipelines (:mod:`.serve`) answer requests through a :class:`Replica`: every
 rank of the replica learns every rank's verdict on a request before the first
 collective on it (:meth:`Replica.agree`), and the replica's leader writes the
-record, counts it for the progress bar and adds it to the job's totals.
+record, counts it in the job's store (rank 0's progress and metrics read it there) and adds it to the
+job's totals.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_apbv.inference.engine import STAGES
+from megatron_apbv.inference.generate import stop_token_ids
+from megatron_apbv.jobs.metrics import observe_stages
 from megatron_apbv.jobs.requests import PlannedRequest
 
 
@@ -50,9 +53,9 @@ class Replica:
     size: int
     index: int  # the replica's data-parallel rank
     queue: object  # WorkQueue
-    writer: object = None  # AnswerWriter (leader)
+    writer: object = None  # where the leader's records go: append(record), close() (an AnswerWriter, a list)
     tokenizer: object = None  # renders generated text (leader, when the config has one)
-    progress: object = None  # Progress (global rank 0)
+    stage_histograms: bool = False  # the leader adds each answer's stage seconds to the job's metrics
     totals: Totals = field(default_factory=Totals)
 
     @property
@@ -88,6 +91,9 @@ class Replica:
             "anchor_len": cfg.anchor_len,
             "passing_lens": list(cfg.passing_lens()),
             "generated_ids": ids,
+            # OpenAI's finish_reason: a stop id ended it, or it ran to generate.max_new_tokens
+            "finish_reason": "stop" if ids and (len(ids) < cfg.generate.max_new_tokens
+                                                or ids[-1] in stop_token_ids(cfg)) else "length",
         }
         if self.tokenizer is not None:
             record["generated_text"] = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -95,10 +101,10 @@ class Replica:
         return record
 
     def write(self, record: dict) -> None:
-        """Leader: append the record, count it; rank 0: redraw the progress bar."""
+        """Leader: append the record, count it (and its stage seconds, with metrics on)."""
         if self.writer is not None:
             self.writer.append(record)
+            if self.stage_histograms and "error" not in record:
+                observe_stages(self.queue.store, record["seconds"])
             self.queue.finished("error" in record, len(record.get("generated_ids", ())))
             self.totals.add(record)
-        if self.progress is not None:
-            self.progress.update(*self.queue.counts(), tokens=self.queue.generated_tokens())

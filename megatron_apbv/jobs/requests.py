@@ -18,6 +18,10 @@ past ``parallel.timeout_seconds`` and fail the job on every resume).
 The file is JSON lines as :mod:`megatron_apbv.runtime.jsonl` reads them: split at
 ``\n`` only, a UTF-8 BOM skipped, nesting bounded; it must be a regular file of at
 most :data:`MAX_REQUEST_FILE_BYTES` (every rank reads all of it).
+
+The file may instead be in the OpenAI Batch dialect (:mod:`.openai_batch`, vLLM's ``run-batch``
+input), recognised by its first line or chosen with ``--requests-format``; its lines become the
+same requests.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from megatron_apbv.jobs.openai_batch import is_openai_line, openai_request
 from megatron_apbv.runtime.config import ConfigError, RunConfig
 from megatron_apbv.runtime.jsonl import JSONLineError, loads_bounded, split_lines
 from megatron_apbv.runtime.loading import dotted_tree, load_config
 
 REQUEST_SECTIONS = ("input", "generate")
 REQUEST_KEYS = ("seed",)
+REQUEST_FORMATS = ("auto", "dotted", "openai")
 MAX_REQUEST_FILE_BYTES = 1 << 30
 # `seed` of a request seeds its prompt (random ids, synthetic video) and its sampler; the weights come from the job's.
 
@@ -42,7 +48,8 @@ MAX_REQUEST_FILE_BYTES = 1 << 30
 class Request:
     id: str
     line: int  # 1-based line number in the request file
-    values: dict  # dotted key -> JSON value, as written
+    values: dict  # dotted key -> JSON value, as written (or translated from the OpenAI dialect)
+    error: Optional[str] = None  # a translated request this engine cannot honour: its error record
 
 
 @dataclass(frozen=True)
@@ -72,13 +79,8 @@ def _check_key(key: str, where: str) -> None:
         )
 
 
-def parse_request_line(text: str, path: str | Path, line: int) -> Request:
-    """Line ``line`` of the request file -> :class:`Request`; every error starts ``FILE line N``."""
-    where = f"{path} line {line}"
-    try:
-        obj = loads_bounded(text)
-    except JSONLineError as err:
-        raise ConfigError(f"{where}: {err}") from None
+def dotted_request(obj, where: str, line: int) -> Request:
+    """A parsed dotted request object -> :class:`Request`; errors start with ``where``."""
     if not isinstance(obj, dict):
         raise ConfigError(f"{where}: a request must be a JSON object, got {type(obj).__name__}")
     rid = obj.get("id")
@@ -90,29 +92,81 @@ def parse_request_line(text: str, path: str | Path, line: int) -> Request:
     return Request(rid, line, values)
 
 
-def read_requests(path: str | Path) -> list[Request]:
-    """Every request of ``path`` in file order (blank lines skipped); :class:`ConfigError` on a bad line."""
+def parse_request_line(text: str, path: str | Path, line: int) -> Request:
+    """Line ``line`` of the request file -> :class:`Request`; every error starts ``FILE line N``."""
+    where = f"{path} line {line}"
+    try:
+        obj = loads_bounded(text)
+    except JSONLineError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return dotted_request(obj, where, line)
+
+
+def _openai(obj, where: str, line: int) -> Request:
+    rid, values, error = openai_request(obj, where)
+    return Request(rid, line, values, error)
+
+
+def requests_from_objects(objects: list, requests_format: str = "auto", source: str = "requests") -> list[Request]:
+    """Parsed request objects (a list of dicts, as the file's lines would be) -> requests, checked as the
+    file's are: ``dotted``, ``openai`` (:mod:`.openai_batch`) or ``auto`` (the first object's dialect).
+    Errors name ``source[i]``; a request's ``line`` is its 1-based place in the list."""
+    requests = _checked(((f"{source}[{i}]", i + 1, obj) for i, obj in enumerate(objects)), requests_format,
+                        place=lambda line: f"{source}[{line - 1}]")
+    if not requests:
+        raise ConfigError(f"{source}: no requests")
+    return requests
+
+
+def read_requests(path: str | Path, requests_format: str = "auto") -> list[Request]:
+    """Every request of ``path`` in file order (blank lines skipped); :class:`ConfigError` on a bad line.
+
+    ``requests_format``: ``dotted``, ``openai`` (:mod:`.openai_batch`) or ``auto`` (the first line's).
+    """
+    if requests_format not in REQUEST_FORMATS:
+        raise ConfigError(f"--requests-format={requests_format!r}: choose one of {', '.join(REQUEST_FORMATS)}")
     path = Path(path)
     data = _read_request_file(path)
-    requests: list[Request] = []
-    first_line: dict[str, int] = {}
-    for number, raw, _ in split_lines(data):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"{path} line {number}: not UTF-8 (byte {err.start + 1} of the line)") from None
-        if not text.strip():
-            continue
-        request = parse_request_line(text, path, number)
-        if request.id in first_line:
-            raise ConfigError(
-                f"{path} line {number}: id: duplicate id {request.id!r} (first on line {first_line[request.id]}): "
-                "ids must be unique (they key the answers and the resume)"
-            )
-        first_line[request.id] = number
-        requests.append(request)
+
+    def objects():
+        for number, raw, _ in split_lines(data):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{path} line {number}: not UTF-8 (byte {err.start + 1} of the line)") from None
+            if not text.strip():
+                continue
+            try:
+                obj = loads_bounded(text)
+            except JSONLineError as err:
+                raise ConfigError(f"{path} line {number}: {err}") from None
+            yield f"{path} line {number}", number, obj
+
+    requests = _checked(objects(), requests_format)
     if not requests:
         raise ConfigError(f"--requests {str(path)!r}: no requests in the file")
+    return requests
+
+
+def _checked(objects, requests_format: str, place=lambda line: f"line {line}") -> list[Request]:
+    """``(where, line, object)`` items -> requests in order, each id once."""
+    if requests_format not in REQUEST_FORMATS:
+        raise ConfigError(f"requests_format={requests_format!r}: choose one of {', '.join(REQUEST_FORMATS)}")
+    parse = {"dotted": dotted_request, "openai": _openai}.get(requests_format)
+    requests: list[Request] = []
+    first: dict[str, int] = {}
+    for where, line, obj in objects:
+        if parse is None:  # auto: the first request's dialect is the file's
+            parse = _openai if is_openai_line(obj) else dotted_request
+        request = parse(obj, where, line)
+        if request.id in first:
+            key = "custom_id" if parse is _openai else "id"
+            raise ConfigError(
+                f"{where}: {key}: duplicate id {request.id!r} (first on {place(first[request.id])}): "
+                "ids must be unique (they key the answers and the resume)"
+            )
+        first[request.id] = line
+        requests.append(request)
     return requests
 
 
@@ -151,6 +205,9 @@ def plan_requests(
     """Each request's config (job config + CLI overrides + its values), or why it cannot run."""
     planned = []
     for request in requests:
+        if request.error is not None:
+            planned.append(PlannedRequest(request, None, request.error))
+            continue
         try:
             cfg = load_config(config, overrides, dotted_tree(_one_document(request.values)))
             error = request_problem(cfg)

@@ -407,6 +407,15 @@ class JobsConfig(_Section):
         description="a request asking for more generate.max_new_tokens gets an error record instead of running: "
         "keep the longest request within parallel.timeout_seconds (an idle replica waits that long at the end)",
     )
+    progress_seconds: float = Field(
+        30.0, gt=0, allow_inf_nan=False,
+        description="off a terminal, rank 0 prints one progress line (done/total, errors, req/s, tok/s, ETA) this often",
+    )
+    metrics_port: Optional[int] = Field(
+        None, ge=0, le=65535, strict=True,
+        description="rank 0 serves Prometheus metrics on this port (0: any free one; apbv infer --metrics-port "
+        "overrides it); null: none (needs prometheus-client)",
+    )
 
 
 class RunConfig(_Section):
