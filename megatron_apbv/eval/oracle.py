@@ -153,7 +153,7 @@ class MaskedOracleAttention(MegatronModule):
 
 
     def _batched(self, query, key, value) -> torch.Tensor:
-        """``[s, b, hq, d]`` (fp32): the oracle's attention for a batch of equally long prompts at once.
+        """``[s, b, hq, d]``: the oracle's attention for a batch of equally long prompts at once.
 
         Every example has the same layout, so each row group (anchor, query span, virtual block ``B_j``)
         is one attention call over all examples and KV heads; only the passed keys differ per example
@@ -161,7 +161,7 @@ class MaskedOracleAttention(MegatronModule):
         """
         s, b, hq, d = query.shape
         hkv = key.shape[2]
-        q, k, v = query.float(), key.float(), value.float()
+        q, k, v = query, key, value  # attention in the model's dtype (flash / efficient kernels on a GPU)
         opts = self.settings
         off = opts.get("replica_len", 0)
         n, a, nq = s - off, opts.get("anchor_len", 0), opts.get("query_len", 0)
@@ -171,9 +171,11 @@ class MaskedOracleAttention(MegatronModule):
 
         def attend(rows: slice, keys_k, keys_v, mask=None, causal=False):
             """Rows ``rows`` of every example over ``[t, b, hkv, d]`` keys."""
-            o = F.scaled_dot_product_attention(q[rows].permute(1, 2, 0, 3), keys_k.permute(1, 2, 0, 3),
-                                               keys_v.permute(1, 2, 0, 3), attn_mask=mask, is_causal=causal,
-                                               scale=scale, enable_gqa=True)
+            # K/V repeated per query head (not enable_gqa, which the memory-efficient kernel may not take)
+            o = F.scaled_dot_product_attention(q[rows].permute(1, 2, 0, 3),
+                                               keys_k.permute(1, 2, 0, 3).repeat_interleave(hq // hkv, dim=1),
+                                               keys_v.permute(1, 2, 0, 3).repeat_interleave(hq // hkv, dim=1),
+                                               attn_mask=mask, is_causal=causal, scale=scale)
             out[rows] = o.permute(2, 0, 1, 3)
 
         out = torch.empty_like(q)
