@@ -28,7 +28,8 @@ point's budget rules resolved at that prompt) next to dense on one GPU.
         --out benchmarks/results/quality_budget_smollm2.json
 
 writes the JSON after every (task, length) (a stopped run keeps what it finished; ``--time-limit``
-stops starting new ones), one JSON line per point on stdout, and a PNG of accuracy against cost.
+stops starting new points; ``finished`` marks a (task, length) cut short ``partial``), one JSON line
+per point on stdout, and a PNG of accuracy against cost.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import platform
 import random
@@ -156,7 +156,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", default="full", choices=["full", "small"])
     ap.add_argument("--batch", type=int, default=0, help="examples per forward (0: all n at once)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--time-limit", type=float, default=0, help="seconds; 0 = none: no new (task, length) after it")
+    ap.add_argument("--time-limit", type=float, default=0,
+                    help="seconds from the start; 0 = none: no new point after it")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/quality_budget_smollm2.json")
     args = ap.parse_args(argv)
@@ -246,7 +247,12 @@ def main(argv=None) -> int:
                         parts.append(logits.float().log_softmax(-1).transpose(0, 1).cpu())
                     return torch.cat(parts)
 
+                t_dense = time.perf_counter()
                 dense = forward(None, 1)
+                t_dense = time.perf_counter() - t_dense
+                print(f"{task} {n_tokens}: dense forward of {args.n} prompts {t_dense:.1f} s; this (task, length) "
+                      f"about {t_dense * (len(points) * len(worlds) + 1) / 60:.1f} min (an APB-V point costs about "
+                      "a dense one)", file=sys.stderr, flush=True)
                 dense_pred = dense.argmax(-1)
                 dense_right = (dense_pred == answers).all(-1)
                 dense_keys = keys_per_row(n_tokens, 0, q_len, 1, None)
@@ -288,14 +294,20 @@ def main(argv=None) -> int:
 
                 rows.append(row_of(None, None, dense, None, None))
                 print(json.dumps(rows[-1]), flush=True)
+                stopped = False
                 for w in worlds:
                     for point in points:
+                        if args.time_limit and time.perf_counter() - start > args.time_limit:
+                            stopped = True
+                            break
                         a = resolve_budget(point["anchor"], n_tokens, "anchor")
                         p = passing_lengths([point["passing"]], prompt_len=n_tokens, anchor_len=a, query_len=q_len,
                                             world_size=w)[0]
                         rows.append(row_of(point, w, forward(point, w), a, p))
                         print(json.dumps(rows[-1]), flush=True)
-                finished.append([task, n_tokens, round(time.perf_counter() - t0, 1)])
+                finished.append([task, n_tokens, round(time.perf_counter() - t0, 1)] + (["partial"] if stopped else []))
+                if stopped:
+                    print(f"time limit: {task} {n_tokens} stopped part way", file=sys.stderr, flush=True)
                 print(f"{task} {n_tokens}: {len(points) * len(worlds) + 1} points in "
                       f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
                 write(out, args, rows, finished, cost, device, start)
@@ -343,7 +355,7 @@ def plot(record: dict, path: Path) -> None:
     panels = sorted({(r["task"], r["length"]) for r in rows})
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(7.0, 5.5 * len(panels)), 4.8), squeeze=False)
     colours = {2: "tab:blue", 4: "tab:orange", 8: "tab:green"}
     for ax, (task, length) in zip(axes[0], panels):
         sub = [r for r in rows if (r["task"], r["length"]) == (task, length)]
@@ -360,7 +372,8 @@ def plot(record: dict, path: Path) -> None:
                 if not pts:
                     continue
                 ax.errorbar([r["keys_vs_dense"] for r in pts], [r["accuracy"] for r in pts],
-                            yerr=[[r["accuracy"] - r["ci_low"] for r in pts], [r["ci_high"] - r["accuracy"] for r in pts]],
+                            yerr=[[r["accuracy"] - r["ci_low"] for r in pts],
+                                  [r["ci_high"] - r["accuracy"] for r in pts]],
                             fmt=marker, ms=4, lw=0.6, capsize=1.5, color=colours.get(w, "grey"), alpha=0.8,
                             label=f"W={w} {kind}")
         ax.set_xscale("log")
@@ -369,7 +382,8 @@ def plot(record: dict, path: Path) -> None:
         ax.set_ylim(-0.05, 1.05)
         ax.set_title(f"{task}, {length} tokens, n={dense['n']}")
     axes[0][-1].legend(fontsize=6, loc="lower right", ncol=2)
-    fig.suptitle(f"SmolLM2-135M-Instruct: accuracy against attention cost ({record['device']}, {record['dtype']})")
+    fig.suptitle(f"SmolLM2-135M-Instruct: accuracy against attention cost ({record['device']}, {record['dtype']})",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -22,7 +22,11 @@ the asked key lies: ``anchor``, ``first_block`` (virtual block 0: it receives no
 ``later_block`` (a block that sees the earlier blocks' passed keys).
 
     PYTHONPATH=$PWD python benchmarks/quality_real.py --device cuda --n 50 --lengths 2048,4096,8000 \\
-        --worlds 2,4,8 --out benchmarks/results/quality_smollm2.json
+        --worlds 2,4,8 --batched --batch 50 --out benchmarks/results/quality_smollm2.json
+
+(``--batched``: the oracle's batched path, all prompts of a point in one forward; ``--anchor`` and
+``--passing`` set the "default" budgets, any ``apbv.anchor`` / ``apbv.passing`` form, ``auto`` by default;
+benchmarks/gpu_quality_budget.sh ``table`` runs it on the device)
 
 prints a time estimate after the first dense forward (``--estimate-only`` stops there), one JSON line
 per row on stdout, writes the JSON and a PNG next to it.
