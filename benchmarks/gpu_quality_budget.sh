@@ -4,7 +4,7 @@
 # (benchmarks/quality_real.py) at a given default.
 #
 # The model travels as its GGUF (98.4 MB: more than one call's 64 MiB), cut in three parts, one part a call;
-# each call adds its part to /tmp/apbv_gguf on the (warm) device machine, and the call that completes the file
+# each call adds its part to .gguf/store on the (warm) device machine, and the call that completes the file
 # runs the work. Here, in the repository root, once:
 #   echo /.gguf/ >> .git/info/exclude; mkdir -p .gguf/a .gguf/b .gguf/c
 #   split -n 3 -d "$(.venv/bin/python -c 'from megatron_apbv.models.gguf_convert import smollm2_gguf as f; print(f())')" .gguf/part_
@@ -21,7 +21,8 @@ set -uo pipefail
 mode="${1:?usage: gpu_quality_budget.sh sweep|table OUT}"; out="${2:-/tmp/apbv_quality_budget}"; mkdir -p "$out"
 device="${DEVICE:-cuda}"; py="${PYTHON:-python3}"
 sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-store=/tmp/apbv_gguf; ckpt=/tmp/apbv_smollm2; mkdir -p "$store"
+# The parts gather in the repository's ignored .gguf/store, which the device keeps between warm calls.
+store="${GGUF_STORE:-$PWD/.gguf/store}"; ckpt=/tmp/apbv_smollm2; mkdir -p "$store"
 if compgen -G ".whl/*.whl" >/dev/null; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
@@ -30,7 +31,7 @@ export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
 export APBV_DISABLE_KERNELS=1
 gguf="${GGUF:-}"
 if [[ -z $gguf ]]; then
-  for part in .gguf/*/part_*; do [[ -f $part ]] && cp "$part" "$store/"; done
+  for part in .gguf/[abc]/part_*; do [[ -f $part ]] && cp "$part" "$store/"; done
   parts=$(ls "$store"/part_* 2>/dev/null | wc -l)
   gguf="$store/smollm2.gguf"
   if [[ ! -f $gguf ]] || [[ $(sha256sum "$gguf" | cut -d' ' -f1) != "$sha" ]]; then
@@ -50,8 +51,8 @@ if [[ $mode == sweep ]]; then
     --out "$out/quality_budget_smollm2.json" > "$out/quality_budget.jsonl" 2> "$out/quality_budget.log"
   echo "sweep rc=$?"; tail -8 "$out/quality_budget.log"
   "$py" -m megatron_apbv.eval.budget_choice "$out/quality_budget_smollm2.json" > "$out/budget_choice.json"
-  echo "choice rc=$? (0 chosen, 1 nothing within 2 points)"
-  "$py" -c "import json; c = json.load(open('$out/budget_choice.json')); print('chosen:', c['chosen']); print('best incl. oracle-only:', c['best_including_oracle_only'])"
+  echo "choice rc=$? (0 chosen, 1 nothing within 2 points, 2 no data)"
+  [[ -s $out/budget_choice.json ]] && "$py" -c "import json; c = json.load(open('$out/budget_choice.json')); print('chosen:', c['chosen']); print('best incl. oracle-only:', c['best_including_oracle_only'])"
 elif [[ $mode == table ]]; then
   "$py" benchmarks/quality_real.py --device "$device" --checkpoint "$ckpt" --batched --batch "${N:-50}" --n "${N:-50}" \
     --lengths "${LENGTHS:-2048,4096,8000}" --worlds "${WORLDS:-2,4,8}" --no-exact --dtype "${DTYPE:-bfloat16}" \
