@@ -9,12 +9,15 @@
 #   echo /.gguf/ >> .git/info/exclude; mkdir -p .gguf/a .gguf/b .gguf/c
 #   split -n 3 -d "$(.venv/bin/python -c 'from megatron_apbv.models.gguf_convert import smollm2_gguf as f; print(f())')" .gguf/part_
 #   mv .gguf/part_00 .gguf/a/; mv .gguf/part_01 .gguf/b/; mv .gguf/part_02 .gguf/c/
-# Device calls (carry ".whl" = the five wheels megatron_core, pydantic, pydantic_core, annotated_types,
-# typing_inspection plus gguf, 5.3 MB; not av or deepspeed):
-#   1. carry [".gguf/a", ".whl"]  command: bash benchmarks/gpu_quality_budget.sh sweep "$OUT"   (exits 3: part 1 of 3)
-#   2. carry [".gguf/b"]          same command                                                  (exits 3: part 2 of 3)
-#   3. carry [".gguf/c"]          same command: converts, sweeps (<= ~7 min), chooses           (rc 0)
-#   4. (after setting the default) command: bash benchmarks/gpu_quality_budget.sh table "$OUT"   (~3 min)
+# The wheels it needs (megatron_core, pydantic, pydantic_core, annotated_types, typing_inspection, gguf: 5.3 MB)
+# go in an ignored folder of their own, e.g. .whl_q (.whl with av and deepspeed is too big beside a part).
+# Device calls, each `WHEELS=.whl_q bash benchmarks/gpu_quality_budget.sh sweep "$OUT"` (tree ~11 MB + a part
+# 31.3 MiB + wheels):
+#   1. carry [".gguf/a", ".whl_q"]   exits 3: part 1 of 3
+#   2. carry [".gguf/b", ".whl_q"]   exits 3: part 2 of 3
+#   3. carry [".gguf/c", ".whl_q"]   assembles (sha256), converts, sweeps (stops new points after LIMIT=420 s), chooses
+#   4. after setting the default: `WHEELS=.whl_q bash benchmarks/gpu_quality_budget.sh table "$OUT"`, carry
+#      [".whl_q"] (~3 min; the GGUF stays in .gguf/store on the warm machine)
 # Success: $OUT/quality_budget_smollm2.json (+ .png), $OUT/budget_choice.json; table: $OUT/quality_smollm2.json.
 # CPU smoke test: DEVICE=cpu N=2 LENGTHS=2048 WORLDS=2 GRID=small TASKS=passkey bash benchmarks/gpu_quality_budget.sh sweep /tmp/q
 set -uo pipefail
@@ -23,8 +26,9 @@ device="${DEVICE:-cuda}"; py="${PYTHON:-python3}"
 sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 # The parts gather in the repository's ignored .gguf/store, which the device keeps between warm calls.
 store="${GGUF_STORE:-$PWD/.gguf/store}"; ckpt=/tmp/apbv_smollm2; mkdir -p "$store"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+wheels="${WHEELS:-.whl}"
+if compgen -G "$wheels/*.whl" >/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl || exit 1
 fi
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
 # The torch path of the selection (the same math as the Triton kernels, tested equal): no compile time.
