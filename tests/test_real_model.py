@@ -81,7 +81,7 @@ def test_our_logits_equal_transformers_and_answer_paris(smollm2):
 
 
 def _distributed_worker(rank, world, smollm2):
-    """On 2 ranks: exact mode vs dense, and APB-V (two rules) and Star vs the single-process oracle."""
+    """On 2 ranks: exact mode vs dense, and APB-V (rules, budget rules) and Star vs the single-process oracle."""
     from megatron_apbv.eval.oracle import oracle_spec
     from megatron_apbv.inference.prefill import apbv_prefill, run_prefill
     from megatron_apbv.models.gpt import build_gpt_model, last_token_logits
@@ -99,7 +99,12 @@ def _distributed_worker(rank, world, smollm2):
         oracle = None
         for name, extra in (("mean_p4", ["apbv.passing=4", "seed=7"]),
                             ("max_p8", ["apbv.passing=8", "apbv.selection=max", "seed=8"]),
-                            ("star", ["apbv.variant=star", "seed=9"])):
+                            ("star", ["apbv.variant=star", "seed=9"]),
+                            # non-auto budget rules (issue 34): a fraction of the block, a per-layer schedule
+                            ("block_quarter", ["apbv.passing={block: 0.25}",
+                                               "seed=10"]),
+                            ("schedule", ["apbv.passing_schedule=" + str([{"block": 0.5}, 2, {"paper": 0.01}] * 10),
+                                          "apbv.selection=recent", "seed=11"])):
             cfg = load_config(None, base + extra)
             run = apbv_prefill(cfg, device)
             if rank != 0:
@@ -109,10 +114,11 @@ def _distributed_worker(rank, world, smollm2):
                 oracle.load_state_dict(run.model.state_dict())
             settings.clear()
             settings.update(mode="apbv", world_size=world, anchor_len=cfg.anchor_len, query_len=cfg.query_len,
-                            passing_len=cfg.passing_lens()[0], zigzag=True, window=cfg.apbv.window,
-                            selection=cfg.apbv.selection)
+                            passing_len=cfg.passing_lens()[0], passing_lens=cfg.passing_lens(), zigzag=True,
+                            window=cfg.apbv.window, selection=cfg.apbv.selection)
             ref = last_token_logits(oracle, run.rope, run.prompt.input_ids, run.prompt.position_ids)
             out[name] = {"apbv": run.logits.float(), "oracle": ref.float()}
+            out[name]["passing_lens"] = cfg.passing_lens()
         return out
     finally:
         shutdown()
@@ -123,6 +129,9 @@ def test_distributed_real_model_equals_dense_and_the_oracle(smollm2):
     exact = out.pop("exact")
     assert exact["max_abs_logit_diff"] <= 1e-4, exact
     assert exact["top1_agree"], exact
+    # 116 tokens, a = 16, q = 12: 4 blocks of 22
+    assert out["block_quarter"]["passing_lens"] == (6,) * 30  # ceil(22 / 4)
+    assert out["schedule"]["passing_lens"] == (11, 2, 2) * 10  # ceil(22 / 2); 2; ceil(0.01 * 128)
     for name, logits in out.items():
         apbv, ref = logits["apbv"].reshape(-1), logits["oracle"].reshape(-1)
         assert (apbv - ref).abs().max() <= 2e-3, (name, float((apbv - ref).abs().max()))

@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     StrictBool,
     StrictInt,
+    ValidationError,
     confloat,
     field_validator,
     model_validator,
@@ -43,9 +44,48 @@ MIN_SAMPLING_SCALE = 1e-4
 # timedelta -> milliseconds in the backends' C++ (gloo, NCCL, the TCP store): beyond 2**31 ms they wrap
 # or overflow (9e9 s hangs a gloo run), so the longest accepted timeout is the last whole second below it.
 MAX_TIMEOUT_SECONDS = (2**31 - 1) // 1000
-# A budget is a token count (int), a fraction of the prompt length (float in (0, 1]) or a named rule.
-AnchorBudget = Union[Count, Ratio, Literal["auto"]]
-PassingBudget = Union[Count, Ratio, Literal["auto", "all"]]
+
+
+class BudgetRule(BaseModel):
+    """A budget that scales with the prompt's layout (issue 34): exactly one of
+
+    * ``paper: k``: ``k`` times the paper's rule (anchor ``roundup(N/64, 128)``, passing ``roundup(N/128, 128)``);
+    * ``block: f``: a fraction ``f`` of the longest virtual block, ``ceil(f * ceil((N - a - q) / blocks))``
+      (passing only: the block is what the anchor leaves, so it cannot size the anchor).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    paper: Optional[Annotated[float, Field(gt=0.0, le=64.0)]] = None
+    block: Optional[Ratio] = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.paper is None) == (self.block is None):
+            raise ValueError("set exactly one of paper and block")
+        return self
+
+
+def _as_budget_rule(value, where: str):
+    """A mapping given as a budget becomes a :class:`BudgetRule`, or one error naming ``where`` and the forms."""
+    if not isinstance(value, dict):
+        return value
+    try:
+        return BudgetRule(**value)
+    except ValidationError as err:
+        problems = "; ".join(
+            (".".join(map(str, e["loc"])) + ": " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+            for e in err.errors())
+        raise ValueError(f"{where}={value!r}: {problems}. A budget rule is {{paper: k}} (k times the paper's "
+                         "rule, 0 < k <= 64) or {block: f} (a fraction 0 < f <= 1 of the block)") from None
+
+
+# A budget is a token count (int), a fraction of the prompt length (float in (0, 1]), a BudgetRule or a name:
+# `paper` is the paper's rule, `auto` the shipped default below, `all` (passing) every key.
+AnchorBudget = Union[Count, Ratio, Literal["auto", "paper"], BudgetRule]
+PassingBudget = Union[Count, Ratio, Literal["auto", "paper", "all"], BudgetRule]
+# What `auto` resolves to: the shipped default budgets, chosen from the real-model accuracy-cost sweep by
+# megatron_apbv/eval/budget_choice.py (README "Budgets"). Switching the default is this one line.
+AUTO_BUDGETS = {"anchor": "paper", "passing": "paper"}
 
 VARIANTS = {
     # variant: settings it fixes (docs/design.md §7)
@@ -130,11 +170,14 @@ class APBVConfig(_Section):
     variant: Literal["apbv", "apb_like", "star", "exact"] = Field(
         "apbv", description="apbv; apb_like (no zigzag, no overlap); star (passing 0); exact (passing all = dense)"
     )
-    anchor: AnchorBudget = Field("auto", description="tokens, fraction of N, or auto = roundup(N/64, 128)")
+    anchor: AnchorBudget = Field(
+        "auto", description="tokens, fraction of N, paper = roundup(N/64, 128), {paper: k} = k x paper, "
+        "auto = the shipped default (AUTO_BUDGETS)")
     passing: Optional[PassingBudget] = Field(
-        None, description="keys per KV head per block: tokens, fraction of N, auto = roundup(N/128, 128), all"
-    )
-    passing_schedule: Optional[list[PassingBudget]] = Field(None, description="per-layer passing budgets")
+        None, description="keys per KV head per block: tokens, fraction of N, paper = roundup(N/128, 128), "
+        "{paper: k} = k x paper, {block: f} = a fraction f of the block, auto = the shipped default, all")
+    passing_schedule: Optional[list[PassingBudget]] = Field(
+        None, description="per-layer passing budgets (each any form of apbv.passing)")
     window: int = Field(5, ge=1, description="max-pool smoothing window of the scores (odd)")
     selection: Literal["mean", "softmax", "max", "recent", "frame"] = Field(
         "mean",
@@ -149,6 +192,18 @@ class APBVConfig(_Section):
         None, description="overlap the exchange with compute (null: as the variant sets it)"
     )
 
+    @field_validator("anchor", "passing", mode="before")
+    @classmethod
+    def _budget_rules(cls, value, info):
+        return _as_budget_rule(value, f"apbv.{info.field_name}")
+
+    @field_validator("passing_schedule", mode="before")
+    @classmethod
+    def _schedule_rules(cls, value):
+        if isinstance(value, list):
+            return [_as_budget_rule(v, f"apbv.passing_schedule[{i}]") for i, v in enumerate(value)]
+        return value
+
     @model_validator(mode="after")
     def _check(self):
         if self.window % 2 == 0:
@@ -160,6 +215,9 @@ class APBVConfig(_Section):
                     f"apbv.{key}={given!r} contradicts apbv.variant={self.variant!r}, which sets "
                     f"{key}={fixed!r}: remove apbv.{key} or choose another variant"
                 )
+        if isinstance(self.anchor, BudgetRule) and self.anchor.block is not None:
+            raise ValueError("apbv.anchor={block: ...}: the block is what the anchor leaves of the prompt, so it "
+                             "cannot size the anchor: give tokens, a fraction of the prompt, paper or {paper: k}")
         if self.passing_schedule is not None and self.variant in ("star", "exact"):
             raise ValueError(f"apbv.passing_schedule cannot be combined with apbv.variant={self.variant!r}")
         return self
@@ -494,6 +552,10 @@ class RunConfig(_Section):
     def anchor_len(self) -> int:
         return resolve_budget(self.apbv.anchor, self.prompt_len, "anchor")
 
+    def passing_budgets(self) -> list:
+        """The per-layer passing budgets as configured (schedule, or ``apbv.passing`` after the variant)."""
+        return list(self.apbv.passing_schedule or [self.apbv.setting("passing")] * self.model.num_layers)
+
     @property
     def query_len(self) -> int:
         return self.input.query_tokens
@@ -504,9 +566,10 @@ class RunConfig(_Section):
         ``all`` passes every key (the prompt length).
         """
         prompt = self.prompt_len if prompt_len is None else prompt_len
-        schedule = self.apbv.passing_schedule or [self.apbv.setting("passing")] * self.model.num_layers
-        # A budget beyond the prompt passes every key, exactly like "all": clamp so the counts stay real.
-        return tuple(min(resolve_budget(b, prompt, "passing"), prompt) for b in schedule)
+        return passing_lengths(self.passing_budgets(), prompt_len=prompt,
+                               anchor_len=resolve_budget(self.apbv.anchor, prompt, "anchor"),
+                               query_len=self.query_len, world_size=self.parallel.context_parallel_size,
+                               zigzag=self.apbv.setting("zigzag"))
 
     def check_generation_fits(self) -> None:
         """Raise unless the prompt plus ``generate.max_new_tokens`` fits ``model.max_position_embeddings``.
@@ -552,14 +615,43 @@ def roundup(x: float, multiple: int) -> int:
     return int(math.ceil(x / multiple) * multiple)
 
 
-def resolve_budget(budget, prompt_len: int, kind: str) -> int:
+def longest_block(prompt_len: int, anchor_len: int, query_len: int, world_size: int, zigzag: bool = True) -> int:
+    """Length of the longest virtual block (``SequenceLayout``'s split of the context into 2W or W blocks)."""
+    blocks = 2 * world_size if zigzag else world_size
+    return -(-max(prompt_len - anchor_len - query_len, 0) // blocks)
+
+
+def passing_lengths(budgets, *, prompt_len: int, anchor_len: int, query_len: int, world_size: int,
+                    zigzag: bool = True) -> tuple[int, ...]:
+    """Per-layer passing budgets in tokens: the one resolution the distributed code and the oracle share.
+
+    A budget beyond the prompt passes every key, exactly like ``all``: clamped so the counts stay real.
+    """
+    block = longest_block(prompt_len, anchor_len, query_len, world_size, zigzag)
+    return tuple(min(resolve_budget(b, prompt_len, "passing", block_len=block), prompt_len) for b in budgets)
+
+
+def resolve_budget(budget, prompt_len: int, kind: str, *, block_len: Optional[int] = None) -> int:
     """Token count of an anchor or passing budget for a prompt of ``prompt_len`` tokens.
 
-    ``auto`` follows the paper's code (anchor ``roundup(N/64, 128)`` capped at the
-    prompt, passing ``roundup(N/128, 128)``); ``all`` passes every key.
+    ``paper`` follows the paper's code (anchor ``roundup(N/64, 128)`` capped at the prompt, passing
+    ``roundup(N/128, 128)``); ``auto`` is the shipped default (``AUTO_BUDGETS``); ``all`` passes every key;
+    a :class:`BudgetRule` scales the paper's rule (``paper``) or the longest block ``block_len`` (``block``).
     """
     if budget == "auto":
+        budget = AUTO_BUDGETS[kind]
+    if isinstance(budget, dict):
+        budget = BudgetRule(**budget)
+    if budget == "paper":
         return min(roundup(prompt_len / 64, 128), prompt_len) if kind == "anchor" else roundup(prompt_len / 128, 128)
+    if isinstance(budget, BudgetRule):
+        if budget.paper is not None:
+            tokens = math.ceil(budget.paper * resolve_budget("paper", prompt_len, kind))
+            return min(tokens, prompt_len) if kind == "anchor" else tokens
+        if kind == "anchor" or block_len is None:
+            raise ConfigError(f"apbv.{kind}={{block: {budget.block}}}: a fraction of the block sizes only a "
+                              "passing budget (the block is known once the anchor is)")
+        return math.ceil(budget.block * block_len)
     if budget == "all":
         return prompt_len
     if isinstance(budget, bool):  # pragma: no cover - pydantic rejects it earlier
