@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call (at most ~10 minutes) of the session's GPU work, by part:
-#   check: every GPU test, our vision tower against transformers' (bench_vision), decoding (bench_decode)
+#   check: every GPU test, our vision tower against transformers' (bench_vision), decoding (bench_decode), kernel routes
 #   jobs:  the job benchmark (serial vs pipelined, bench_jobs)
 #   all:   in one call, shorter limits: every GPU test, bench_vision, bench_jobs
 #   wheel: the installed wheel on the GPU image, run from an empty folder
@@ -23,15 +23,19 @@ if [[ $part == wheel ]]; then
      parallel.context_parallel_size=1 device=cuda --requests req.jsonl --output ans.jsonl --quiet &&
    cp ans.jsonl "$out/wheel_infer_answers.jsonl"; python3 -c "import megatron_apbv, sys; print(megatron_apbv.__file__)" >> "$out/steps.txt")
 elif [[ $part == check ]]; then
+  # The parts (about 9 minutes): GPU tests, our vision tower against transformers', decoding, kernel routes.
   export PYTHONPATH="$PWD:/tmp/site" PATH="/tmp/site/bin:$PATH" PYTHONUNBUFFERED=1
-  step gpu_tests 200 python3 -m pytest -q -p no:cacheprovider --tb=short -rs tests/test_kernels_gpu.py \
-    tests/test_gpu_integration.py tests/test_decode_gpu.py tests/test_vision_tower.py tests/test_vision_attention.py
+  step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rs tests/test_decode_gpu.py \
+    tests/test_kernels_gpu.py tests/test_gpu_integration.py tests/test_vision_tower.py tests/test_vision_attention.py
   cp "$scratch/gpu_tests.log" "$out/gpu_tests.log"
-  step bench_vision 180 python3 benchmarks/bench_vision.py --out "$out" --repeat 2 --budget 100
+  step bench_vision 90 python3 benchmarks/bench_vision.py --out "$out" --repeat 2 --budget 30
   cp "$scratch/bench_vision.log" "$out/bench_vision.log"
-  step bench_decode 180 torchrun --nproc_per_node 1 benchmarks/bench_decode.py configs/qwen25vl_7b_lm.yaml \
-    --out "$out/decode_gpu.json" --profile-dir "$out" --steps 64 --eager-steps 8
+  step bench_decode 190 torchrun --nproc_per_node 1 benchmarks/bench_decode.py configs/qwen25vl_7b_lm.yaml \
+    --out "$out/decode_gpu.json" --profile-dir "$out" --steps 64 --eager-steps 8 --skip-checkpoint
   cp "$scratch/bench_decode.log" "$out/bench_decode.log"
+  step bench_kernels 120 python3 benchmarks/bench_kernels.py --no-tests --lengths "" --crossover "" \
+    --head-dims 96,80,64,128 --out "$out/kernels_gpu.json" --routes-out "$out/attention_routes_measured.json"
+  cp "$scratch/bench_kernels.log" "$out/bench_kernels.log"
 elif [[ $part == all ]]; then
   export PYTHONPATH="$PWD:/tmp/site" PATH="/tmp/site/bin:$PATH" PYTHONUNBUFFERED=1
   step gpu_tests 120 python3 -m pytest -q -p no:cacheprovider --tb=short -rs tests/test_decode_gpu.py \
@@ -47,3 +51,4 @@ else
   cp "$scratch/bench_jobs.log" "$out/bench_jobs.log"
 fi
 echo "total $(( $(date +%s) - t_start ))s" | tee -a "$out/steps.txt"
+pack_out "$out" steps.txt device.txt vision_gpu.json decode_gpu.json kernels_gpu.json attention_routes_measured.json jobs_gpu.json

@@ -7,3 +7,17 @@ step() {
   echo "step $name rc=$rc $(( $(date +%s) - t0 ))s" | tee -a "$steps_file"
   tail -6 "$scratch/$name.log"
 }
+
+# Only 8 files come back from a device call's $OUT: `pack_out DIR KEEP...` leaves the named files in DIR and puts
+# every other file (logs, profiles) into DIR/logs.tgz.
+pack_out() {
+  local dir=$1; shift
+  local name keep kept rest=()
+  for name in $(ls "$dir"); do
+    kept=0
+    for keep in "$@" logs.tgz; do [[ $name == "$keep" ]] && kept=1; done
+    ((kept)) || rest+=("$name")
+  done
+  ((${#rest[@]})) && tar czf "$dir/logs.tgz" -C "$dir" "${rest[@]}" && (cd "$dir" && rm -rf "${rest[@]}")
+  return 0
+}
