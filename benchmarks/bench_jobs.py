@@ -93,6 +93,14 @@ def write_synthetic_mp4(path: Path, height: int, width: int, seconds: int, fps: 
             container.mux(packet)
 
 
+def write_result(out: Path, result: dict) -> None:
+    """Write ``result`` to ``out`` whole (a temp file renamed over it)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="CPU check: a tiny model and small videos")
@@ -140,6 +148,7 @@ def main() -> int:
     device = select_device(cfg, env)
     init_distributed(cfg, env, device)
     rows, answers = [], {}
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     try:
         t0 = time.perf_counter()
         with torch.device(device):  # parameters drawn where they live (a CPU draw of 7B takes a minute)
@@ -175,6 +184,8 @@ def main() -> int:
                     "prompt_tokens": sorted(r["prompt_tokens"] for r in records),
                 })
                 log(f"bench_jobs: {mode} {tokens}-token answers: {json.dumps(rows[-1])}")
+                # Each row as it comes, so that a run cut short by its time limit still leaves what it measured.
+                write_result(out, {"device": device_name, "rows": rows, "plan": plan, "partial": True})
     finally:
         shutdown(wait_for_peers=False)
 
@@ -191,12 +202,8 @@ def main() -> int:
             "gpu_busy_pipelined": r["pipelined"]["gpu_busy_fraction"], "gpu_busy_serial": r["serial"]["gpu_busy_fraction"],
             "target_gpu_busy_pipelined": 0.9,
         }
-    result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "rows": rows, "plan": plan, "checks": checks,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    result = {"device": device_name, "rows": rows, "plan": plan, "checks": checks}
+    write_result(out, result)
     print(json.dumps(result))
     bad = [k for k, c in checks.items() if c["answers_equal"].split("/")[0] != c["answers_equal"].split("/")[1]]
     if bad:

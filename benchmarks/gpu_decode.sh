@@ -27,4 +27,5 @@ step bench_kernels 140 python3 benchmarks/bench_kernels.py --no-tests --lengths 
   --head-dims 96,80,64,128 --out "$out/kernels_gpu.json" --routes-out "$out/attention_routes_measured.json"
 keep bench_kernels
 echo "total $(( $(date +%s) - t_start ))s" | tee -a "$steps_file"
+pack_out "$out" steps.txt device.txt decode_gpu.json kernels_gpu.json attention_routes_measured.json
 exit 0
