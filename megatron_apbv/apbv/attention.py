@@ -15,6 +15,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from torch.profiler import record_function
 
 from megatron_apbv.apbv.attend import apb_attention
+from megatron_apbv.apbv.attention_routes import describe_layer
 from megatron_apbv.apbv.core_attention import CoreAttentionBase, RankPlan
 from megatron_apbv.apbv.decode import (
     DecodeStep,
@@ -70,6 +71,11 @@ class APBVCoreAttention(CoreAttentionBase):
         """``[A | blocks | Q]`` of ``rank``: every rank holds the query span, so the last token too."""
         layout = SequenceLayout.from_config(cfg).rank(rank)
         return RankPlan(layout.global_indices, APBVMask.from_config(cfg, layout), None, layout.local_len - 1)
+
+    @classmethod
+    def attention_backend(cls, cfg, rank: int, world: int, dtype: torch.dtype, device: torch.device) -> dict:
+        """The route of each block and of the query partial on ``rank`` (``attention_routes.describe_layer``)."""
+        return describe_layer(SequenceLayout.from_config(cfg).rank(rank), cfg.model.head_dim, dtype, device)
 
     def forward(
         self,

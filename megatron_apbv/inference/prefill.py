@@ -15,6 +15,7 @@ from megatron_apbv.apbv.layout import SequenceLayout
 from megatron_apbv.inference.divergence import kl_from_dense
 from megatron_apbv.inference.engine import Engine, frame_share
 from megatron_apbv.inference.stage_clock import StageClock
+from megatron_apbv.methods import REFERENCE
 from megatron_apbv.models.embeddings import input_embeddings
 from megatron_apbv.models.gpt import DTYPES, build_gpt_model, last_token_logits
 from megatron_apbv.models.inputs import Prompt, build_prompt
@@ -114,9 +115,9 @@ def run_prefill(
     ``compare="dense"`` also runs the same weights and prompt densely on one
     process (rank 0) and adds ``max_abs_logit_diff``, ``top1_agree`` and ``kl``.
     """
-    if compare not in (None, "dense"):
-        raise ConfigError(f"--compare {compare!r}: only 'dense' is available")
-    if compare == "dense" and cfg.parallel.tensor_parallel_size != 1:
+    if compare not in (None, REFERENCE):
+        raise ConfigError(f"--compare {compare!r}: only {REFERENCE!r} is available")
+    if compare is not None and cfg.parallel.tensor_parallel_size != 1:
         raise ConfigError("--compare dense needs parallel.tensor_parallel_size=1 (the dense run holds all weights)")
     run = apbv_prefill(cfg, device, repeat=repeat)
     logits, seq = run.logits, run.seq
@@ -157,13 +158,13 @@ def run_prefill(
     }
     if run.video is not None:
         record["video"] = run.video
-    if compare == "dense" and env.rank == 0:
+    if compare is not None and env.rank == 0:
         record.update(_compare_dense(cfg, run, device, repeat))
     return record
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--compare", choices=["dense"], default=None, help="also run densely on one process")
+    parser.add_argument("--compare", choices=[REFERENCE], default=None, help="also run densely on one process")
     parser.add_argument(
         "--repeat", type=int, default=0, metavar="N",
         help="report the median of N prefills after a warm-up one (default 0: a single prefill)",
@@ -176,7 +177,7 @@ def command(args, cfg: RunConfig, env: LaunchEnv, device: torch.device) -> dict:
 
 
 def _compare_dense(cfg: RunConfig, run: Prefill, device: torch.device, repeat: int) -> dict:
-    dense = build_gpt_model(cfg, method="dense", device=device)
+    dense = build_gpt_model(cfg, method=REFERENCE, device=device)
     dense.load_state_dict(run.model.state_dict())  # same weights by construction; loading makes it certain
     logits, prompt = run.logits, run.prompt
     if prompt.shared:  # rank 0 alone encodes every frame
