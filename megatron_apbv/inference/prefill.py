@@ -11,6 +11,7 @@ import torch.distributed as dist
 from megatron_apbv.apbv.attention import APBVMask
 from megatron_apbv.apbv.attention_routes import describe_layer
 from megatron_apbv.apbv.decode import DistributedKVCache
+from megatron_apbv.apbv.inference_context import APBVInferenceContext
 from megatron_apbv.apbv.layout import SequenceLayout
 from megatron_apbv.inference.divergence import kl_from_dense
 from megatron_apbv.inference.engine import Engine, frame_share
@@ -77,14 +78,16 @@ def apbv_prefill(
     engine = engine or Engine.build(cfg, device, vision=prompt.frames is not None)
     local = prompt.local(layout.global_indices)
     cache = DistributedKVCache(layout, max_new_tokens) if max_new_tokens else None
-    mask = APBVMask.from_config(cfg, layout, cache)
+    mask = APBVMask.from_config(cfg, layout)
+    # the request's cache travels in its own context beside the settings, never inside the mask
+    attention_mask = APBVInferenceContext.prefill(mask, cache) if cache is not None else mask
     ids, pos = local.input_ids.to(device), local.position_ids.to(device)
 
     def forward():
         with clock.stage("vision", stages):
             embeds = engine.embed(prompt, layout.global_indices, group)
         with clock.stage("prefill", stages):
-            return engine.prefill(ids, pos, mask, embeds)
+            return engine.prefill(ids, pos, attention_mask, embeds)
 
     logits, seconds = timed(forward, device, repeat, barrier=barrier)
     runs = 1 + repeat  # the stage sums cover every run: report one run's share
