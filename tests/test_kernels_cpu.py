@@ -143,6 +143,7 @@ ATTN_CASES = [
     (20, 9, 20, 30, 30, 2, 2, 64, torch.float32),    # anchor/block boundary inside a tile
     (1, 0, 1, 0, 0, 1, 1, 64, torch.float32),        # one anchor row
     (0, 0, 0, 100, 100, 1, 1, 64, torch.float16),    # many tiles, GQA 1
+    (3, 9, 3, 20, 40, 4, 2, 80, torch.float32),      # d 80 padded to 128: the head-dim-masked tile loads
 ]
 
 
