@@ -23,7 +23,7 @@ import yaml
 from megatron_apbv.costmodel.pairs import causal_pairs
 from megatron_apbv.costmodel.predict import predict
 from megatron_apbv.costmodel.shapes import Cluster, ModelShape
-from megatron_apbv.methods import get_method
+from megatron_apbv.methods import REFERENCE, get_method
 
 DEFAULT_PROFILES = Path(__file__).with_name("profiles.yaml")  # package data
 PACKAGED_RESULTS = Path(__file__).with_name("calibration_points.json")  # package data, see package_results
@@ -176,7 +176,7 @@ def calibration_points(profiles: Profiles, results: dict) -> list[Point]:
         shape = ModelShape(**whole["shape"])
         for i, run in enumerate(runs, start=1):
             def model_time(p, n=run["prompt_tokens"]):
-                return predict("dense", shape, p.cluster(whole["gpu"], "nvlink", 1), n).seconds
+                return predict(REFERENCE, shape, p.cluster(whole["gpu"], "nvlink", 1), n).seconds
 
             used = i not in whole.get("exclude_lines", [])
             points.append(Point(

@@ -53,7 +53,7 @@ from megatron_apbv.eval.needle import (
     make_example,
 )
 from megatron_apbv.inference.divergence import kl_from_dense
-from megatron_apbv.methods import METHODS, get_method
+from megatron_apbv.methods import METHODS, REFERENCE, get_method
 from megatron_apbv.models.gpt import (
     build_gpt_model,
     build_rope,
@@ -132,7 +132,7 @@ class NeedleRunner:
         self.positions = torch.arange(self.geo.prompt_len)
         self.dense = None
         if self.rank == 0:
-            self.dense = build_gpt_model(cfg, method="dense", device=device)
+            self.dense = build_gpt_model(cfg, method=REFERENCE, device=device)
             self.dense.load_state_dict(self.model.state_dict())
 
     @torch.inference_mode()

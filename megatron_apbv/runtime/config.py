@@ -29,6 +29,8 @@ from pydantic import (
 # The variants and the settings each fixes are the method registry's (docs/design.md §7).
 from megatron_apbv.methods import APBV_DEFAULTS, VARIANTS
 
+VariantName = Literal[tuple(VARIANTS)]  # apbv.variant's choices: the registry's APB-V variants
+
 # Every section validates strictly (_Section): a boolean is no number (``apbv.window=true`` is an error,
 # not window 1), a float no integer; floats still take integers (``rope_theta: 10000``).
 Ratio = confloat(gt=0.0, le=1.0)
@@ -163,7 +165,7 @@ class ModelConfig(_Section):
 class APBVConfig(_Section):
     """APB-V settings. ``variant`` fixes some of them; setting them as well is a conflict."""
 
-    variant: Literal["apbv", "apb_like", "star", "exact"] = Field(
+    variant: VariantName = Field(
         "apbv", description="apbv; apb_like (no zigzag, no overlap); star (passing 0); exact (passing all = dense)"
     )
     anchor: AnchorBudget = Field(
