@@ -30,6 +30,32 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_tile(
+    X, col, start_n, s_n, s_d, seg_len, offs_n0, offs_d, d_ok,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    # One [BLOCK_N, D] tile of keys or values from key row start_n: the same load for K and V.
+    # TMA: X is a 2-D [seq, cols] descriptor (rows past the end read as 0). Pointers: X points at row
+    # start_n already; rows past seg_len (MASKED tiles only) and the head-dim padding read as 0.
+    if USE_TMA:
+        x = X.load([start_n, col])
+    else:
+        xp = X + offs_n0[:, None] * s_n + offs_d[None, :] * s_d
+        if MASKED:
+            n_ok = start_n + offs_n0 < seg_len
+            if EVEN_D:
+                x = tl.load(xp, mask=n_ok[:, None], other=0.0)
+            else:
+                x = tl.load(xp, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            if EVEN_D:
+                x = tl.load(xp)
+            else:
+                x = tl.load(xp, mask=d_ok[None, :], other=0.0)
+    return x
+
+
+@triton.jit
 def _attn_step(
     acc, l_i, m_i, q,
     K, V, k_col, v_col, start_n, s_kn, s_kd, s_vn, s_vd, seg_len,
@@ -41,22 +67,7 @@ def _attn_step(
     # pointer path: K, V point at key row start_n already (64-bit scalar pointers)
     # TMA path: K, V are 2-D [seq, cols] descriptors; rows past the end read as 0
     offs_n = start_n + offs_n0
-    if MASKED:
-        n_ok = offs_n < seg_len
-    if USE_TMA:
-        k = K.load([start_n, k_col])
-    else:
-        kp = K + offs_n0[:, None] * s_kn + offs_d[None, :] * s_kd
-        if MASKED:
-            if EVEN_D:
-                k = tl.load(kp, mask=n_ok[:, None], other=0.0)
-            else:
-                k = tl.load(kp, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        else:
-            if EVEN_D:
-                k = tl.load(kp)
-            else:
-                k = tl.load(kp, mask=d_ok[None, :], other=0.0)
+    k = _load_tile(K, k_col, start_n, s_kn, s_kd, seg_len, offs_n0, offs_d, d_ok, MASKED, EVEN_D, USE_TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     if MASKED:
         r = offs_m[:, None]
@@ -79,20 +90,7 @@ def _attn_step(
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if USE_TMA:
-        v = V.load([start_n, v_col])
-    else:
-        vp = V + offs_n0[:, None] * s_vn + offs_d[None, :] * s_vd
-        if MASKED:
-            if EVEN_D:
-                v = tl.load(vp, mask=n_ok[:, None], other=0.0)
-            else:
-                v = tl.load(vp, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        else:
-            if EVEN_D:
-                v = tl.load(vp)
-            else:
-                v = tl.load(vp, mask=d_ok[None, :], other=0.0)
+    v = _load_tile(V, v_col, start_n, s_vn, s_vd, seg_len, offs_n0, offs_d, d_ok, MASKED, EVEN_D, USE_TMA)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, l_i, m_new
 

@@ -114,3 +114,17 @@ def test_e2e_bench_and_the_job_run_the_same_stage_code(tmp_path, megatron_single
     assert calls["serial"] == calls["pipelined"] == prefill_stages | {"decode_runner"}
     assert towers["bench"] == towers["serial"] == towers["pipelined"]
     assert "VisionTower" in towers["bench"]  # ours (models/vision_tower.py), not transformers' tower
+
+
+def test_e2e_level_is_a_client_of_the_engine_not_of_the_bench():
+    # benchmark.py dispatches --level e2e to e2e.py; an import back would close a circle
+    import ast
+    from pathlib import Path
+
+    import megatron_apbv.bench.e2e as e2e
+
+    tree = ast.parse(Path(e2e.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "megatron_apbv.inference.engine" in imported
+    assert not {m for m in imported if m and m.startswith("megatron_apbv.bench")}, imported

@@ -120,6 +120,33 @@ def test_caches_partition_the_sequence_and_only_the_tail_grows():
     assert [DistributedKVCache(r, 5).is_tail for r in seq.ranks()] == [r.rank == seq.tail_rank for r in seq.ranks()]
 
 
+def test_request_state_travels_in_its_own_context_not_in_the_mask():
+    from dataclasses import fields
+
+    from megatron_apbv.apbv.attention import APBVMask
+    from megatron_apbv.apbv.decode import DecodeCache, DecodeStep, DistributedKVCache
+    from megatron_apbv.apbv.inference_context import APBVInferenceContext
+
+    # the mask is settings only: nothing a request owns (cache, step) is a field of it
+    assert {f.name for f in fields(APBVMask)} == {"layout", "passing_lens", "window", "overlap", "selection"}
+    cfg = load_config(CONFIG, ["parallel.context_parallel_size=2"])
+    layout = SequenceLayout.from_config(cfg).rank(1)
+    mask = APBVMask.from_config(cfg, layout)
+    cache = DistributedKVCache(layout, max_new_tokens=3)
+    prefill = APBVInferenceContext.prefill(mask, cache)
+    assert prefill.mask is mask and prefill.prefill_cache is cache and not prefill.is_decode_only()
+    k = torch.zeros(4, 1, 2, 8)
+    step = DecodeStep.begin(DecodeCache({1: (k, k)}, torch.tensor([2], dtype=torch.int32),
+                                        torch.tensor([1], dtype=torch.int32), world_size=2), new_tokens=1)
+    assert step.visible.tolist() == [3]  # the tail sees its cached rows and the new token
+    decode = APBVInferenceContext.decode(step)
+    assert decode.is_decode_only() and decode.mask is None
+    with pytest.raises(ValueError, match="exactly one"):
+        APBVInferenceContext()
+    with pytest.raises(ValueError, match="exactly one"):
+        APBVInferenceContext(mask=mask, step=step)
+
+
 def test_stop_ids_and_sampling_are_seeded():
     cfg = load_config(CONFIG, ["generate.temperature=0.8", "generate.top_p=0.9"])
     logits = torch.randn(2, 50)

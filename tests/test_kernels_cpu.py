@@ -143,7 +143,14 @@ ATTN_CASES = [
     (20, 9, 20, 30, 30, 2, 2, 64, torch.float32),    # anchor/block boundary inside a tile
     (1, 0, 1, 0, 0, 1, 1, 64, torch.float32),        # one anchor row
     (0, 0, 0, 100, 100, 1, 1, 64, torch.float16),    # many tiles, GQA 1
+    (3, 9, 3, 20, 40, 4, 2, 80, torch.float32),      # d 80 padded to 128: the head-dim-masked tile loads
 ]
+
+
+def _attn_inputs(b, sq, hq, hkv, d, lengths, dtype, gen):
+    """``q`` ``[sq, b, hq, d]`` and K, V of the passing, anchor and block segments (``lengths`` keys each)."""
+    q = _rand((sq, b, hq, d), dtype, gen)  # drawn first, then K and V of each segment in turn
+    return (q, *(_rand((n, b, hkv, d), dtype, gen) for n in lengths for _ in "kv"))
 
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "ar{}_p{}_a{}_lq{}_lk{}_h{}x{}_d{}_{}".format(
@@ -151,12 +158,8 @@ ATTN_CASES = [
 def test_apb_attention_matches_reference(case):
     ar, n_pass, a, lq, lk, hq, hkv, d, dtype = case
     gen = torch.Generator().manual_seed(hash(case) % (2 ** 31))
-    b = 2
-    sq = ar + lq
-    q = _rand((sq, b, hq, d), dtype, gen)
-    kp, vp = _rand((n_pass, b, hkv, d), dtype, gen), _rand((n_pass, b, hkv, d), dtype, gen)
-    ka, va = _rand((a, b, hkv, d), dtype, gen), _rand((a, b, hkv, d), dtype, gen)
-    kb, vb = _rand((lk, b, hkv, d), dtype, gen), _rand((lk, b, hkv, d), dtype, gen)
+    b, sq = 2, ar + lq
+    q, kp, vp, ka, va, kb, vb = _attn_inputs(b, sq, hq, hkv, d, (n_pass, a, lk), dtype, gen)
     scale = d ** -0.5
     out, lse = K.apb_attention(q, kp, vp, ka, va, kb, vb, anchor_rows=ar, softmax_scale=scale)
     assert out.shape == (sq, b, hq, d) and lse.shape == (b, hq, sq)
@@ -170,12 +173,8 @@ def test_apb_attention_tile_configs(config):
     gen = torch.Generator().manual_seed(1234 + config[0] + config[1])
     ar, n_pass, a, lq, lk, hq, hkv, d = 19, 21, 19, 37, 45, 4, 2, 64
     dtype = torch.float32
-    b = 1
-    sq = ar + lq
-    q = _rand((sq, b, hq, d), dtype, gen)
-    kp, vp = _rand((n_pass, b, hkv, d), dtype, gen), _rand((n_pass, b, hkv, d), dtype, gen)
-    ka, va = _rand((a, b, hkv, d), dtype, gen), _rand((a, b, hkv, d), dtype, gen)
-    kb, vb = _rand((lk, b, hkv, d), dtype, gen), _rand((lk, b, hkv, d), dtype, gen)
+    b, sq = 1, ar + lq
+    q, kp, vp, ka, va, kb, vb = _attn_inputs(b, sq, hq, hkv, d, (n_pass, a, lk), dtype, gen)
     out = torch.full((sq, b, hq, d), float("nan"), dtype=dtype)
     lse = torch.full((b, hq, sq), float("nan"), dtype=torch.float32)
     attn_mod.apb_attention_impl(q, kp, vp, ka, va, kb, vb, anchor_rows=ar, softmax_scale=0.1,

@@ -15,12 +15,10 @@ from megatron.core.transformer.enums import AttnMaskType
 from torch.profiler import record_function
 
 from megatron_apbv.apbv.attend import apb_attention
+from megatron_apbv.apbv.attention_routes import describe_layer
 from megatron_apbv.apbv.core_attention import CoreAttentionBase, RankPlan
-from megatron_apbv.apbv.decode import (
-    DecodeStep,
-    DistributedKVCache,
-    decode_layer_attention,
-)
+from megatron_apbv.apbv.decode import decode_layer_attention
+from megatron_apbv.apbv.inference_context import APBVInferenceContext
 from megatron_apbv.apbv.layout import RankLayout, SequenceLayout
 from megatron_apbv.apbv.merge import MergeAcrossRanks
 from megatron_apbv.apbv.passing import PassingExchange
@@ -35,7 +33,9 @@ class APBVMask:
     is fully described by the rank's layout, the per-layer passing budgets and the
     scoring settings, so this object travels there instead of an ``O(N^2)`` boolean
     tensor. It is the one way settings reach a layer: the same model serves every
-    variant (APB-V, APB-like, Star, exact) and every prompt length.
+    variant (APB-V, APB-like, Star, exact) and every prompt length. It holds
+    settings only: a request's KV cache and decode step are its
+    :class:`~megatron_apbv.apbv.inference_context.APBVInferenceContext`.
     """
 
     layout: RankLayout
@@ -43,13 +43,12 @@ class APBVMask:
     window: int = 5  # max-pool smoothing window of the passing scores
     overlap: bool = True  # overlap the passing all-gathers and the query merge with attention
     selection: SelectionRule = PAPER_RULE  # which keys of a block are passed (issue 19)
-    cache: Optional[DistributedKVCache] = None  # filled with the rank's own K/V when decoding follows
 
     @classmethod
-    def from_config(cls, cfg, layout: RankLayout, cache: Optional[DistributedKVCache] = None) -> "APBVMask":
+    def from_config(cls, cfg, layout: RankLayout) -> "APBVMask":
         """The mask of ``layout`` under ``cfg``'s APB-V settings (variant applied)."""
         return cls(layout=layout, passing_lens=cfg.passing_lens(layout.seq.prompt_len), window=cfg.apbv.window,
-                   overlap=cfg.apbv.setting("overlap"), selection=SelectionRule.from_config(cfg), cache=cache)
+                   overlap=cfg.apbv.setting("overlap"), selection=SelectionRule.from_config(cfg))
 
     def passing_len(self, layer_number: int) -> int:
         return self.passing_lens[layer_number - 1]
@@ -60,9 +59,11 @@ class APBVCoreAttention(CoreAttentionBase):
 
     Inputs follow Megatron's core-attention contract: query ``[sq, b, np, hn]``,
     key/value ``[sq, b, ng, hn]`` with RoPE applied, ``attention_mask`` an
-    :class:`APBVMask` (prefill) or :class:`DecodeStep` (new tokens over the
-    distributed KV cache); output ``[sq, b, np * hn]``. Every APB-V setting arrives
-    with the mask; the module itself holds none.
+    :class:`APBVMask` (a prefill that keeps nothing) or an
+    :class:`~megatron_apbv.apbv.inference_context.APBVInferenceContext` (a prefill
+    that fills the request's KV cache, or a decode step over it); output
+    ``[sq, b, np * hn]``. Every APB-V setting arrives with the mask and every piece
+    of request state with the context; the module itself holds neither.
     """
 
     @classmethod
@@ -71,29 +72,37 @@ class APBVCoreAttention(CoreAttentionBase):
         layout = SequenceLayout.from_config(cfg).rank(rank)
         return RankPlan(layout.global_indices, APBVMask.from_config(cfg, layout), None, layout.local_len - 1)
 
+    @classmethod
+    def attention_backend(cls, cfg, rank: int, world: int, dtype: torch.dtype, device: torch.device) -> dict:
+        """The route of each block and of the query partial on ``rank`` (``attention_routes.describe_layer``)."""
+        return describe_layer(SequenceLayout.from_config(cfg).rank(rank), cfg.model.head_dim, dtype, device)
+
     def forward(
         self,
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        attention_mask: APBVMask,
+        attention_mask: APBVMask | APBVInferenceContext,
         attn_mask_type: Optional[AttnMaskType] = None,
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
         self.reject_bias_and_packing("APB-V attention", attention_bias, packed_seq_params)
-        if isinstance(attention_mask, DecodeStep):
+        context = attention_mask if isinstance(attention_mask, APBVInferenceContext) else None
+        if context is not None and context.is_decode_only():
             out = decode_layer_attention(
-                query, key, value, attention_mask, self.layer_number,
+                query, key, value, context.step, self.layer_number,
                 softmax_scale=self.softmax_scale, group=self.cp_group,
             )
             return out.reshape(out.shape[0], out.shape[1], -1)
-        if not isinstance(attention_mask, APBVMask):
+        mask = context.mask if context is not None else attention_mask
+        if not isinstance(mask, APBVMask):
             raise TypeError(
-                "APBVCoreAttention needs attention_mask=APBVMask(...) (prefill) or DecodeStep(...) (decoding); "
-                f"got {type(attention_mask).__name__}. Run the model through megatron_apbv.inference.prefill / generate."
+                "APBVCoreAttention needs attention_mask=APBVMask(...) (prefill) or APBVInferenceContext(...) "
+                f"(prefill filling a KV cache, decoding); got {type(attention_mask).__name__}. Run the model "
+                "through megatron_apbv.inference.prefill / generate."
             )
-        layout = attention_mask.layout
+        layout = mask.layout
         if layout.seq.world_size != self.cp_size:
             raise ValueError(
                 f"the APBVMask's layout is for {layout.seq.world_size} ranks but the context-parallel group has "
@@ -103,12 +112,12 @@ class APBVCoreAttention(CoreAttentionBase):
             raise ValueError(f"local sequence has {query.shape[0]} tokens, the layout says {layout.local_len}")
         out = apbv_layer_attention(
             query, key, value, layout,
-            passing_len=attention_mask.passing_len(self.layer_number),
-            window=attention_mask.window, overlap=attention_mask.overlap, selection=attention_mask.selection,
+            passing_len=mask.passing_len(self.layer_number),
+            window=mask.window, overlap=mask.overlap, selection=mask.selection,
             softmax_scale=self.softmax_scale, group=self.cp_group,
         )
-        if attention_mask.cache is not None:
-            attention_mask.cache.store_prefill(self.layer_number, key, value)
+        if context is not None and context.prefill_cache is not None:
+            context.prefill_cache.store_prefill(self.layer_number, key, value)
         return out.reshape(out.shape[0], out.shape[1], -1)
 
 

@@ -60,3 +60,13 @@ class CoreAttentionBase(MegatronModule):
     def unsupported(cls, cfg, world: int) -> Optional[str]:
         """Why this attention cannot run ``cfg``'s shape on ``world`` ranks, or None (the default)."""
         return None
+
+    @classmethod
+    def attention_backend(cls, cfg, rank: int, world: int, dtype: torch.dtype, device: torch.device):
+        """Which kernel route each part of ``rank``'s attention takes on ``device`` (text, for records), or None."""
+        return None
+
+    @classmethod
+    def startup_note(cls, device: torch.device) -> Optional[str]:
+        """A line to print before this attention first runs on ``device`` when its start-up pauses long, or None."""
+        return None

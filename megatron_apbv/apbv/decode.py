@@ -28,7 +28,7 @@ from megatron_apbv.apbv.merge import MergeAcrossRanks
 class DistributedKVCache:
     """One prefill's cache on this rank: the rows it keeps, for all layers, at decoding capacity.
 
-    Filled by the prefill (``APBVMask.cache``); :meth:`DecodeCache.from_prefills`
+    Filled by the prefill (``APBVInferenceContext.prefill_cache``); :meth:`DecodeCache.from_prefills`
     turns one or several of them into the batched cache a decode step reads.
     """
 
@@ -135,10 +135,13 @@ def _batch(cache: DistributedKVCache) -> int:
 
 @dataclass(frozen=True)
 class DecodeStep:
-    """``attention_mask`` of a decoding step: ``t`` new tokens per sequence over the distributed cache.
+    """The state of one decoding step: ``t`` new tokens per sequence over the distributed cache.
 
     ``visible`` ``[b]`` (device) is the number of keys each sequence's last new
     token sees on this rank: the cached rows plus, on the tail, the new tokens.
+    Megatron's layers get it inside an
+    :class:`~megatron_apbv.apbv.inference_context.APBVInferenceContext`; the fused
+    layers take it directly.
     """
 
     cache: DecodeCache

@@ -24,6 +24,15 @@ class DenseCoreAttention(CoreAttentionBase):
         n = cfg.prompt_len
         return RankPlan(torch.arange(n) if rank == 0 else None, None, 0, n - 1)
 
+    @classmethod
+    def attention_backend(cls, cfg, rank: int, world: int, dtype: torch.dtype, device: torch.device) -> str:
+        """The route of causal attention over the whole prompt (the one call :meth:`forward` makes on CUDA)."""
+        from megatron_apbv.apbv.attention_routes import describe_layer
+        from megatron_apbv.apbv.layout import SequenceLayout
+
+        whole = SequenceLayout(cfg.prompt_len, 0, 0, 1, zigzag=False).rank(0)
+        return describe_layer(whole, cfg.model.head_dim, dtype, device)["block0"]
+
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None) -> torch.Tensor:
         if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:

@@ -175,6 +175,11 @@ class UlyssesCoreAttention(CoreAttentionBase):
             return f"{cfg.model.num_attention_heads} query heads do not divide by {world} ranks"
         return None
 
+    @classmethod
+    def startup_note(cls, device: torch.device) -> Optional[str]:
+        """On CPUs DeepSpeed's comm start-up compiles its shm op first (:data:`CPU_COMPILE_NOTE`)."""
+        return CPU_COMPILE_NOTE if device.type == "cpu" and not deepspeed_comm_ready() else None
+
     def forward(self, query, key, value, attention_mask: UlyssesMask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None) -> torch.Tensor:
         self.reject_bias_and_packing("Ulysses attention", attention_bias, packed_seq_params)

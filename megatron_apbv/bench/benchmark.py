@@ -46,7 +46,7 @@ import torch.distributed as dist
 from pydantic import ValidationError
 
 from megatron_apbv.bench.report import LEVELS, format_table, plot, write_jsonl
-from megatron_apbv.methods import COMPARED, get_method
+from megatron_apbv.methods import COMPARED, REFERENCE, get_method
 from megatron_apbv.methods import METHODS as REGISTRY
 from megatron_apbv.runtime.config import (
     ConfigError,
@@ -172,7 +172,7 @@ def core_attention(method: str, config, layer_number: int, ulysses_kernel: str =
 
 
 def _core_params(method: str, ulysses_kernel: str) -> dict:
-    return {"kernel": ulysses_kernel} if method == "ulysses" else {}
+    return {"kernel": ulysses_kernel} if get_method(method).takes_kernel else {}
 
 
 def method_model(weights, method: str, cfg: RunConfig, device: torch.device, ulysses_kernel: str = "sdpa"):
@@ -271,7 +271,7 @@ def _row(method: str, level: str, length: int, plan: Optional[Plan], timing: Opt
 
 def _compare_logits(rows: list[dict], logits: dict) -> None:
     """Model level: how far each method's next-token logits are from dense's (same weights, same prompt)."""
-    ref = logits.get("dense")
+    ref = logits.get(REFERENCE)
     for r in rows:
         mine = logits.get(r["method"])
         ok = ref is not None and mine is not None
@@ -293,7 +293,6 @@ def run_bench(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, methods=M
               levels=LEVELS, warmup: int = 2, repeat: int = 5, out: Optional[str] = None,
               ulysses_kernel: str = "sdpa") -> dict:
     """Time every method at every length and level on every rank; rank 0's record is complete."""
-    from megatron_apbv.baselines.ulysses import CPU_COMPILE_NOTE, deepspeed_comm_ready
     from megatron_apbv.models.gpt import (
         DTYPES,
         build_gpt_model,
@@ -331,8 +330,9 @@ def run_bench(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, methods=M
             logits: dict[str, torch.Tensor] = {}  # model level: the last token's logits of each method
             for method in methods:
                 bar.step(f"{level} N={length} {method}")
-                if method == "ulysses" and device.type == "cpu" and not skips[method] and not deepspeed_comm_ready():
-                    bar.note(CPU_COMPILE_NOTE)
+                note = None if skips[method] else get_method(method).startup_note(device)
+                if note:
+                    bar.note(note)
                 plan = plan_for(method, cfg, length, rank, world)
                 if skips[method]:
                     rows.append(_row(method, level, length, plan, None, f"skipped: {skips[method]}"))
@@ -349,10 +349,9 @@ def run_bench(cfg: RunConfig, env: LaunchEnv, device: torch.device, *, methods=M
                     if timing.status == "ok":
                         logits[method] = _share_logits(timing.result, inputs, plan.cfg, device)
                         timing.result = None
-                if get_method(method).variant is not None and plan.mask is not None:
-                    from megatron_apbv.apbv.attention_routes import describe_layer
-
-                    row["attention_backend"] = describe_layer(plan.mask.layout, cfg.model.head_dim, dtype, device)
+                backend = get_method(method).attention_backend(plan.cfg, rank, world, dtype, device)
+                if backend is not None:
+                    row["attention_backend"] = backend
                 rows.append(row)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

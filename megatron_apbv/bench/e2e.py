@@ -46,12 +46,13 @@ import torch
 
 from megatron_apbv.inference.engine import Engine
 from megatron_apbv.inference.stage_clock import StageClock
+from megatron_apbv.methods import REFERENCE, SERVED, get_method
 from megatron_apbv.models.vision import vision_grid
 from megatron_apbv.models.vision_tower import vision_tower_flops
 from megatron_apbv.runtime.config import ConfigError, RunConfig
 
 STAGES = ("video_decode", "vision", "prefill")
-E2E_METHODS = ("dense", "apbv")
+E2E_METHODS = (REFERENCE, SERVED)
 
 
 def source_frames(cfg: RunConfig, source_size: tuple[int, int]) -> torch.Tensor:
@@ -119,24 +120,20 @@ class Pipeline:
             embeds = self.engine.embed(prompt, torch.arange(prompt.input_ids.shape[1]))
         return prompt, embeds, times
 
-    def prefill(self, engine: Engine, prompt, embeds, mask, layout) -> tuple[dict, int]:
-        """Stage 3 of one method (``layout`` None: dense over the whole prompt); seconds and the first token."""
-        idx = layout.global_indices if layout is not None else torch.arange(prompt.input_ids.shape[1])
-        local = prompt.local(idx)
+    def prefill(self, engine: Engine, prompt, embeds, plan) -> tuple[dict, int]:
+        """Stage 3 of one method on its ``plan`` (a ``RankPlan`` at W = 1); seconds and the first token."""
+        local = prompt.local(plan.indices)
         ids, pos = local.input_ids.to(self.device), local.position_ids.to(self.device)
-        mine = embeds if layout is None else embeds[idx.to(embeds.device)]
+        mine = embeds[plan.indices.to(embeds.device)]
         times: dict = {}
         with torch.inference_mode(), self.clock.stage("prefill", times):
-            token = int(engine.prefill(ids, pos, mask, mine).argmax(-1)[0])
+            token = int(engine.prefill(ids, pos, plan.mask, mine).argmax(-1)[0])
         return times, token
 
 
 def run_e2e(cfg: RunConfig, device: torch.device, *, methods=E2E_METHODS, source_size=None, warmup: int = 1,
             repeat: int = 1, out: Optional[str] = None, predict_gpus=(2, 4, 8)) -> dict:
     """Time every method end to end on one GPU; returns the record (also ``OUT/e2e.jsonl`` with ``out``)."""
-    from megatron_apbv.apbv.attention import APBVMask
-    from megatron_apbv.apbv.attention_routes import describe_layer
-    from megatron_apbv.apbv.layout import SequenceLayout
     from megatron_apbv.models.gpt import DTYPES, build_gpt_model
 
     if cfg.input.kind != "video":
@@ -170,15 +167,9 @@ def run_e2e(cfg: RunConfig, device: torch.device, *, methods=E2E_METHODS, source
                                           out_hidden_size=m.hidden_size),
         "decode_source": pipe.decode_source, "warmup": warmup, "repeat": repeat, "methods": {},
     }
-    plans = {}
-    for method in methods:
-        if method == "apbv":
-            layout = SequenceLayout.from_config(cfg).rank(0)
-            backend = describe_layer(layout, m.head_dim, dtype, device)
-            plans[method] = (APBVMask.from_config(cfg, layout), layout, backend)
-        else:
-            whole = SequenceLayout(cfg.prompt_len, 0, 0, 1, zigzag=False).rank(0)
-            plans[method] = (None, None, describe_layer(whole, m.head_dim, dtype, device)["block0"])
+    # each method's rows and mask at W = 1, and the kernel route its attention takes (the registry's)
+    plans = {method: (get_method(method).rank_plan(cfg, 0, 1),
+                      get_method(method).attention_backend(cfg, 0, 1, dtype, device)) for method in methods}
     # each method's decoder on the very weights of the engine's, with the engine's tower and RoPE
     engines = {method: pipe.engine.with_model(build_gpt_model(cfg, method=method, device=device,
                                                                 weights_of=pipe.engine.model))
@@ -190,8 +181,7 @@ def run_e2e(cfg: RunConfig, device: torch.device, *, methods=E2E_METHODS, source
     for i in range(warmup + repeat):
         prompt, embeds, shared = pipe.encode()
         for method in methods:
-            mask, layout, _ = plans[method]
-            times, tokens[method] = pipe.prefill(engines[method], prompt, embeds, mask, layout)
+            times, tokens[method] = pipe.prefill(engines[method], prompt, embeds, plans[method][0])
             times = {**shared, **times}
             print(f"e2e {method} run {i}: " + " ".join(f"{k} {s:.3f}s" for k, s in times.items()), file=sys.stderr,
                   flush=True)
@@ -208,7 +198,7 @@ def run_e2e(cfg: RunConfig, device: torch.device, *, methods=E2E_METHODS, source
             "vision_tflops_per_s": round(record["vision_flop"] / stages["vision"] / 1e12, 3) if stages["vision"] else None,
             "runs_s": [{k: round(s, 4) for k, s in r.items()} for r in runs[method]],
             "first_token_id": tokens[method],
-            "attention_backend": plans[method][2],
+            "attention_backend": plans[method][1],
         }
     record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" \
         else None
@@ -242,21 +232,21 @@ def predict_scaling(cfg: RunConfig, record: dict, gpus=(2, 4, 8), gpu: str = "h2
     from megatron_apbv.costmodel.shapes import ModelShape
     from megatron_apbv.costmodel.video_decode import largest_group_share, video_decode_seconds
 
-    measured = record["methods"].get("apbv")
+    measured = record["methods"].get(SERVED)
     if measured is None:
         return {}
     profiles = Profiles.load()
     shape = ModelShape.from_config(cfg)
     n = cfg.prompt_len
     kwargs = dict(anchor_len=cfg.anchor_len, query_len=cfg.query_len, passing=list(cfg.passing_lens()))
-    base = predict("apbv", shape, profiles.cluster(gpu, interconnect, 1), n, **kwargs).seconds
+    base = predict(SERVED, shape, profiles.cluster(gpu, interconnect, 1), n, **kwargs).seconds
     stages = measured["stages_s"]
-    dense_total = record["methods"].get("dense", {}).get("total_s")
+    dense_total = record["methods"].get(REFERENCE, {}).get("total_s")
     emb_bytes = record["video_tokens"] * cfg.model.hidden_size * shape.dtype_bytes
     out = {"model": f"costmodel {gpu}/{interconnect}, prefill scaled from the measured W = 1 apbv prefill"}
     for w in gpus:
         cluster = profiles.cluster(gpu, interconnect, w)
-        ratio = predict("apbv", shape, cluster, n, **kwargs).seconds / base
+        ratio = predict(SERVED, shape, cluster, n, **kwargs).seconds / base
         groups = cfg.input.frame_plan(cfg.vision).groups
         pred = {
             "video_decode": video_decode_seconds(stages["video_decode"], groups, w),

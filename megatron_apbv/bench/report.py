@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_apbv.methods import REFERENCE
+
 LEVELS = ("layer", "model")
 
 
@@ -26,7 +28,7 @@ def format_table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         note = r["status"] if r["status"] != "ok" else ""
-        if r.get("logit_diff_vs_dense") is not None and r["method"] != "dense":
+        if r.get("logit_diff_vs_dense") is not None and r["method"] != REFERENCE:
             note = f"logit diff {r['logit_diff_vs_dense']:.2e}"
         lines.append(
             f"{r['level']:<6} {r['length']:>8} {r['method']:<9} {_fmt(r['median_ms'], '11.3f')} "

@@ -1,7 +1,9 @@
 """Time of one attention layer per method: the cost entries ``megatron_apbv.methods`` names.
 
-Every function takes ``(shape, cluster, n, seq, passing_len, method)``; ``seq`` is
-the APB-V layout (APB-V family only) and ``passing_len`` its budget.
+Every cost function takes ``(shape, cluster, n, seq, passing_len, method)``; ``seq``
+is the APB-V layout (APB-V family only) and ``passing_len`` its budget. The
+``*_tokens`` functions are the registry's ``local_tokens`` entries: the tokens each
+rank holds (``(n, world, seq)``), which size the linear layers and activations.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 from megatron_apbv.apbv.layout import SequenceLayout
 from megatron_apbv.costmodel.pairs import apbv_pairs, causal_pairs, ring_pair_matrix
 from megatron_apbv.costmodel.shapes import Cluster, ModelShape
+from megatron_apbv.methods import get_method
 
 LSE_BYTES = 4  # the log-sum-exp travels in fp32
 
@@ -26,6 +29,27 @@ class AttentionCost:
     flops: float  # attention FLOPs of the busiest rank
     comm_bytes: float  # bytes each rank receives
     extra_bytes: float = 0.0  # method buffers for the memory estimate
+
+
+def whole_prompt_tokens(n: int, world: int, seq=None) -> int:
+    """Dense: one process holds the whole prompt."""
+    return n
+
+
+def ring_local_tokens(n: int, world: int, seq=None) -> int:
+    """Zigzag ring: the largest pair of chunks ``r`` and ``2W - 1 - r``."""
+    s = SequenceLayout(n, 0, 0, world, zigzag=True)
+    return max(len(s.block_spans[r]) + len(s.block_spans[2 * world - 1 - r]) for r in range(world))
+
+
+def head_split_tokens(n: int, world: int, seq=None) -> int:
+    """Ulysses: an even split of the sequence (heads are split only inside attention)."""
+    return math.ceil(n / world)
+
+
+def apb_local_tokens(n: int, world: int, seq: SequenceLayout) -> int:
+    """APB-V family: the largest rank's ``[A | blocks | Q]`` of ``seq``."""
+    return max(seq.rank(r).local_len for r in range(world))
 
 
 def dense_attention_cost(shape: ModelShape, cl: Cluster, n: int, seq=None, passing_len: int = 0,
@@ -44,8 +68,7 @@ def ring_attention_cost(shape: ModelShape, cl: Cluster, n: int, seq=None, passin
         return dense_attention_cost(shape, cl, n)
     rate = cl.method_rate("ring") * cl.software["ring_efficiency"]
     pairs = ring_pair_matrix(n, w)
-    seq = SequenceLayout(n, 0, 0, w, zigzag=True)
-    local = max(len(seq.block_spans[r]) + len(seq.block_spans[2 * w - 1 - r]) for r in range(w))
+    local = ring_local_tokens(n, w)
     merge = cl.software["merge_bytes_per_element"] * local * shape.heads * shape.head_dim * shape.batch / cl.mem_bw
     chunk_bytes = shape.kv_bytes(local)
     step_comm = cl.p2p_s(chunk_bytes)
@@ -91,8 +114,8 @@ def apb_attention_cost(shape: ModelShape, cl: Cluster, n: int, seq: SequenceLayo
                        method: str) -> AttentionCost:
     """APB-V / APB-like / Star attention of one layer, simulated as a compute stream per rank and one link.
 
-    ``seq.zigzag`` and the variant's overlap (APB-like: off) decide the schedule."""
-    overlap = method != "apb_like"
+    ``seq.zigzag`` and the variant's overlap (the registry's ``setting("overlap")``) decide the schedule."""
+    overlap = get_method(method).setting("overlap")
     w = seq.world_size
     rate = cl.method_rate(method)
     pairs = apbv_pairs(seq, passing_len)

@@ -23,6 +23,7 @@ import yaml
 from megatron_apbv.costmodel.pairs import causal_pairs
 from megatron_apbv.costmodel.predict import predict
 from megatron_apbv.costmodel.shapes import Cluster, ModelShape
+from megatron_apbv.methods import REFERENCE, get_method
 
 DEFAULT_PROFILES = Path(__file__).with_name("profiles.yaml")  # package data
 PACKAGED_RESULTS = Path(__file__).with_name("calibration_points.json")  # package data, see package_results
@@ -157,8 +158,11 @@ def calibration_points(profiles: Profiles, results: dict) -> list[Point]:
 
     for fact in cal.get("facts", []):
         shape = ModelShape.attention(fact["heads"], fact["kv_heads"], fact["head_dim"])
-        method = fact["method"]
-        parameter = f"gpus.{fact['gpu']}.attention_tflops.sdpa" if method == "dense" else "software.ring_efficiency"
+        fitted = get_method(fact["method"]).fitted
+        if fitted is None:
+            raise ValueError(f"profiles facts {fact['name']!r}: a measured {fact['method']!r} time fits no "
+                             "cost-model parameter (methods.py `fitted`): give a dense or ring measurement")
+        parameter = fitted.format(gpu=fact["gpu"])
 
         def fact_time(p, f=fact, shape=shape):
             cl = p.cluster(f["gpu"], f.get("interconnect", "nvlink"), f.get("gpus", 1))
@@ -172,7 +176,7 @@ def calibration_points(profiles: Profiles, results: dict) -> list[Point]:
         shape = ModelShape(**whole["shape"])
         for i, run in enumerate(runs, start=1):
             def model_time(p, n=run["prompt_tokens"]):
-                return predict("dense", shape, p.cluster(whole["gpu"], "nvlink", 1), n).seconds
+                return predict(REFERENCE, shape, p.cluster(whole["gpu"], "nvlink", 1), n).seconds
 
             used = i not in whole.get("exclude_lines", [])
             points.append(Point(

@@ -24,7 +24,7 @@ from megatron_apbv.apbv.layout import SequenceLayout
 from megatron_apbv.costmodel.calibration import calibrated_profiles
 from megatron_apbv.costmodel.predict import predict
 from megatron_apbv.costmodel.shapes import ModelShape
-from megatron_apbv.methods import COMPARED
+from megatron_apbv.methods import COMPARED, REFERENCE
 from megatron_apbv.runtime.config import ConfigError, RunConfig, roundup
 
 ANCHOR_FRACTIONS = (256, 128, 64, 32)  # a = N / f
@@ -138,7 +138,7 @@ def plan(cfg: RunConfig, *, gpus: int, gpus_per_node: int = 8, interconnect: str
     preds = {m: predict(m, shape, cluster, n, anchor_len=a, query_len=q, passing=p) for m in COMPARED}
     feasible = {m: r.seconds for m, r in preds.items() if r.feasible}
     fastest = min(feasible, key=feasible.get)
-    dense = preds["dense"].seconds
+    dense = preds[REFERENCE].seconds
     record = {
         "command": "plan",
         "gpus": gpus,

@@ -33,7 +33,6 @@ accuracy of an approximate method.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
@@ -96,21 +95,13 @@ def predict(
     budgets: dict = {}
     seq = None
     if chosen.variant is not None:
-        seq = SequenceLayout(prompt_len, anchor_len, query_len, w, zigzag=method != "apb_like")
-        if method == "star":
-            per_layer = [0] * shape.layers
-        elif method == "exact":
-            per_layer = [prompt_len] * shape.layers
-        local = max(seq.rank(r).local_len for r in range(w))
+        seq = SequenceLayout(prompt_len, anchor_len, query_len, w, zigzag=chosen.setting("zigzag"))
+        fixed = chosen.fixed_passing(prompt_len)
+        if fixed is not None:  # Star (0) and exact (every key) ignore the budgets given
+            per_layer = [fixed] * shape.layers
         budgets = {"anchor": anchor_len, "passing": per_layer[0] if len(set(per_layer)) == 1 else per_layer,
                    "query": query_len}
-    elif method == "ring":
-        s = SequenceLayout(prompt_len, 0, 0, w, zigzag=True)
-        local = max(len(s.block_spans[r]) + len(s.block_spans[2 * w - 1 - r]) for r in range(w))
-    elif method == "ulysses":
-        local = math.ceil(prompt_len / w)
-    else:
-        local = prompt_len
+    local = chosen.cost_local_tokens(prompt_len, w, seq)
 
     costs: dict[int, AttentionCost] = {}
     for p in per_layer:

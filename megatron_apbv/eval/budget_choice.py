@@ -24,14 +24,16 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_apbv.methods import REFERENCE, SERVED
+
 TOLERANCE = 0.02
 
 
 def choose(record: dict, *, tolerance: float = TOLERANCE) -> dict:
     """The choice (see the module docstring) from a sweep record; ``chosen`` is None when nothing qualifies."""
     rows = record["rows"]
-    dense = {(r["task"], r["length"]): r["accuracy"] for r in rows if r["method"] == "dense"}
-    settings = sorted({(r["task"], r["length"], r["W"]) for r in rows if r["method"] == "apbv"})
+    dense = {(r["task"], r["length"]): r["accuracy"] for r in rows if r["method"] == REFERENCE}
+    settings = sorted({(r["task"], r["length"], r["W"]) for r in rows if r["method"] == SERVED})
     if not dense or not settings:
         raise ValueError("the sweep has no dense rows or no apbv rows: nothing to choose from")
     missing_dense = sorted({(t, n) for t, n, _ in settings} - set(dense))
@@ -39,7 +41,7 @@ def choose(record: dict, *, tolerance: float = TOLERANCE) -> dict:
         raise ValueError(f"no dense row for {missing_dense}: the gap to dense is undefined there")
     candidates: dict[tuple, dict] = {}
     for r in rows:
-        if r["method"] != "apbv":
+        if r["method"] != SERVED:
             continue
         key = (r["rule"], r["anchor"], r["passing"])
         c = candidates.setdefault(key, {"rule": r["rule"], "anchor": r["anchor"], "passing": r["passing"],

@@ -53,6 +53,7 @@ from megatron_apbv.eval.needle import (
     make_example,
 )
 from megatron_apbv.inference.divergence import kl_from_dense
+from megatron_apbv.methods import METHODS, REFERENCE, get_method
 from megatron_apbv.models.gpt import (
     build_gpt_model,
     build_rope,
@@ -78,21 +79,32 @@ def add_arguments(parser) -> None:
 
 
 def eval_settings(cfg: RunConfig, prompt_len: int, only: list[str] | None = None) -> list[dict]:
-    """``[{name, variant, budget, passing_len, zigzag, overlap}]`` of one launch."""
-    out = [dict(name="exact", variant="exact", budget="all", passing_len=prompt_len, zigzag=True, overlap=True)]
+    """``[{name, variant, budget, passing_len, zigzag, overlap}]`` of one launch, every APB-V variant's.
+
+    A variant that fixes its passing budget (exact, Star) is one setting; the others run every
+    ``needle.budgets`` fraction. Zigzag, overlap and the fixed budgets are the registry's
+    (``megatron_apbv.methods``). Order: passing every key, the budgets, the other fixed budgets.
+    """
+    family = [m for m in METHODS.values() if m.variant is not None]
+    if only:
+        unknown = set(only) - {m.variant for m in family}
+        if unknown:
+            raise ConfigError(f"--settings {sorted(unknown)}: choose from {', '.join(m.variant for m in family)}")
+
+    def setting(m, name, budget, p):
+        return dict(name=name, variant=m.variant, budget=budget, passing_len=p, zigzag=m.setting("zigzag"),
+                    overlap=m.setting("overlap"))
+
+    swept = []
     for frac in cfg.needle.budgets:
         p = math.ceil(frac * prompt_len)
         label = f"N/{round(1 / frac)}" if abs(1 / frac - round(1 / frac)) < 1e-9 else f"{frac:g}N"
-        out.append(dict(name=f"apbv p={label}", variant="apbv", budget=label, passing_len=p, zigzag=True, overlap=True))
-        out.append(dict(name=f"apb_like p={label}", variant="apb_like", budget=label, passing_len=p, zigzag=False,
-                        overlap=False))
-    out.append(dict(name="star", variant="star", budget="0", passing_len=0, zigzag=True, overlap=True))
-    if only:
-        unknown = set(only) - {"exact", "apbv", "apb_like", "star"}
-        if unknown:
-            raise ConfigError(f"--settings {sorted(unknown)}: choose from exact, apbv, apb_like, star")
-        out = [s for s in out if s["variant"] in only]
-    return out
+        swept += [setting(m, f"{m.variant} p={label}", label, p) for m in family
+                  if m.fixed_passing(prompt_len) is None]
+    fixed = [setting(m, m.variant, "all" if p == prompt_len else str(p), p)
+             for m in family if (p := m.fixed_passing(prompt_len)) is not None]
+    out = [s for s in fixed if s["budget"] == "all"] + swept + [s for s in fixed if s["budget"] != "all"]
+    return [s for s in out if s["variant"] in only] if only else out
 
 
 # --------------------------------------------------------------------------- forward passes
@@ -120,7 +132,7 @@ class NeedleRunner:
         self.positions = torch.arange(self.geo.prompt_len)
         self.dense = None
         if self.rank == 0:
-            self.dense = build_gpt_model(cfg, method="dense", device=device)
+            self.dense = build_gpt_model(cfg, method=REFERENCE, device=device)
             self.dense.load_state_dict(self.model.state_dict())
 
     @torch.inference_mode()
@@ -363,6 +375,10 @@ def command(args, cfg: RunConfig, env: LaunchEnv, device: torch.device) -> dict:
 
 # --------------------------------------------------------------------------- plot
 
+# How each variant is drawn: legend name, colour, marker, x shift (swept series side by side at a budget).
+_PLOT_STYLE = {"apbv": ("APB-V", "tab:blue", "o", 0.96), "apb_like": ("APB-like", "tab:green", "s", 1.04),
+               "star": ("Star", "tab:red", "D", 1.0), "exact": ("exact", "tab:purple", "^", 1.0)}
+
 
 def plot(records: list[dict], path) -> None:
     """Accuracy against the passing budget, one panel per world size: dense, exact and Star as lines.
@@ -377,31 +393,32 @@ def plot(records: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(records), figsize=(5.5 * len(records), 4.6 if len(records) > 1 else 5.2), squeeze=False)
-    series = (("apbv", "APB-V", "tab:blue", "o", 0.96), ("apb_like", "APB-like", "tab:green", "s", 1.04))
     for ax, rec in zip(axes[0], records):
         sets = rec["settings"]
+        methods = {s["variant"]: get_method(s["variant"]) for s in sets}
+        swept = [v for v, m in methods.items() if m.fixed_passing(rec["prompt_tokens"]) is None]
         # References first (underneath); the thick light line stays visible under a thin dashed one on top.
         ax.axhline(rec["dense"]["accuracy"], color="0.6", lw=4, alpha=0.6, label="dense (all)")
-        zz = next((s for s in sets if s["variant"] in ("apbv", "star") and s["dense_accuracy_scene_cross"] is not None),
-                  None)
+        zz = next((s for s in sets if methods[s["variant"]].setting("zigzag")
+                   and s["dense_accuracy_scene_cross"] is not None), None)
         if zz is not None:
             ax.axhline(zz["dense_accuracy_scene_cross"], color="k", lw=1, ls="--", label="dense (scene, cross-block)")
-        for s in sets:
-            if s["variant"] == "star":
-                ax.axhline(s["accuracy"], color="tab:red", lw=1.5, ls=":", label="Star (all)")
+        for s in sets:  # a fixed budget short of every key (Star) is a line across the budgets
+            if s["variant"] not in swept and s["passing_len"] < rec["prompt_tokens"]:
+                name, colour = _PLOT_STYLE[s["variant"]][:2]
+                ax.axhline(s["accuracy"], color=colour, lw=1.5, ls=":", label=f"{name} (all)")
                 if s["accuracy_scene_cross"] is not None:
-                    ax.axhline(s["accuracy_scene_cross"], color="tab:red", lw=1, ls="-.",
-                               label="Star (scene, cross-block)")
-        for variant, name, colour, marker, shift in series:
+                    ax.axhline(s["accuracy_scene_cross"], color=colour, lw=1, ls="-.",
+                               label=f"{name} (scene, cross-block)")
+        for variant in swept:
+            name, colour, marker, shift = _PLOT_STYLE[variant]
             pts = [s for s in sets if s["variant"] == variant]
-            if not pts:
-                continue
             xs = [s["passing_len"] * shift for s in pts]
             ax.plot(xs, [s["accuracy"] for s in pts], marker=marker, color=colour, ls="-", label=f"{name} (all)")
             ax.plot(xs, [s["accuracy_scene_cross"] or 0 for s in pts], marker=marker, color=colour, ls=":",
                     markerfacecolor="white", label=f"{name} (scene, cross-block)")
         ax.set_xscale("log", base=2)
-        budgets = sorted({s["passing_len"] for s in sets if s["variant"] in ("apbv", "apb_like")})
+        budgets = sorted({s["passing_len"] for s in sets if s["variant"] in swept})
         if budgets:
             ax.set_xticks(budgets, [str(b) for b in budgets])
             ax.minorticks_off()

@@ -142,6 +142,7 @@ def oracle_check(cfg, model, frontend, geo, examples, device, worlds=(2, 4)) -> 
     from megatron_apbv.apbv.layout import Span
     from megatron_apbv.apbv.reference import apbv_block_bounds_reference
     from megatron_apbv.eval.oracle import oracle_spec
+    from megatron_apbv.methods import get_method
     from megatron_apbv.models.gpt import build_gpt_model, build_rope
 
     settings: dict = {}
@@ -152,7 +153,11 @@ def oracle_check(cfg, model, frontend, geo, examples, device, worlds=(2, 4)) -> 
     p128 = math.ceil(n / 128)
     results = {}
     for world in worlds:
-        for name, passing, zigzag in (("star", 0, True), ("apbv_p128", p128, True), ("apb_like_p128", p128, False)):
+        for method in ("star", "apbv", "apb_like"):  # zigzag and Star's budget are the registry's
+            chosen = get_method(method)
+            fixed = chosen.fixed_passing(n)
+            name, passing = (method, fixed) if fixed is not None else (f"{method}_p128", p128)
+            zigzag = chosen.setting("zigzag")
             settings.clear()
             settings.update(mode="apbv", world_size=world, anchor_len=a, query_len=q, passing_len=passing,
                             zigzag=zigzag, window=cfg.apbv.window)

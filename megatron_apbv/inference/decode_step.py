@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from megatron_apbv.apbv.decode import DecodeCache, DecodeStep
+from megatron_apbv.apbv.inference_context import APBVInferenceContext
 from megatron_apbv.inference.decode_layer import FusedDecodeLayers, rotary_cos_sin
 from megatron_apbv.models.gpt import vocab_logits
 
@@ -75,7 +76,8 @@ class DecodeRunner:
             cos, sin = rotary_cos_sin(rotary)
             hidden = self.fused_layers.forward(hidden, step, cos, sin)
         else:
-            hidden = model.decoder(hidden_states=hidden, attention_mask=step, rotary_pos_emb=rotary)
+            hidden = model.decoder(hidden_states=hidden, attention_mask=APBVInferenceContext.decode(step),
+                                   rotary_pos_emb=rotary)
         logits = vocab_logits(model, hidden)
         step.commit()
         self.positions.add_(1)

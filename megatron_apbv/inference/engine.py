@@ -88,8 +88,9 @@ class Engine:
             return input_embeddings(self.model, self.tower, prompt, global_indices, self.device, group=group)
 
     def prefill(self, ids: torch.Tensor, pos: torch.Tensor, mask, embeds: Optional[torch.Tensor]) -> torch.Tensor:
-        """Stage ``prefill``: the decoder over the rank's tokens (``mask``: the method's core attention mask;
-        APB-V fills the KV cache it carries), then the prompt's last token's logits ``[b, vocab]``."""
+        """Stage ``prefill``: the decoder over the rank's tokens (``mask``: the method's ``attention_mask``; for
+        APB-V an ``APBVInferenceContext`` when the request's KV cache is filled), then the prompt's last token's
+        logits ``[b, vocab]``."""
         return last_token_logits(self.model, self.rope, ids, pos, mask, inputs_embeds=embeds)
 
     def decode_runner(self, cache, positions: torch.Tensor, *, cuda_graph: bool, fused: Optional[bool] = None):

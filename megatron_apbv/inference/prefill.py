@@ -11,10 +11,12 @@ import torch.distributed as dist
 from megatron_apbv.apbv.attention import APBVMask
 from megatron_apbv.apbv.attention_routes import describe_layer
 from megatron_apbv.apbv.decode import DistributedKVCache
+from megatron_apbv.apbv.inference_context import APBVInferenceContext
 from megatron_apbv.apbv.layout import SequenceLayout
 from megatron_apbv.inference.divergence import kl_from_dense
 from megatron_apbv.inference.engine import Engine, frame_share
 from megatron_apbv.inference.stage_clock import StageClock
+from megatron_apbv.methods import REFERENCE
 from megatron_apbv.models.embeddings import input_embeddings
 from megatron_apbv.models.gpt import DTYPES, build_gpt_model, last_token_logits
 from megatron_apbv.models.inputs import Prompt, build_prompt
@@ -76,14 +78,16 @@ def apbv_prefill(
     engine = engine or Engine.build(cfg, device, vision=prompt.frames is not None)
     local = prompt.local(layout.global_indices)
     cache = DistributedKVCache(layout, max_new_tokens) if max_new_tokens else None
-    mask = APBVMask.from_config(cfg, layout, cache)
+    mask = APBVMask.from_config(cfg, layout)
+    # the request's cache travels in its own context beside the settings, never inside the mask
+    attention_mask = APBVInferenceContext.prefill(mask, cache) if cache is not None else mask
     ids, pos = local.input_ids.to(device), local.position_ids.to(device)
 
     def forward():
         with clock.stage("vision", stages):
             embeds = engine.embed(prompt, layout.global_indices, group)
         with clock.stage("prefill", stages):
-            return engine.prefill(ids, pos, mask, embeds)
+            return engine.prefill(ids, pos, attention_mask, embeds)
 
     logits, seconds = timed(forward, device, repeat, barrier=barrier)
     runs = 1 + repeat  # the stage sums cover every run: report one run's share
@@ -114,9 +118,9 @@ def run_prefill(
     ``compare="dense"`` also runs the same weights and prompt densely on one
     process (rank 0) and adds ``max_abs_logit_diff``, ``top1_agree`` and ``kl``.
     """
-    if compare not in (None, "dense"):
-        raise ConfigError(f"--compare {compare!r}: only 'dense' is available")
-    if compare == "dense" and cfg.parallel.tensor_parallel_size != 1:
+    if compare not in (None, REFERENCE):
+        raise ConfigError(f"--compare {compare!r}: only {REFERENCE!r} is available")
+    if compare is not None and cfg.parallel.tensor_parallel_size != 1:
         raise ConfigError("--compare dense needs parallel.tensor_parallel_size=1 (the dense run holds all weights)")
     run = apbv_prefill(cfg, device, repeat=repeat)
     logits, seq = run.logits, run.seq
@@ -157,13 +161,13 @@ def run_prefill(
     }
     if run.video is not None:
         record["video"] = run.video
-    if compare == "dense" and env.rank == 0:
+    if compare is not None and env.rank == 0:
         record.update(_compare_dense(cfg, run, device, repeat))
     return record
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--compare", choices=["dense"], default=None, help="also run densely on one process")
+    parser.add_argument("--compare", choices=[REFERENCE], default=None, help="also run densely on one process")
     parser.add_argument(
         "--repeat", type=int, default=0, metavar="N",
         help="report the median of N prefills after a warm-up one (default 0: a single prefill)",
@@ -176,7 +180,7 @@ def command(args, cfg: RunConfig, env: LaunchEnv, device: torch.device) -> dict:
 
 
 def _compare_dense(cfg: RunConfig, run: Prefill, device: torch.device, repeat: int) -> dict:
-    dense = build_gpt_model(cfg, method="dense", device=device)
+    dense = build_gpt_model(cfg, method=REFERENCE, device=device)
     dense.load_state_dict(run.model.state_dict())  # same weights by construction; loading makes it certain
     logits, prompt = run.logits, run.prompt
     if prompt.shared:  # rank 0 alone encodes every frame

@@ -26,6 +26,11 @@ from pydantic import (
     model_validator,
 )
 
+# The variants and the settings each fixes are the method registry's (docs/design.md §7).
+from megatron_apbv.methods import APBV_DEFAULTS, VARIANTS
+
+VariantName = Literal[tuple(VARIANTS)]  # apbv.variant's choices: the registry's APB-V variants
+
 # Every section validates strictly (_Section): a boolean is no number (``apbv.window=true`` is an error,
 # not window 1), a float no integer; floats still take integers (``rope_theta: 10000``).
 Ratio = confloat(gt=0.0, le=1.0)
@@ -87,13 +92,6 @@ PassingBudget = Union[Count, Ratio, Literal["auto", "paper", "all"], BudgetRule]
 # megatron_apbv/eval/budget_choice.py (README "Budgets"). Switching the default is this one line.
 AUTO_BUDGETS = {"anchor": "paper", "passing": "paper"}
 
-VARIANTS = {
-    # variant: settings it fixes (docs/design.md §7)
-    "apbv": {"zigzag": True, "overlap": True},
-    "apb_like": {"zigzag": False, "overlap": False},
-    "star": {"passing": 0},
-    "exact": {"passing": "all"},
-}
 
 
 def without_variant_settings(apbv: dict, variant: str) -> dict:
@@ -167,7 +165,7 @@ class ModelConfig(_Section):
 class APBVConfig(_Section):
     """APB-V settings. ``variant`` fixes some of them; setting them as well is a conflict."""
 
-    variant: Literal["apbv", "apb_like", "star", "exact"] = Field(
+    variant: VariantName = Field(
         "apbv", description="apbv; apb_like (no zigzag, no overlap); star (passing 0); exact (passing all = dense)"
     )
     anchor: AnchorBudget = Field(
@@ -218,7 +216,7 @@ class APBVConfig(_Section):
         if isinstance(self.anchor, BudgetRule) and self.anchor.block is not None:
             raise ValueError("apbv.anchor={block: ...}: the block is what the anchor leaves of the prompt, so it "
                              "cannot size the anchor: give tokens, a fraction of the prompt, paper or {paper: k}")
-        if self.passing_schedule is not None and self.variant in ("star", "exact"):
+        if self.passing_schedule is not None and "passing" in VARIANTS[self.variant]:
             raise ValueError(f"apbv.passing_schedule cannot be combined with apbv.variant={self.variant!r}")
         return self
 
@@ -226,7 +224,7 @@ class APBVConfig(_Section):
         """``zigzag`` / ``overlap`` / ``passing`` after the variant and the defaults are applied."""
         value = getattr(self, key)
         if value is None:
-            value = VARIANTS[self.variant].get(key, {"zigzag": True, "overlap": True, "passing": "auto"}[key])
+            value = VARIANTS[self.variant].get(key, APBV_DEFAULTS[key])
         return value
 
 
