@@ -21,6 +21,11 @@ def test_paper_rule_by_name_and_its_multiples():
     assert resolve_budget({"paper": 4}, 8000, "passing") == 512
     assert resolve_budget({"paper": 0.5}, 4096, "anchor") == 64
     assert resolve_budget({"paper": 64}, 1000, "anchor") == 1000  # an anchor is capped at the prompt
+    # a rule's anchor stops before the query; an anchor in tokens is taken as given
+    assert resolve_budget("paper", 144, "anchor", query_len=64) == 80
+    assert resolve_budget({"paper": 2}, 1000, "anchor", query_len=100) == 256
+    assert resolve_budget({"paper": 64}, 1000, "anchor", query_len=100) == 900
+    assert resolve_budget(128, 144, "anchor", query_len=64) == 128
 
 
 def test_auto_is_the_shipped_default_and_the_shipped_default_is_what_docs_say():
@@ -72,3 +77,14 @@ def test_bad_budget_rules_name_the_field(override, message):
 def test_a_block_fraction_needs_the_block():
     with pytest.raises(ConfigError, match=r"a fraction of the block sizes only a passing budget"):
         resolve_budget({"block": 0.5}, 1000, "passing")
+
+
+def test_rule_anchor_of_a_short_prompt_stops_before_the_query():
+    """A job's short request (here 8 + 2 x 36 + 64 = 144 tokens) fits under the rule anchors; a fixed one is refused."""
+    short = ["input.system_tokens=8", "input.video_frames=2", "input.tokens_per_frame=36", "input.query_tokens=64"]
+    for anchor in ("auto", "paper", "{paper: 2}"):
+        cfg = load_config("configs/tiny_cpu.yaml", short + [f"apbv.anchor={anchor}"])
+        assert cfg.prompt_len == 144 and cfg.anchor_len == 80
+        assert SequenceLayout.from_config(cfg).anchor_len == 80
+    with pytest.raises(ConfigError, match="apbv.anchor=128 .* exceeds the prompt"):
+        load_config("configs/tiny_cpu.yaml", short + ["apbv.anchor=128"])

@@ -531,7 +531,7 @@ class RunConfig(_Section):
                 f"generate.stop_ids={self.generate.stop_ids}: {beyond} not below model.vocab_size="
                 f"{self.model.vocab_size}: the model never emits them"
             )
-        anchor = resolve_budget(self.apbv.anchor, prompt, "anchor")
+        anchor = resolve_budget(self.apbv.anchor, prompt, "anchor", query_len=self.input.query_tokens)
         if anchor + self.input.query_tokens > prompt:
             raise ValueError(
                 f"apbv.anchor={self.apbv.anchor!r} ({anchor} tokens) + input.query_tokens="
@@ -548,7 +548,7 @@ class RunConfig(_Section):
 
     @property
     def anchor_len(self) -> int:
-        return resolve_budget(self.apbv.anchor, self.prompt_len, "anchor")
+        return resolve_budget(self.apbv.anchor, self.prompt_len, "anchor", query_len=self.query_len)
 
     def passing_budgets(self) -> list:
         """The per-layer passing budgets as configured (schedule, or ``apbv.passing`` after the variant)."""
@@ -565,7 +565,8 @@ class RunConfig(_Section):
         """
         prompt = self.prompt_len if prompt_len is None else prompt_len
         return passing_lengths(self.passing_budgets(), prompt_len=prompt,
-                               anchor_len=resolve_budget(self.apbv.anchor, prompt, "anchor"),
+                               anchor_len=resolve_budget(self.apbv.anchor, prompt, "anchor",
+                                                        query_len=self.query_len),
                                query_len=self.query_len, world_size=self.parallel.context_parallel_size,
                                zigzag=self.apbv.setting("zigzag"))
 
@@ -629,23 +630,27 @@ def passing_lengths(budgets, *, prompt_len: int, anchor_len: int, query_len: int
     return tuple(min(resolve_budget(b, prompt_len, "passing", block_len=block), prompt_len) for b in budgets)
 
 
-def resolve_budget(budget, prompt_len: int, kind: str, *, block_len: Optional[int] = None) -> int:
+def resolve_budget(budget, prompt_len: int, kind: str, *, block_len: Optional[int] = None, query_len: int = 0) -> int:
     """Token count of an anchor or passing budget for a prompt of ``prompt_len`` tokens.
 
     ``paper`` follows the paper's code (anchor ``roundup(N/64, 128)`` capped at the prompt, passing
     ``roundup(N/128, 128)``); ``auto`` is the shipped default (``AUTO_BUDGETS``); ``all`` passes every key;
     a :class:`BudgetRule` scales the paper's rule (``paper``) or the longest block ``block_len`` (``block``).
+    An anchor given by a rule is capped at the context before the query (``prompt_len - query_len``), so that
+    short requests of a job fit whatever their length; an anchor given in tokens is taken as given (and refused
+    by the config's check if it does not fit).
     """
+    rule_cap = max(prompt_len - query_len, 0)  # the longest anchor a rule gives (the anchor never holds the query)
     if budget == "auto":
         budget = AUTO_BUDGETS[kind]
     if isinstance(budget, dict):
         budget = BudgetRule(**budget)
     if budget == "paper":
-        return min(roundup(prompt_len / 64, 128), prompt_len) if kind == "anchor" else roundup(prompt_len / 128, 128)
+        return min(roundup(prompt_len / 64, 128), rule_cap) if kind == "anchor" else roundup(prompt_len / 128, 128)
     if isinstance(budget, BudgetRule):
         if budget.paper is not None:
             tokens = math.ceil(budget.paper * resolve_budget("paper", prompt_len, kind))
-            return min(tokens, prompt_len) if kind == "anchor" else tokens
+            return min(tokens, rule_cap) if kind == "anchor" else tokens
         if kind == "anchor" or block_len is None:
             raise ConfigError(f"apbv.{kind}={{block: {budget.block}}}: a fraction of the block sizes only a "
                               "passing budget (the block is known once the anchor is)")
