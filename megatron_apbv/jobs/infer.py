@@ -57,8 +57,8 @@ from megatron_apbv.jobs.replica import Replica
 from megatron_apbv.jobs.requests import REQUEST_FORMATS, PlannedRequest, plan_requests, read_requests
 from megatron_apbv.jobs.scheduler import WorkQueue, job_store, reset_job_counters
 from megatron_apbv.jobs.serve import serve_pipelined, serve_serial
-from megatron_apbv.runtime.agreement import _collective_device
 from megatron_apbv.runtime.config import ConfigError, RunConfig
+from megatron_apbv.runtime.host_collectives import all_max, collective_device
 from megatron_apbv.runtime.outputs import OutputLock
 
 
@@ -120,12 +120,6 @@ def check_job_options(cfg: RunConfig, output_format: str, port: Optional[int]) -
                 "--metrics-port / jobs.metrics_port: needs the prometheus-client package (pip install "
                 "prometheus-client)"
             ) from None
-
-
-def _all_max(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 def command(args, cfg: RunConfig, env, device: torch.device) -> dict:
@@ -243,7 +237,7 @@ def serve_requests(pending: list[PlannedRequest], cfg: RunConfig, engine: Engine
     ``port``, serves the metrics. The job's counters in the store start from zero.
     """
     group = parallel_state.get_tensor_and_context_parallel_group()
-    world_device = _collective_device(None)
+    world_device = collective_device()
     if dist.get_rank() == 0:
         reset_job_counters()
         reset_stage_histograms(job_store())
@@ -268,7 +262,7 @@ def serve_requests(pending: list[PlannedRequest], cfg: RunConfig, engine: Engine
         if monitor is not None:
             monitor.close()
     busy = clock.busy_fraction()
-    seconds, stopped = _all_max([clock.wall_seconds(), float(stop["signal"])], world_device)
+    seconds, stopped = all_max([clock.wall_seconds(), float(stop["signal"])], world_device)
     sums = replica.totals.all_sum(world_device)
     return Served(sums, seconds, bool(stopped), _all_mean(busy, world_device))
 

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_apbv.runtime.agreement import _collective_device
+from megatron_apbv.runtime.host_collectives import any_rank, collective_device
 
 _NEXT, _DONE, _ERRORS, _TOKENS = "apbv/infer/next", "apbv/infer/done", "apbv/infer/errors", "apbv/infer/tokens"
 
@@ -42,15 +42,12 @@ class WorkQueue:
         self.size = dist.get_world_size(group)
         self.leader = dist.get_global_rank(group, 0) if self.size > 1 else dist.get_rank()
         self.is_leader = dist.get_rank() == self.leader
-        self.device = _collective_device(group)
+        self.device = collective_device(group)
         self.stopped = False  # some rank of the replica got the stop flag (the same on every rank)
 
     def agree(self, stop: bool) -> bool:
         """Whether any rank of the replica got ``stop`` (the same answer on every rank)."""
-        if self.size > 1:
-            flag = torch.tensor([int(stop)], dtype=torch.int64, device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-            stop = bool(flag.item())
+        stop = any_rank(stop, self.device, self.group)
         self.stopped = self.stopped or stop
         return stop
 
