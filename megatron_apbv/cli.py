@@ -249,7 +249,7 @@ def _run(args, cfg, env, results, interrupt) -> int:
         if hasattr(module, "prepare"):
             args.prepared = module.prepare(args, cfg)
         device = select_device(cfg, env)
-        init_distributed(cfg, env, device)
+        args.store = init_distributed(cfg, env, device)  # the job's store (apbv infer's work queue)
     except ConfigError as err:
         print(f"apbv: rank {env.rank}: {err}", file=sys.stderr)
         shutdown(wait_for_peers=False)  # the ranks-agree check fails after the process group started

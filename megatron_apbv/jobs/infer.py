@@ -55,7 +55,7 @@ from megatron_apbv.jobs.monitor import JobMonitor
 from megatron_apbv.jobs.openai_batch import OpenAIOutput
 from megatron_apbv.jobs.replica import Replica
 from megatron_apbv.jobs.requests import REQUEST_FORMATS, PlannedRequest, plan_requests, read_requests
-from megatron_apbv.jobs.scheduler import WorkQueue, job_store, reset_job_counters
+from megatron_apbv.jobs.scheduler import WorkQueue, reset_job_counters
 from megatron_apbv.jobs.serve import serve_pipelined, serve_serial
 from megatron_apbv.runtime.config import ConfigError, RunConfig
 from megatron_apbv.runtime.host_collectives import all_max, collective_device
@@ -139,7 +139,11 @@ def command(args, cfg: RunConfig, env, device: torch.device) -> dict:
 
 
 def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict, engine: Optional[Engine] = None) -> dict:
-    """The job on this rank; ``engine`` (default: built here from ``cfg``) lets a benchmark reuse one model."""
+    """The job on this rank; ``engine`` (default: built here from ``cfg``) lets a benchmark reuse one model.
+
+    ``args`` holds the options plus what the CLI adds: ``prepared`` (:func:`prepare`), ``output_claim``
+    and ``store`` (the job's store, from ``init_distributed``).
+    """
     planned: list[PlannedRequest] = args.prepared
 
     answered: list = [None]
@@ -168,7 +172,7 @@ def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict, engine
         writer = AnswerWriter(args.output)
         return OpenAIOutput(writer, _model_name(cfg)) if output_format == "openai" else writer
 
-    served = serve_requests(pending, cfg, engine, mode=mode, stop=stop, sink=answer_file, quiet=args.quiet,
+    served = serve_requests(pending, cfg, engine, store=args.store, mode=mode, stop=stop, sink=answer_file, quiet=args.quiet,
                             port=metrics_port(getattr(args, "metrics_port", None), cfg.jobs.metrics_port))
     sums, seconds, stopped, busy_mean = served.sums, served.seconds, served.stopped, served.busy_mean
     finished = int(sums["answered"] + sums["errors"])
@@ -228,21 +232,22 @@ def needs_vision(planned: list[PlannedRequest]) -> bool:
     return any(p.cfg is not None and p.cfg.input.kind == "video" for p in planned)
 
 
-def serve_requests(pending: list[PlannedRequest], cfg: RunConfig, engine: Engine, *, mode: str, stop: dict,
+def serve_requests(pending: list[PlannedRequest], cfg: RunConfig, engine: Engine, *, store, mode: str, stop: dict,
                    sink: Callable[[], object], quiet: bool = True, port: Optional[int] = None) -> Served:
     """Answer ``pending`` (the same list on every rank) over every data-parallel replica: collective.
 
-    Each replica's leader sends its records to ``sink()`` (made on the leaders only: an object with
-    ``append(record)`` and ``close()``); rank 0 shows the progress (unless ``quiet``) and, with
-    ``port``, serves the metrics. The job's counters in the store start from zero.
+    ``store`` is the job's store (every rank's, from ``init_distributed``): the work queue and the
+    counters live there, and start from zero. Each replica's leader sends its records to ``sink()``
+    (made on the leaders only: an object with ``append(record)`` and ``close()``); rank 0 shows the
+    progress (unless ``quiet``) and, with ``port``, serves the metrics.
     """
     group = parallel_state.get_tensor_and_context_parallel_group()
     world_device = collective_device()
     if dist.get_rank() == 0:
-        reset_job_counters()
-        reset_stage_histograms(job_store())
+        reset_job_counters(store)
+        reset_stage_histograms(store)
     dist.barrier()  # nobody claims before the counters are zero
-    queue = WorkQueue(len(pending), group)
+    queue = WorkQueue(len(pending), group, store)
     replica = Replica(group, dist.get_world_size(group), parallel_state.get_data_parallel_rank(), queue)
     if queue.is_leader:
         replica.writer, replica.tokenizer = sink(), _tokenizer(cfg)
