@@ -115,7 +115,7 @@ def main() -> int:
     from megatron_apbv.jobs.infer import _run_job
     from megatron_apbv.jobs.requests import plan_requests, read_requests
     from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, select_device, shutdown
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
     from megatron_apbv.runtime.outputs import OutputLock
 
     job = (TINY_JOB if args.tiny else GPU_JOB) + [f"jobs.batch_size={args.batch_size}"]

@@ -9,7 +9,7 @@ from distributed_utils import single_process_groups
 
 from megatron_apbv.bench.e2e import STAGES, run_e2e
 from megatron_apbv.runtime.config import ConfigError
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 from megatron_apbv.runtime.outputs import OutputLock
 
 TINY = [

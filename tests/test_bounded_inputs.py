@@ -20,7 +20,8 @@ from megatron_apbv import cli
 from megatron_apbv.jobs.requests import plan_requests, read_requests
 from megatron_apbv.runtime.config import MAX_SEED, ConfigError
 from megatron_apbv.runtime.jsonl import MAX_JSON_DEPTH, loads_bounded
-from megatron_apbv.runtime.loading import MAX_YAML_VALUES, load_config, parse_overrides
+from megatron_apbv.models.resolve import load_config
+from megatron_apbv.runtime.loading import MAX_YAML_VALUES, parse_overrides
 
 # 6. Parsers bounded -------------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from megatron_apbv.jobs.answers import (
 )
 from megatron_apbv.jobs.requests import plan_requests, read_requests
 from megatron_apbv.runtime.config import ConfigError
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"

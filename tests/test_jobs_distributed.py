@@ -103,7 +103,8 @@ def _dense_answers(rank, world, rows):
     from megatron_apbv.models.gpt import build_gpt_model, build_rope, last_token_logits
     from megatron_apbv.models.inputs import build_prompt
     from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
-    from megatron_apbv.runtime.loading import dotted_tree, load_config
+    from megatron_apbv.models.resolve import load_config
+    from megatron_apbv.runtime.loading import dotted_tree
 
     base = load_config(CONFIG, EXACT + ["parallel.context_parallel_size=1"])
     init_distributed(base, LaunchEnv(0, 1, 0), torch.device("cpu"))

@@ -29,7 +29,7 @@ from megatron_apbv.jobs.requests import plan_requests, requests_from_objects
 from megatron_apbv.runtime.config import ConfigError, RunConfig
 from megatron_apbv.runtime.distributed import init_distributed, select_device, shutdown
 from megatron_apbv.runtime.launch_env import LaunchEnv
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 
 
 class RecordList:

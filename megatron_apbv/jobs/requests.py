@@ -35,7 +35,8 @@ from typing import Optional
 from megatron_apbv.jobs.openai_batch import is_openai_line, openai_request
 from megatron_apbv.runtime.config import ConfigError, RunConfig
 from megatron_apbv.runtime.jsonl import JSONLineError, loads_bounded, split_lines
-from megatron_apbv.runtime.loading import dotted_tree, load_config
+from megatron_apbv.models.resolve import load_config
+from megatron_apbv.runtime.loading import dotted_tree
 
 REQUEST_SECTIONS = ("input", "generate")
 REQUEST_KEYS = ("seed",)
