@@ -78,7 +78,7 @@ def test_openai_lines_become_the_dotted_requests_and_what_cannot_be_honoured_is_
     assert "line 7: body.stop: not supported" in errors["stop"]
     assert "line 8: body.messages[1].role='assistant'" in errors["turns"]
     planned = plan_requests(requests[2:], CONFIG, [])
-    assert [p.error for p in planned] == list(errors.values()) and all(p.cfg is None for p in planned)
+    assert [p.error for p in planned] == list(errors.values()) and all(p.resolve()[0] is None for p in planned)
     # the same objects through the Python API's entry, and the dotted dialect chosen explicitly
     assert [r.values for r in requests_from_objects(rows[:2])] == [a.values, b.values]
     with pytest.raises(ConfigError, match=r"requests\[0\]: id: every request needs"):

@@ -13,7 +13,11 @@ ids already answered.
 A request that fails for its own reasons (missing or undecodable video, a prompt
 over ``model.max_position_embeddings``, a value the config rejects, a question the
 tokenizer cannot render) gets the record ``{"id", "error", "replica"}``: every rank
-of the replica learns every rank's verdict before the first collective on it.
+of the replica learns every rank's verdict before the first collective on it. The
+request file is parsed and checked at start (ids, keys), but each request's config is
+resolved against its video, tokenizer and checkpoint only when a replica serves it
+(:meth:`~.requests.PlannedRequest.resolve`), so start-up does not grow with the
+number of videos.
 
 SIGTERM (SLURM's warning before preemption or ``scancel``): each replica stops
 claiming; the serial pipeline ends the request in flight between tokens (it stays
@@ -92,6 +96,7 @@ def prepare(args, cfg: RunConfig) -> list[PlannedRequest]:
 
     target = check_answer_outputs(args.output, args.requests)
     check_job_options(cfg, args.output_format, args.metrics_port)
+    # cheap: each request's config is resolved (its video probed) only when it is served
     planned = plan_requests(read_requests(args.requests, args.requests_format), args.config, args.overrides)
     args.output_claim = None
     if LaunchEnv.from_environ().rank == 0:
@@ -228,8 +233,9 @@ class Served:
 
 
 def needs_vision(planned: list[PlannedRequest]) -> bool:
-    """Whether some request has video frames (the engine then builds the vision tower)."""
-    return any(p.cfg is not None and p.cfg.input.kind == "video" for p in planned)
+    """Whether some request has video frames (the engine then builds the vision tower): its ``input.kind``
+    as written, so that no request's files are read to decide."""
+    return any(p.kind == "video" for p in planned)
 
 
 def serve_requests(pending: list[PlannedRequest], cfg: RunConfig, engine: Engine, *, store, mode: str, stop: dict,
