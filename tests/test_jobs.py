@@ -86,7 +86,7 @@ def test_planning_reads_no_video_and_a_missing_one_is_that_requests_error_when_s
 def test_a_torn_tail_is_cut_off_and_a_duplicate_is_reported_and_kept(tmp_path, capsys):
     out = tmp_path / "answers.jsonl"
     assert recover_answers(out) == set()
-    writer = AnswerWriter(out)
+    writer = AnswerWriter(out, "f" * 16)
     for rid in ("a", "b", "c"):
         writer.append({"id": rid, "generated_ids": [1, 2]})
     writer.close()

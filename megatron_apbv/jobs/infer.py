@@ -8,7 +8,9 @@ dynamically (:mod:`.scheduler`) and append one record per request to ``--output`
 replica serves them (:mod:`.serve`): ``pipelined`` (frames prefetched by CPU
 workers, continuous batched decoding of up to ``jobs.batch_size`` sequences) or
 ``serial`` (one request after another). Running the same command again skips the
-ids already answered.
+ids already answered, when the file's records carry this job's fingerprint
+(:mod:`.fingerprint`); records of other settings refuse the resume on every rank,
+and ``--overwrite`` answers every request again in a replaced file.
 
 A request that fails for its own reasons (missing or undecodable video, a prompt
 over ``model.max_position_embeddings``, a value the config rejects, a question the
@@ -53,7 +55,15 @@ from megatron.core import parallel_state
 
 from megatron_apbv.inference.engine import STAGES, Engine
 from megatron_apbv.inference.stage_clock import StageClock
-from megatron_apbv.jobs.answers import AnswerWriter, check_answer_outputs, recover_answers, write_summary
+from megatron_apbv.jobs.answers import (
+    AnswerWriter,
+    check_answer_outputs,
+    check_resume,
+    recover_answers,
+    replace_answers,
+    write_summary,
+)
+from megatron_apbv.jobs.fingerprint import job_fingerprint
 from megatron_apbv.jobs.metrics import metrics_port, reset_stage_histograms
 from megatron_apbv.jobs.monitor import JobMonitor
 from megatron_apbv.jobs.openai_batch import OpenAIOutput
@@ -70,7 +80,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--requests", required=True, metavar="REQUESTS.jsonl",
                         help="one JSON object per line: an id plus input.*, generate.*, seed overrides")
     parser.add_argument("--output", required=True, metavar="ANSWERS.jsonl",
-                        help="answers are appended here (one JSON line per request); existing ids are skipped")
+                        help="answers are appended here (one JSON line per request); ids answered with the same "
+                             "settings are skipped (resume), answers of other settings refused")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output (an answer file) and answer every request again, whatever its "
+                             "records' settings")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--requests-format", choices=REQUEST_FORMATS, default="auto",
                         help="dotted: {id, input.*, generate.*, seed}; openai: the OpenAI Batch API lines vLLM's "
@@ -96,6 +110,8 @@ def prepare(args, cfg: RunConfig) -> list[PlannedRequest]:
 
     target = check_answer_outputs(args.output, args.requests)
     check_job_options(cfg, args.output_format, args.metrics_port)
+    if not args.overwrite:  # every rank reads the file's fingerprints: the refusal needs no collective
+        check_resume(target, job_fingerprint(cfg))
     # cheap: each request's config is resolved (its video probed) only when it is served
     planned = plan_requests(read_requests(args.requests, args.requests_format), args.config, args.overrides)
     args.output_claim = None
@@ -157,7 +173,8 @@ def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict, engine
         try:
             if not isinstance(claim, OutputLock):
                 raise ConfigError(claim or "--output: the job holds no lock on it")
-            answered = [(None, sorted(recover_answers(args.output)))]
+            start = replace_answers if getattr(args, "overwrite", False) else recover_answers
+            answered = [(None, sorted(start(args.output)))]
         except ConfigError as err:
             answered = [(str(err), None)]
     dist.broadcast_object_list(answered, src=0)
@@ -173,8 +190,10 @@ def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict, engine
     mode = args.pipeline or cfg.jobs.pipeline
     output_format = getattr(args, "output_format", "apbv")
 
+    fingerprint = job_fingerprint(cfg)
+
     def answer_file():
-        writer = AnswerWriter(args.output)
+        writer = AnswerWriter(args.output, fingerprint)
         return OpenAIOutput(writer, _model_name(cfg)) if output_format == "openai" else writer
 
     served = serve_requests(pending, cfg, engine, store=args.store, mode=mode, stop=stop, sink=answer_file, quiet=args.quiet,
@@ -184,6 +203,8 @@ def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict, engine
     summary = {
         "output": str(args.output),
         "output_format": output_format,
+        "fingerprint": fingerprint,
+        "overwrite": bool(getattr(args, "overwrite", False)),
         "requests": len(planned),
         "answered_before": len(done_ids),
         "answered": int(sums["answered"]),
