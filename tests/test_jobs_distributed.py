@@ -152,9 +152,9 @@ def test_dp2_cp2_both_pipelines_equal_dense_and_failed_decodes_are_one_error_eac
             assert code == 0, err[-3000:]
         records = {r["id"]: r for r in _records(output)}
         assert sorted(records) == sorted(row["id"] for row in rows)
-        assert set(records["missing"]) == {"id", "error", "replica"}
+        assert set(records["missing"]) == {"id", "error", "replica", "fingerprint"}
         assert "no such file" in records["missing"]["error"]
-        assert set(records["undecodable"]) == {"id", "error", "replica"}
+        assert set(records["undecodable"]) == {"id", "error", "replica", "fingerprint"}
         assert "cannot read video" in records["undecodable"]["error"]
         for rid, (ids, prompt_len) in dense.items():
             assert records[rid]["generated_ids"] == ids, (mode, rid)

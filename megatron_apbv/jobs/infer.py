@@ -14,7 +14,7 @@ and ``--overwrite`` answers every request again in a replaced file.
 
 A request that fails for its own reasons (missing or undecodable video, a prompt
 over ``model.max_position_embeddings``, a value the config rejects, a question the
-tokenizer cannot render) gets the record ``{"id", "error", "replica"}``: every rank
+tokenizer cannot render) gets the record ``{"id", "error", "replica", "fingerprint"}``: every rank
 of the replica learns every rank's verdict before the first collective on it. The
 request file is parsed and checked at start (ids, keys), but each request's config is
 resolved against its video, tokenizer and checkpoint only when a replica serves it
