@@ -262,7 +262,7 @@ def main() -> None:
     from megatron_apbv.inference.decode_step import DecodeRunner
     from megatron_apbv.models.gpt import build_gpt_model, build_rope
     from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, select_device, shutdown
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
 
     cfg = load_config(args.config, args.overrides + ["parallel.context_parallel_size=1"])
     env = LaunchEnv.from_environ()

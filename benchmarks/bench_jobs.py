@@ -122,9 +122,8 @@ def main() -> int:
     from megatron_apbv.inference.engine import Engine
     from megatron_apbv.jobs.infer import _run_job
     from megatron_apbv.jobs.requests import plan_requests, read_requests
-    from megatron_apbv.jobs.scheduler import reset_job_counters
     from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, select_device, shutdown
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
     from megatron_apbv.runtime.outputs import OutputLock
 
     job = (TINY_JOB if args.tiny else GPU_JOB) + [f"jobs.batch_size={args.batch_size}"]
@@ -146,7 +145,7 @@ def main() -> int:
     cfg = load_config(CONFIG, job)
     env = LaunchEnv(0, 1, 0)
     device = select_device(cfg, env)
-    init_distributed(cfg, env, device)
+    store = init_distributed(cfg, env, device)  # the job's store: the work queue of every run below
     rows, answers = [], {}
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     try:
@@ -163,10 +162,9 @@ def main() -> int:
             for mode in ("serial", "pipelined"):
                 output = workdir / f"answers_{mode}_{tokens}.jsonl"
                 output.unlink(missing_ok=True)
-                reset_job_counters()
                 with OutputLock.acquire(output, "--output", str(output)) as claim:  # as `apbv infer` does
                     run_args = argparse.Namespace(prepared=planned, output=str(output), quiet=True, pipeline=mode,
-                                                  output_claim=claim)
+                                                  output_claim=claim, store=store)
                     summary = _run_job(run_args, cfg, env, device, {"signal": False}, engine=engine)
                 records = [json.loads(line) for line in output.read_text().splitlines()]
                 errors = [r for r in records if "error" in r]

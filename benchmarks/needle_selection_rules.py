@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     from megatron_apbv.eval.oracle import MaskedOracleAttention
     from megatron_apbv.models.gpt import build_gpt_model, build_rope, decoder_hidden, vocab_logits
     from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29655")

@@ -31,7 +31,7 @@ def main() -> None:
         select_device,
         shutdown,
     )
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
 
     cfg = load_config(args.config, args.overrides)
     env = LaunchEnv.from_environ()

@@ -118,7 +118,7 @@ class PaperSettingCost:
     def __init__(self):
         from megatron_apbv.costmodel.calibration import calibrated_profiles
         from megatron_apbv.costmodel.shapes import ModelShape
-        from megatron_apbv.runtime.loading import load_config
+        from megatron_apbv.models.resolve import load_config
 
         self.load = lambda extra: load_config(str(PAPER_CONFIG), [f"parallel.context_parallel_size={PAPER_WORLD}",
                                                                   *extra])
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     from megatron_apbv.models.gpt import build_gpt_model, build_rope, decoder_hidden
     from megatron_apbv.runtime.config import passing_lengths, resolve_budget
     from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
 
     qr = _quality_real()
     start = time.perf_counter()

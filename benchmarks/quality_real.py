@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     from megatron_apbv.models.gpt import build_gpt_model, build_rope, decoder_hidden
     from megatron_apbv.runtime.config import AUTO_BUDGETS, passing_lengths, resolve_budget
     from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
 
     start = time.perf_counter()
     folder = args.checkpoint

@@ -183,7 +183,7 @@ def _main(argv: list[str] | None, interrupt) -> int:
     # the heavy imports (torch, Megatron, DeepSpeed), so every rank reports a bad key within milliseconds.
     from megatron_apbv.runtime.config import ConfigError
     from megatron_apbv.runtime.launch_env import LaunchEnv
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
 
     env = LaunchEnv.from_environ()
     where = "apbv: " if selected in COMMANDS and not COMMANDS[selected].distributed else f"apbv: rank {env.rank}: "
@@ -212,7 +212,7 @@ def _run(args, cfg, env, results, interrupt) -> int:
     """Import the command's module and run it (``cfg``: the config, when loaded already); rank 0's record
     goes to ``results``."""
     from megatron_apbv.runtime.config import ConfigError
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
 
     command = COMMANDS[args.command]
     module = importlib.import_module(command.module)
@@ -249,7 +249,7 @@ def _run(args, cfg, env, results, interrupt) -> int:
         if hasattr(module, "prepare"):
             args.prepared = module.prepare(args, cfg)
         device = select_device(cfg, env)
-        init_distributed(cfg, env, device)
+        args.store = init_distributed(cfg, env, device)  # the job's store (apbv infer's work queue)
     except ConfigError as err:
         print(f"apbv: rank {env.rank}: {err}", file=sys.stderr)
         shutdown(wait_for_peers=False)  # the ranks-agree check fails after the process group started

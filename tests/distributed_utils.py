@@ -90,7 +90,7 @@ def prefill_logits_worker(rank, world, config_path, overrides=()):
     """``run_prefill --compare dense`` of a config on ``world`` ranks, plus the APB-V logits themselves."""
     from megatron_apbv.inference.prefill import apbv_prefill, run_prefill
     from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
 
     cfg = load_config(config_path, list(overrides) + [f"parallel.context_parallel_size={world}"])
     env = LaunchEnv(rank, world, rank)

@@ -132,7 +132,7 @@ def _model_diffs(rank, world, cases):
     from megatron_apbv.models.gpt import build_gpt_model, build_rope, last_token_logits
     from megatron_apbv.models.inputs import build_prompt
     from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
 
     env, device = LaunchEnv(rank, world, rank), torch.device("cpu")
     init_distributed(load_config(CONFIG, [f"parallel.context_parallel_size={world}"]), env, device)

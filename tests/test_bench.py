@@ -20,7 +20,7 @@ from distributed_utils import free_port
 from megatron_apbv.bench.benchmark import METHODS, add_arguments, method_config
 from megatron_apbv.bench.report import LEVELS, format_table
 from megatron_apbv.runtime.config import ConfigError
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "bench_tiny_cpu.yaml"

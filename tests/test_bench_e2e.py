@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 from distributed_utils import single_process_groups
 
 from megatron_apbv.bench.e2e import STAGES, run_e2e
 from megatron_apbv.runtime.config import ConfigError
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 from megatron_apbv.runtime.outputs import OutputLock
 
 TINY = [
@@ -92,15 +93,12 @@ def test_e2e_bench_and_the_job_run_the_same_stage_code(tmp_path, megatron_single
     requests = tmp_path / "requests.jsonl"
     requests.write_text(f'{{"id": "a", "input.video_path": "{video}"}}\n{{"id": "b"}}\n')
     overrides = TINY + ["generate.max_new_tokens=2", "input.kind=video"]
-    from megatron_apbv.jobs import scheduler
-
     for mode in ("serial", "pipelined"):
         current["who"] = mode
-        scheduler.reset_job_counters()  # one launch = one job's counters; here two jobs share a store
         output = tmp_path / f"{mode}.jsonl"
         args = argparse.Namespace(prepared=plan_requests(read_requests(requests), "configs/qwen25vl_3b_e2e.yaml",
                                                          overrides),
-                                  output=str(output), quiet=True, pipeline=mode,
+                                  output=str(output), quiet=True, pipeline=mode, store=dist.HashStore(),
                                   output_claim=OutputLock.acquire(output, "--output"))  # what prepare() takes
         try:
             summary = _run_job(args, load_config("configs/qwen25vl_3b_e2e.yaml", overrides), LaunchEnv(0, 1, 0),

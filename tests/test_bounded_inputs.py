@@ -20,7 +20,8 @@ from megatron_apbv import cli
 from megatron_apbv.jobs.requests import plan_requests, read_requests
 from megatron_apbv.runtime.config import MAX_SEED, ConfigError
 from megatron_apbv.runtime.jsonl import MAX_JSON_DEPTH, loads_bounded
-from megatron_apbv.runtime.loading import MAX_YAML_VALUES, load_config, parse_overrides
+from megatron_apbv.models.resolve import load_config
+from megatron_apbv.runtime.loading import MAX_YAML_VALUES, parse_overrides
 
 # 6. Parsers bounded -------------------------------------------------------------------------------------
 
@@ -145,20 +146,21 @@ def test_seed_and_temperature_edges_that_work():
     assert load_config(CONFIG, ["generate.temperature=0"]).generate.temperature == 0
 
 
-def test_poison_and_unfinishable_requests_become_error_records_up_front(tmp_path):
+def test_poison_and_unfinishable_requests_become_error_records_when_resolved(tmp_path):
     path = _requests(tmp_path, b"\n".join([
         b'{"id": "p", "generate.temperature": 1e-310}',
         b'{"id": "q", "seed": -9223372036854775809, "generate.temperature": 1}',
         b'{"id": "long", "generate.max_new_tokens": 1000000}',
         b'{"id": "ok", "generate.max_new_tokens": 40}',
     ]) + b"\n")
-    planned = {p.request.id: p for p in plan_requests(read_requests(path), CONFIG, ["jobs.max_new_tokens_limit=40"])}
-    assert "generate.temperature: 1e-310 is below" in planned["p"].error
-    assert "seed: Input should be greater than or equal to 0" in planned["q"].error
-    assert planned["long"].error == (
+    planned = {p.request.id: p.resolve() for p in
+               plan_requests(read_requests(path), CONFIG, ["jobs.max_new_tokens_limit=40"])}
+    assert "generate.temperature: 1e-310 is below" in planned["p"][1]
+    assert "seed: Input should be greater than or equal to 0" in planned["q"][1]
+    assert planned["long"][1] == (
         "generate.max_new_tokens=1000000 is more than the job's jobs.max_new_tokens_limit=40: ask for at most 40 "
         "tokens (or raise the job's limit, keeping the longest request within parallel.timeout_seconds)")
-    assert planned["ok"].error is None and planned["ok"].cfg.generate.max_new_tokens == 40
+    assert planned["ok"][1] is None and planned["ok"][0].generate.max_new_tokens == 40
 
 
 def test_a_request_cannot_raise_the_jobs_limit(tmp_path):

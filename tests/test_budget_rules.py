@@ -7,7 +7,7 @@ import pytest
 
 from megatron_apbv.apbv.layout import SequenceLayout
 from megatron_apbv.runtime.config import AUTO_BUDGETS, ConfigError, resolve_budget
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 
 # 8 system + 10 x 50 video + 20 query = 528 tokens
 BASE = ["input.system_tokens=8", "input.video_frames=10", "input.tokens_per_frame=50", "input.query_tokens=20",

@@ -6,7 +6,7 @@ from distributed_utils import prefill_logits_worker, run_on_ranks
 
 from megatron_apbv.models.inputs import build_prompt
 from megatron_apbv.runtime.config import ConfigError
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

@@ -12,7 +12,7 @@ import yaml
 from megatron_apbv.cli import _parser, main
 from megatron_apbv.runtime.config import RunConfig
 from megatron_apbv.runtime.config_command import schema_rows
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/tiny_cpu.yaml")

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from megatron_apbv.runtime.config import ConfigError, resolve_budget
-from megatron_apbv.runtime.loading import load_config, parse_overrides
+from megatron_apbv.models.resolve import load_config
+from megatron_apbv.runtime.loading import parse_overrides
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 

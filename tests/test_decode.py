@@ -12,7 +12,7 @@ from megatron_apbv.inference.generate import Sampler, apbv_generate
 from megatron_apbv.models.gpt import build_gpt_model, build_rope, last_token_logits
 from megatron_apbv.models.inputs import build_prompt
 from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 

@@ -122,7 +122,7 @@ def single_rank():
     from distributed_utils import free_port
 
     from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     torch.cuda.set_device(0)
@@ -134,7 +134,7 @@ def single_rank():
 def _prefills(frames: list[int], new_tokens: int):
     from megatron_apbv.inference.engine import Engine
     from megatron_apbv.inference.prefill import apbv_prefill
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
 
     runs, first = [], None
     for n in frames:
@@ -165,7 +165,7 @@ def test_fused_layers_equal_megatron_layers_on_the_gpu(single_rank):
     from megatron_apbv.apbv.decode import DecodeCache
     from megatron_apbv.inference.decode_step import DecodeRunner
     from megatron_apbv.models.gpt import build_gpt_model, build_rope
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
 
     cfg = load_config(CONFIG, GPU + ["model.mrope_section=[4,6,6]"])
     device = torch.device("cuda")
@@ -207,7 +207,7 @@ def test_batched_decode_equals_one_sequence_at_a_time(single_rank):
 
 def test_generate_reports_the_mode_and_build_times(single_rank):
     from megatron_apbv.inference.generate import apbv_generate
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
 
     record = apbv_generate(load_config(CONFIG, GPU + ["generate.max_new_tokens=8", "input.batch_size=2"]),
                            torch.device("cuda"))
@@ -219,7 +219,7 @@ def test_generate_reports_the_mode_and_build_times(single_rank):
 def _cp_generation(rank, world, graphs):
     from megatron_apbv.inference.generate import apbv_generate
     from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
 
     torch.cuda.set_device(rank)
     overrides = [o for o in GPU if not o.startswith("parallel.")] + [

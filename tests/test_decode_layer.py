@@ -156,7 +156,7 @@ def _fused_vs_megatron(rank, world):
     from megatron_apbv.inference.decode_step import DecodeRunner
     from megatron_apbv.models.gpt import build_gpt_model, build_rope
     from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
 
     cfg = load_config(ROOT / "configs" / "tiny_cpu.yaml", [
         "parallel.context_parallel_size=1", "model.init_std=0.3", "model.mrope_section=[2,3,3]"])

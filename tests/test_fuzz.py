@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from megatron_apbv.apbv.layout import SequenceLayout
 from megatron_apbv.runtime.config import ConfigError, RunConfig
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -13,12 +13,8 @@ import pytest
 import yaml
 
 from megatron_apbv.runtime.config import MAX_TIMEOUT_SECONDS, ConfigError
-from megatron_apbv.runtime.loading import (
-    MAX_CONFIG_BYTES,
-    UniqueKeyLoader,
-    load_config,
-    parse_yaml,
-)
+from megatron_apbv.models.resolve import load_config
+from megatron_apbv.runtime.loading import MAX_CONFIG_BYTES, UniqueKeyLoader, parse_yaml
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 

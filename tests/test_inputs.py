@@ -10,7 +10,7 @@ from megatron_apbv.inference.prefill import run_prefill
 from megatron_apbv.models.inputs import build_prompt
 from megatron_apbv.runtime.config import ConfigError
 from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 VIDEO = ["input.kind=video", "input.video_frames=12", "input.frame_size=[56, 112]", "model.mrope_section=[2, 3, 3]"]

@@ -104,7 +104,7 @@ def test_poison_requests_become_error_records_and_survive_a_resume_on_two_ranks(
 def _stop_on_one_rank(rank, world):
     from megatron_apbv.inference.generate import apbv_generate
     from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
 
     cfg = load_config(CONFIG, [f"parallel.context_parallel_size={world}", "generate.max_new_tokens=4000",
                                "generate.stop_at_eos=false"])

@@ -15,7 +15,7 @@ from megatron_apbv.jobs.answers import (
 )
 from megatron_apbv.jobs.requests import plan_requests, read_requests
 from megatron_apbv.runtime.config import ConfigError
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
@@ -61,18 +61,32 @@ def test_request_config_is_job_config_plus_its_values(tmp_path):
     planned = plan_requests(read_requests(path), CONFIG, ["generate.max_new_tokens=5", "model.max_position_embeddings=1000"])
     short, bad, long = planned
     assert short.request.line == 1 and bad.request.line == 3
+    assert all(p.error is None for p in planned)  # planning checks keys only; each config resolves when served
+    (short_cfg, short_error), (bad_cfg, bad_error), (long_cfg, long_error) = (p.resolve() for p in planned)
     base = load_config(CONFIG, ["generate.max_new_tokens=5", "model.max_position_embeddings=1000"])
-    assert short.cfg.prompt_len == base.input.system_tokens + 2 * base.input.tokens_per_frame + base.input.query_tokens
-    assert (short.cfg.generate.max_new_tokens, short.cfg.seed, short.cfg.apbv) == (3, 7, base.apbv)
-    assert bad.cfg is None and "input.video_frames" in bad.error
+    assert short_error is None
+    assert short_cfg.prompt_len == base.input.system_tokens + 2 * base.input.tokens_per_frame + base.input.query_tokens
+    assert (short_cfg.generate.max_new_tokens, short_cfg.seed, short_cfg.apbv) == (3, 7, base.apbv)
+    assert bad_cfg is None and "input.video_frames" in bad_error
     # 1476 prompt tokens: over the limit already (the config says so; with the 5 new tokens too)
-    assert long.cfg is None and "model.max_position_embeddings=1000" in long.error
+    assert long_cfg is None and "model.max_position_embeddings=1000" in long_error
+
+
+def test_planning_reads_no_video_and_a_missing_one_is_that_requests_error_when_served(tmp_path):
+    missing = tmp_path / "gone.mp4"
+    path = _requests(tmp_path, json.dumps({"id": "v", "input.kind": "video", "input.video_path": str(missing)}),
+                     '{"id": "s"}')
+    video, synthetic = plan_requests(read_requests(path), CONFIG, ["apbv.anchor=8"])
+    assert video.error is None and video.kind == "video" and synthetic.kind == "synthetic"
+    cfg, error = video.resolve()
+    assert cfg is None and error.startswith("input.video_path: ") and str(missing) in error
+    assert synthetic.resolve()[1] is None
 
 
 def test_a_torn_tail_is_cut_off_and_a_duplicate_is_reported_and_kept(tmp_path, capsys):
     out = tmp_path / "answers.jsonl"
     assert recover_answers(out) == set()
-    writer = AnswerWriter(out)
+    writer = AnswerWriter(out, "f" * 16)
     for rid in ("a", "b", "c"):
         writer.append({"id": rid, "generated_ids": [1, 2]})
     writer.close()
@@ -166,19 +180,21 @@ def test_gpu_busy_time_is_the_union_of_the_stage_intervals():
 def test_prefetch_turns_a_failed_decode_into_the_request_error_and_keeps_claim_order():
     from megatron_apbv.jobs.prefetch import Lookahead, prepare_request
 
+    from megatron_apbv.jobs.requests import PlannedRequest, Request
+
     claims = iter([0, 1, 2, None])
+    items = [PlannedRequest(Request(f"r{i}", i + 1, {}), {"seed": i}) for i in range(3)]
 
-    def read(index):
-        def decode():
-            if index == 1:
-                raise ValueError("cannot read video 'b.mp4': broken")
-            return f"prompt {index}"
-        return decode
+    def read(cfg):
+        if cfg.seed == 1:
+            raise ValueError("cannot read video 'b.mp4': broken")
+        return f"prompt {cfg.seed}"
 
-    ahead = Lookahead(lambda: next(claims), lambda i: prepare_request(i, read(i), None), depth=2, workers=2)
+    ahead = Lookahead(lambda: next(claims), lambda i: prepare_request(i, items[i], read), depth=2, workers=2)
     got = [ahead.next() for _ in range(4)]
     ahead.close()
     assert [g.index for g in got[:3]] == [0, 1, 2] and got[3] is None
-    assert got[0].prompt == "prompt 0" and got[0].error is None
-    assert got[1].prompt is None and "broken" in got[1].error
-    assert prepare_request(5, read(0), "planned error").error == "planned error"
+    assert got[0].prompt == "prompt 0" and got[0].error is None and got[0].cfg.seed == 0
+    assert got[1].prompt is None and got[1].cfg is None and "broken" in got[1].error
+    planned_error = PlannedRequest(Request("x", 9, {}), None, "planned error")
+    assert prepare_request(5, planned_error, read).error == "planned error"

@@ -103,7 +103,8 @@ def _dense_answers(rank, world, rows):
     from megatron_apbv.models.gpt import build_gpt_model, build_rope, last_token_logits
     from megatron_apbv.models.inputs import build_prompt
     from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
-    from megatron_apbv.runtime.loading import dotted_tree, load_config
+    from megatron_apbv.models.resolve import load_config
+    from megatron_apbv.runtime.loading import dotted_tree
 
     base = load_config(CONFIG, EXACT + ["parallel.context_parallel_size=1"])
     init_distributed(base, LaunchEnv(0, 1, 0), torch.device("cpu"))
@@ -151,9 +152,9 @@ def test_dp2_cp2_both_pipelines_equal_dense_and_failed_decodes_are_one_error_eac
             assert code == 0, err[-3000:]
         records = {r["id"]: r for r in _records(output)}
         assert sorted(records) == sorted(row["id"] for row in rows)
-        assert set(records["missing"]) == {"id", "error", "replica"}
+        assert set(records["missing"]) == {"id", "error", "replica", "fingerprint"}
         assert "no such file" in records["missing"]["error"]
-        assert set(records["undecodable"]) == {"id", "error", "replica"}
+        assert set(records["undecodable"]) == {"id", "error", "replica", "fingerprint"}
         assert "cannot read video" in records["undecodable"]["error"]
         for rid, (ids, prompt_len) in dense.items():
             assert records[rid]["generated_ids"] == ids, (mode, rid)

@@ -19,7 +19,7 @@ from megatron_apbv.apbv.spec import get_gpt_layer_spec_with
 from megatron_apbv.inference.prefill import apbv_prefill, run_prefill
 from megatron_apbv.models.gpt import build_gpt_model, last_token_logits
 from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 

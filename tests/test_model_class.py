@@ -12,7 +12,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 
 from megatron_apbv.models.gpt import HybridModel, build_gpt_model, build_rope, final_norm_name, last_token_logits
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 from distributed_utils import single_process_groups
 
 CPU = torch.device("cpu")

@@ -23,7 +23,7 @@ from megatron_apbv.eval.needle import (
     heldout_set,
     make_example,
 )
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "needle.yaml"

@@ -74,7 +74,7 @@ def test_a_fifo_output_is_refused_without_blocking(tmp_path, no_open_of):
     with pytest.raises(ConfigError, match=r"FIFO"):
         recover_answers(fifo)
     with pytest.raises(ConfigError, match=r"FIFO"):
-        AnswerWriter(fifo)
+        AnswerWriter(fifo, "f" * 16)
 
 
 def test_a_symlinked_output_is_written_through_to_its_target(tmp_path):
@@ -190,7 +190,7 @@ def test_an_answer_file_beyond_the_cap_is_refused_unread(tmp_path, monkeypatch):
 
 def test_a_full_disk_while_appending_is_one_error_and_takes_the_partial_record_back(tmp_path, monkeypatch):
     out = tmp_path / "answers.jsonl"
-    writer = AnswerWriter(out)
+    writer = AnswerWriter(out, "f" * 16)
     writer.append({"id": "a", "generated_ids": [1]})
     before = out.read_bytes()
     real_write = os.write
@@ -222,6 +222,15 @@ def _infer(monkeypatch, capsys, requests: Path, output: Path, *extra: str) -> tu
     return code, captured.out, captured.err
 
 
+def _job_fingerprint(*extra: str) -> str:
+    """The fingerprint :func:`_infer`'s job writes in its records."""
+    from megatron_apbv.jobs.fingerprint import job_fingerprint
+    from megatron_apbv.models.resolve import load_config
+
+    return job_fingerprint(load_config(CONFIG, ["parallel.context_parallel_size=1", "generate.max_new_tokens=2",
+                                                *extra]))
+
+
 def _requests(tmp_path: Path, *lines: str) -> Path:
     path = tmp_path / "requests.jsonl"
     path.write_text("".join(line + "\n" for line in lines))
@@ -231,7 +240,8 @@ def _requests(tmp_path: Path, *lines: str) -> Path:
 def test_infer_refuses_an_output_held_by_another_job_and_leaves_it_alone(tmp_path, monkeypatch, capsys):
     requests = _requests(tmp_path, '{"id": "a"}')
     out = tmp_path / "answers.jsonl"
-    out.write_text('{"id":"old","generated_ids":[1]}\n{"id":"x","generated_ids":[1')  # torn: would be cut
+    mine = _job_fingerprint()  # job A has this job's settings: only the lock stands in the way
+    out.write_text(f'{{"id":"old","generated_ids":[1],"fingerprint":"{mine}"}}\n{{"id":"x","generated_ids":[1')
     before = out.read_bytes()
     with OutputLock.acquire(out, "--output"):  # "job A", still running
         code, stdout, err = _infer(monkeypatch, capsys, requests, out)
@@ -257,7 +267,9 @@ def test_infer_on_a_yaml_file_or_the_requests_file_exits_2_and_changes_nothing(t
 def test_answered_before_counts_only_this_jobs_ids(tmp_path, monkeypatch, capsys):
     requests = _requests(tmp_path, '{"id": "a"}', '{"id": "b"}')
     out = tmp_path / "answers.jsonl"
-    out.write_text('{"id":"a","generated_ids":[1]}\n{"id":"other-job","generated_ids":[1]}\n')
+    mine = _job_fingerprint()  # the other job's records share the file and the settings
+    out.write_text(f'{{"id":"a","generated_ids":[1],"fingerprint":"{mine}"}}\n'
+                   f'{{"id":"other-job","generated_ids":[1],"fingerprint":"{mine}"}}\n')
     code, stdout, err = _infer(monkeypatch, capsys, requests, out)
     assert code == 0, err
     summary = json.loads(stdout)

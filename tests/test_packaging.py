@@ -18,7 +18,7 @@ import pytest
 from megatron_apbv.costmodel.calibration import PACKAGED_RESULTS, Profiles, calibrate, package_results
 from megatron_apbv.runtime.config import ConfigError
 from megatron_apbv.runtime.config_command import shipped_examples, write_examples
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -37,7 +37,7 @@ def smollm2(tmp_path_factory):
 def test_conversion_writes_a_folder_our_config_reads(smollm2):
     from safetensors import safe_open
 
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
 
     hf = json.load(open(f"{smollm2}/config.json"))
     assert hf["architectures"] == ["LlamaForCausalLM"] and hf["rope_theta"] == 100000.0
@@ -61,7 +61,7 @@ def test_our_logits_equal_transformers_and_answer_paris(smollm2):
 
     from distributed_utils import single_process_groups
     from megatron_apbv.models.gpt import build_gpt_model, build_rope, last_token_logits
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     text = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
@@ -86,7 +86,7 @@ def _distributed_worker(rank, world, smollm2):
     from megatron_apbv.inference.prefill import apbv_prefill, run_prefill
     from megatron_apbv.models.gpt import build_gpt_model, last_token_logits
     from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
 
     base = [f"model.checkpoint={smollm2}", f"parallel.context_parallel_size={world}", "device=cpu", *SHORT]
     env, device = LaunchEnv(rank, world, rank), torch.device("cpu")

@@ -46,7 +46,7 @@ from megatron_apbv.runtime.atomic import (
 )
 from megatron_apbv.runtime.config import ConfigError
 from megatron_apbv.runtime.faults import failure_message, is_collective_failure
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 
 # 1. Ranks agree -------------------------------------------------------------------------------
 

@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from megatron_apbv.inference.sampling import Sampler, checkpoint_sampling_defaults
+from megatron_apbv.inference.sampling import Sampler
+from megatron_apbv.models.hf_config import checkpoint_sampling_defaults
 from megatron_apbv.runtime.config import ConfigError, GenerateConfig
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 
 VOCAB = 40
 

@@ -17,7 +17,7 @@ from megatron_apbv.apbv.reference import (
 )
 from megatron_apbv.inference.prefill import run_prefill
 from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 WORLD = 8

@@ -116,7 +116,7 @@ def test_unknown_rule_is_rejected():
 def test_config_selects_the_rule_with_the_frame_grid():
     from megatron_apbv.apbv.attention import APBVMask
     from megatron_apbv.runtime.config import ConfigError
-    from megatron_apbv.runtime.loading import load_config
+    from megatron_apbv.models.resolve import load_config
 
     cfg = load_config("configs/needle.yaml", ["apbv.selection=frame"])
     layout = SequenceLayout(cfg.prompt_len, cfg.anchor_len, cfg.query_len, 2).rank(0)

@@ -6,7 +6,7 @@ from distributed_utils import prefill_logits_worker, run_on_ranks
 
 from megatron_apbv.models.inputs import build_prompt
 from megatron_apbv.runtime.config import ConfigError
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 
 pytest.importorskip("transformers")
 from test_chat_prompt import byte_tokenizer  # noqa: E402
@@ -92,7 +92,7 @@ def test_a_request_document_replaces_the_jobs(tokenizer_dir, tmp_path):
     job = _overrides(tokenizer_dir, "input.context=the job's own document")
     planned = plan_requests([Request("a", 1, {"input.context_path": str(doc)}),
                              Request("b", 2, {"input.context": "short", "input.question": "Which?"})], None, job)
-    (a, b) = planned
-    assert a.error is None and a.cfg.input.context is None and a.cfg.input.context_path == str(doc)
-    assert a.cfg.input.context_tokens == len(byte_tokenizer()(DOCUMENT)["input_ids"])
-    assert b.error is None and b.cfg.input.context == "short" and b.cfg.input.context_tokens == 5
+    (a, a_error), (b, b_error) = (p.resolve() for p in planned)
+    assert a_error is None and a.input.context is None and a.input.context_path == str(doc)
+    assert a.input.context_tokens == len(byte_tokenizer()(DOCUMENT)["input_ids"])
+    assert b_error is None and b.input.context == "short" and b.input.context_tokens == 5

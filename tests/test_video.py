@@ -12,7 +12,7 @@ from megatron_apbv.models.video import (
     synthetic_video,
     write_video,
 )
-from megatron_apbv.models.video_sampling import frame_indices
+from megatron_apbv.runtime.video_sampling import frame_indices
 
 T, H, W = 12, 32, 48
 

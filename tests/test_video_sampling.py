@@ -9,7 +9,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from megatron_apbv.models.video_sampling import (
+from megatron_apbv.runtime.video_sampling import (
     FPS,
     FPS_MAX_FRAMES,
     FPS_MIN_FRAMES,
@@ -20,7 +20,7 @@ from megatron_apbv.models.video_sampling import (
     smart_resize,
 )
 from megatron_apbv.runtime.config import ConfigError, InputConfig, VideoSource, VisionConfig
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 
 # --------------------------------------------------------------------------- reference
 

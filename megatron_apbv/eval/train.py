@@ -41,7 +41,7 @@ from megatron_apbv.eval.needle import (
     heldout_set,
     make_example,
 )
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 
 
 class TrainStream(torch.utils.data.IterableDataset):

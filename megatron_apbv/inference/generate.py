@@ -21,6 +21,7 @@ from megatron_apbv.models.hf_config import read_hf_config
 from megatron_apbv.models.inputs import Prompt
 from megatron_apbv.runtime.config import ConfigError, GenerateConfig, RunConfig
 from megatron_apbv.runtime.groups import context_parallel_group
+from megatron_apbv.runtime.host_collectives import any_rank
 from megatron_apbv.runtime.numerics import FiniteTracker, check_finite
 from megatron_apbv.runtime.timing import sync
 
@@ -157,7 +158,7 @@ def generate_batch(
     for step in range(1, settings.max_new_tokens):
         if step % STOP_CHECK_EVERY == 0 and bool(done.all()):
             break
-        if step % STOP_CHECK_EVERY == 0 and should_stop is not None and _any_rank(should_stop(), group, world, device):
+        if step % STOP_CHECK_EVERY == 0 and should_stop is not None and any_rank(should_stop(), device, group):
             stopped = True
             break
         runner.feed(token)
@@ -180,15 +181,6 @@ def generate_batch(
         stopped_by_signal=stopped,
         layers_path=runner.layers_path,
     )
-
-
-def _any_rank(flag: bool, group, world: int, device) -> bool:
-    """Whether ``flag`` is true on any rank of the group (every rank asks at the same step)."""
-    if world == 1:
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
 
 
 def _next_positions(run: Prefill) -> torch.Tensor:

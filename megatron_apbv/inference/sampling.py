@@ -10,43 +10,20 @@ greedy (after the penalty). Everything runs on the logits' device from a seeded
 generator on that device.
 
 Defaults: a ``generate`` key left null takes the checkpoint's
-``generation_config.json`` value (:func:`checkpoint_sampling_defaults`, applied
-by ``load_config``), else temperature 0, top_p 1, top_k 0 (off), penalty 1.
+``generation_config.json`` value (:func:`~megatron_apbv.models.hf_config.checkpoint_sampling_defaults`,
+applied by :func:`~megatron_apbv.models.resolve.load_config`), else temperature 0, top_p 1, top_k 0 (off), penalty 1.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Optional
 
 import torch
 
+from megatron_apbv.models.hf_config import SAMPLING_KEYS
 from megatron_apbv.runtime.config import GenerateConfig
 
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
 NEUTRAL = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
-
-
-def checkpoint_sampling_defaults(folder: str) -> dict:
-    """The sampling keys of ``folder/generation_config.json`` (empty without the file).
-
-    As in transformers, without ``do_sample: true`` the checkpoint decodes greedily:
-    its temperature is then 0.
-    """
-    path = Path(folder) / "generation_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); fix it or set the generate keys explicitly") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    out = {k: data[k] for k in SAMPLING_KEYS if data.get(k) is not None}
-    if not data.get("do_sample", False):
-        out["temperature"] = 0.0
-    return out
 
 
 class Sampler:

@@ -3,9 +3,12 @@
 ``apbv infer --pipeline pipelined`` keeps up to ``jobs.batch_size`` sequences of
 one replica in a :class:`DecodeSlots`. Its cache is one
 :class:`~megatron_apbv.apbv.decode.DecodeCache` of ``[capacity, slots, hkv, d]``
-per layer, allocated once (``capacity``: the longest request's cached rows plus its
-new tokens on this rank), so the decode step (:class:`~.decode_step.DecodeRunner`,
-CUDA-graph capable) has the same shapes and buffers for the whole job. A prefill
+per layer (``capacity``: the cached rows plus the new tokens of the longest request
+joined so far on this rank), so the decode step (:class:`~.decode_step.DecodeRunner`,
+CUDA-graph capable) keeps its shapes and buffers until a longer request arrives: the
+requests are resolved only when served, so their lengths are not known up front, and
+:meth:`DecodeSlots.grow` then moves the sequences in flight to a larger pool and builds
+the step again (every rank of the group together). A prefill
 joins a free slot by copying its cache rows into the slot and setting the slot's
 length, tail flag, position and token in place; a finished sequence frees its slot
 (length 1 of zero keys, no tail: a finite row nobody reads). Every row of the step
@@ -72,6 +75,7 @@ class DecodeSlots:
         lengths = torch.ones(slots, dtype=torch.int32, device=device)  # free: one zero key, finite, unread
         tail = torch.zeros(slots, dtype=torch.int32, device=device)
         self.cache = DecodeCache(pool, lengths, tail, template.cache.layout.seq.world_size)
+        self.engine, self.cuda_graph = engine, cuda_graph
         self.capacity, self.device, self.group = capacity, device, group
         self.world = dist.get_world_size(group)
         self.src = dist.get_global_rank(group, 0) if self.world > 1 else dist.get_rank()
@@ -120,6 +124,26 @@ class DecodeSlots:
         seq.take([int(first[0])])
         self.active[slot] = seq
         return seq
+
+    def grow(self, capacity: int) -> None:
+        """Room for ``capacity`` rows per slot (at least the current), keeping every sequence in flight.
+
+        A new pool takes the rows of the old one, and the decode step is built again over it (captured
+        again with CUDA graphs): collective when the step is, so every rank of the group calls it together.
+        """
+        capacity = max(capacity, self.capacity)
+        pool = {}
+        for n, (k, v) in self.cache.layers.items():
+            grown = [x.new_zeros((capacity,) + tuple(x.shape[1:])) for x in (k, v)]
+            for old, new in zip((k, v), grown):
+                new[: self.capacity] = old
+            pool[n] = tuple(grown)
+        old = self.cache
+        self.cache = DecodeCache(pool, old.lengths, old.tail, old.world_size, split_counters=old.split_counters)
+        tokens = self.runner.tokens.clone()
+        self.runner = self.engine.decode_runner(self.cache, self.runner.positions, cuda_graph=self.cuda_graph)
+        self.runner.tokens.copy_(tokens)
+        self.capacity = capacity
 
     def release_finished(self) -> list[Sequence]:
         """Free the slots of the finished sequences; returns them in slot order."""

@@ -17,6 +17,13 @@ job (a second job on it fails at once), and only under it does
 It returns the ids answered (their requests are skipped: the resume). Error
 records count as answered; delete their lines to try them again.
 
+Every record carries the job's fingerprint (:mod:`.fingerprint`: the settings that change
+answers). Before any collective every rank reads the fingerprints already in the file
+(:func:`check_resume`) and refuses a resume when one differs from the job's (or a record has
+none): its answers were made with other settings. ``--overwrite`` instead replaces the file
+by an empty one (:func:`replace_answers`, rank 0 under the job's lock, one atomic rename:
+the old answers stay whole until then) and answers every request again.
+
 The sidecar ``ANSWERS.summary.json`` (:func:`summary_path`) is written atomically.
 """
 
@@ -154,10 +161,70 @@ def recover_answers(output: str | Path) -> set[str]:
     return set(ids)
 
 
-class AnswerWriter:
-    """Appends whole records to the answer file (one per call), flushed to disk before returning."""
+def answer_fingerprints(output: str | Path) -> set[Optional[str]]:
+    """The job fingerprints of the records in ``output`` (None for a record without one; empty when there is no
+    file). Read only, on every rank: lines that are no record (a torn tail) are left to :func:`recover_answers`."""
+    target = Path(os.path.realpath(output))
+    st = regular_or_missing(target, "--output", output)
+    if st is None or st.st_size == 0 or st.st_size > MAX_ANSWERS_BYTES:  # too large: recover_answers refuses it
+        return set()
+    found: set[Optional[str]] = set()
+    with open(target, "rb") as f:
+        while line := f.readline(MAX_RECORD_BYTES + 1):
+            if not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):  # an over-long line (or the torn tail): not a record
+                    line = f.readline(1 << 20)
+                continue
+            try:
+                value = loads_bounded(line)
+            except JSONLineError:
+                continue
+            if record_id(value) is not None:
+                fingerprint = value.get("fingerprint")
+                found.add(fingerprint if isinstance(fingerprint, str) else None)
+    return found
 
-    def __init__(self, output: str | Path):
+
+def check_resume(output: str | Path, fingerprint: str) -> None:
+    """Refuse (:class:`ConfigError`) to resume on ``output`` when its records were written with settings other
+    than this job's ``fingerprint``; every rank, before any collective."""
+    others = answer_fingerprints(output) - {fingerprint}
+    if not others:
+        return
+    if None in others:
+        what = "records without a job fingerprint (written by an older apbv)"
+    else:
+        what = f"answers made with other settings (fingerprint {', '.join(sorted(others))}; this job's is {fingerprint})"
+    raise ConfigError(
+        f"--output={str(output)!r} holds {what}: a resume would keep them as this job's answers. Pass --overwrite "
+        "to answer every request again with these settings (the file is replaced), or choose another --output"
+    )
+
+
+def replace_answers(output: str | Path) -> set[str]:
+    """``--overwrite``: replace ``output`` (an answer file, or nothing) by an empty one; returns no ids.
+
+    Call under the job's lock (rank 0). One atomic rename: a crash leaves the old answers or none, never half.
+    """
+    target = Path(os.path.realpath(output))
+    st = regular_or_missing(target, "--output", output)
+    if st is None:
+        return set()
+    if st.st_size and not looks_like_answers(read_head(target)):
+        raise ConfigError(f"--output={str(output)!r} exists and is not an answer file of apbv infer: choose another path")
+    try:
+        atomic_write_text(target, "")
+    except OSError as err:
+        raise OutputError(f"--output={str(output)!r}: cannot replace it ({err.strerror or err})") from None
+    return set()
+
+
+class AnswerWriter:
+    """Appends whole records to the answer file (one per call), flushed to disk before returning; each record
+    gets the job's ``fingerprint``."""
+
+    def __init__(self, output: str | Path, fingerprint: str):
+        self.fingerprint = fingerprint
         self.path = Path(os.path.realpath(output))
         regular_or_missing(self.path, "--output", output)  # checked at the start; it must still hold
         self.path.parent.mkdir(parents=True, exist_ok=True)  # checked creatable before the job started
@@ -165,6 +232,7 @@ class AnswerWriter:
         self._fd = os.open(self.path, flags, 0o666)
 
     def append(self, record: dict) -> None:
+        record = {**record, "fingerprint": self.fingerprint}
         data = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
         fcntl.flock(self._fd, fcntl.LOCK_EX)  # leaders of other replicas append to the same file
         end = None

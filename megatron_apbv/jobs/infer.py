@@ -8,12 +8,18 @@ dynamically (:mod:`.scheduler`) and append one record per request to ``--output`
 replica serves them (:mod:`.serve`): ``pipelined`` (frames prefetched by CPU
 workers, continuous batched decoding of up to ``jobs.batch_size`` sequences) or
 ``serial`` (one request after another). Running the same command again skips the
-ids already answered.
+ids already answered, when the file's records carry this job's fingerprint
+(:mod:`.fingerprint`); records of other settings refuse the resume on every rank,
+and ``--overwrite`` answers every request again in a replaced file.
 
 A request that fails for its own reasons (missing or undecodable video, a prompt
 over ``model.max_position_embeddings``, a value the config rejects, a question the
-tokenizer cannot render) gets the record ``{"id", "error", "replica"}``: every rank
-of the replica learns every rank's verdict before the first collective on it.
+tokenizer cannot render) gets the record ``{"id", "error", "replica", "fingerprint"}``: every rank
+of the replica learns every rank's verdict before the first collective on it. The
+request file is parsed and checked at start (ids, keys), but each request's config is
+resolved against its video, tokenizer and checkpoint only when a replica serves it
+(:meth:`~.requests.PlannedRequest.resolve`), so start-up does not grow with the
+number of videos.
 
 SIGTERM (SLURM's warning before preemption or ``scancel``): each replica stops
 claiming; the serial pipeline ends the request in flight between tokens (it stays
@@ -49,16 +55,24 @@ from megatron.core import parallel_state
 
 from megatron_apbv.inference.engine import STAGES, Engine
 from megatron_apbv.inference.stage_clock import StageClock
-from megatron_apbv.jobs.answers import AnswerWriter, check_answer_outputs, recover_answers, write_summary
+from megatron_apbv.jobs.answers import (
+    AnswerWriter,
+    check_answer_outputs,
+    check_resume,
+    recover_answers,
+    replace_answers,
+    write_summary,
+)
+from megatron_apbv.jobs.fingerprint import job_fingerprint
 from megatron_apbv.jobs.metrics import metrics_port, reset_stage_histograms
 from megatron_apbv.jobs.monitor import JobMonitor
 from megatron_apbv.jobs.openai_batch import OpenAIOutput
 from megatron_apbv.jobs.replica import Replica
 from megatron_apbv.jobs.requests import REQUEST_FORMATS, PlannedRequest, plan_requests, read_requests
-from megatron_apbv.jobs.scheduler import WorkQueue, job_store, reset_job_counters
+from megatron_apbv.jobs.scheduler import WorkQueue, reset_job_counters
 from megatron_apbv.jobs.serve import serve_pipelined, serve_serial
-from megatron_apbv.runtime.agreement import _collective_device
 from megatron_apbv.runtime.config import ConfigError, RunConfig
+from megatron_apbv.runtime.host_collectives import all_max, collective_device
 from megatron_apbv.runtime.outputs import OutputLock
 
 
@@ -66,7 +80,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--requests", required=True, metavar="REQUESTS.jsonl",
                         help="one JSON object per line: an id plus input.*, generate.*, seed overrides")
     parser.add_argument("--output", required=True, metavar="ANSWERS.jsonl",
-                        help="answers are appended here (one JSON line per request); existing ids are skipped")
+                        help="answers are appended here (one JSON line per request); ids answered with the same "
+                             "settings are skipped (resume), answers of other settings refused")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output (an answer file) and answer every request again, whatever its "
+                             "records' settings")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--requests-format", choices=REQUEST_FORMATS, default="auto",
                         help="dotted: {id, input.*, generate.*, seed}; openai: the OpenAI Batch API lines vLLM's "
@@ -92,6 +110,9 @@ def prepare(args, cfg: RunConfig) -> list[PlannedRequest]:
 
     target = check_answer_outputs(args.output, args.requests)
     check_job_options(cfg, args.output_format, args.metrics_port)
+    if not args.overwrite:  # every rank reads the file's fingerprints: the refusal needs no collective
+        check_resume(target, job_fingerprint(cfg))
+    # cheap: each request's config is resolved (its video probed) only when it is served
     planned = plan_requests(read_requests(args.requests, args.requests_format), args.config, args.overrides)
     args.output_claim = None
     if LaunchEnv.from_environ().rank == 0:
@@ -122,12 +143,6 @@ def check_job_options(cfg: RunConfig, output_format: str, port: Optional[int]) -
             ) from None
 
 
-def _all_max(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
 def command(args, cfg: RunConfig, env, device: torch.device) -> dict:
     """``apbv infer``: answer every pending request; returns the job summary (complete on rank 0)."""
     stop = {"signal": False}
@@ -145,7 +160,11 @@ def command(args, cfg: RunConfig, env, device: torch.device) -> dict:
 
 
 def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict, engine: Optional[Engine] = None) -> dict:
-    """The job on this rank; ``engine`` (default: built here from ``cfg``) lets a benchmark reuse one model."""
+    """The job on this rank; ``engine`` (default: built here from ``cfg``) lets a benchmark reuse one model.
+
+    ``args`` holds the options plus what the CLI adds: ``prepared`` (:func:`prepare`), ``output_claim``
+    and ``store`` (the job's store, from ``init_distributed``).
+    """
     planned: list[PlannedRequest] = args.prepared
 
     answered: list = [None]
@@ -154,7 +173,8 @@ def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict, engine
         try:
             if not isinstance(claim, OutputLock):
                 raise ConfigError(claim or "--output: the job holds no lock on it")
-            answered = [(None, sorted(recover_answers(args.output)))]
+            start = replace_answers if getattr(args, "overwrite", False) else recover_answers
+            answered = [(None, sorted(start(args.output)))]
         except ConfigError as err:
             answered = [(str(err), None)]
     dist.broadcast_object_list(answered, src=0)
@@ -170,17 +190,21 @@ def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict, engine
     mode = args.pipeline or cfg.jobs.pipeline
     output_format = getattr(args, "output_format", "apbv")
 
+    fingerprint = job_fingerprint(cfg)
+
     def answer_file():
-        writer = AnswerWriter(args.output)
+        writer = AnswerWriter(args.output, fingerprint)
         return OpenAIOutput(writer, _model_name(cfg)) if output_format == "openai" else writer
 
-    served = serve_requests(pending, cfg, engine, mode=mode, stop=stop, sink=answer_file, quiet=args.quiet,
+    served = serve_requests(pending, cfg, engine, store=args.store, mode=mode, stop=stop, sink=answer_file, quiet=args.quiet,
                             port=metrics_port(getattr(args, "metrics_port", None), cfg.jobs.metrics_port))
     sums, seconds, stopped, busy_mean = served.sums, served.seconds, served.stopped, served.busy_mean
     finished = int(sums["answered"] + sums["errors"])
     summary = {
         "output": str(args.output),
         "output_format": output_format,
+        "fingerprint": fingerprint,
+        "overwrite": bool(getattr(args, "overwrite", False)),
         "requests": len(planned),
         "answered_before": len(done_ids),
         "answered": int(sums["answered"]),
@@ -230,25 +254,27 @@ class Served:
 
 
 def needs_vision(planned: list[PlannedRequest]) -> bool:
-    """Whether some request has video frames (the engine then builds the vision tower)."""
-    return any(p.cfg is not None and p.cfg.input.kind == "video" for p in planned)
+    """Whether some request has video frames (the engine then builds the vision tower): its ``input.kind``
+    as written, so that no request's files are read to decide."""
+    return any(p.kind == "video" for p in planned)
 
 
-def serve_requests(pending: list[PlannedRequest], cfg: RunConfig, engine: Engine, *, mode: str, stop: dict,
+def serve_requests(pending: list[PlannedRequest], cfg: RunConfig, engine: Engine, *, store, mode: str, stop: dict,
                    sink: Callable[[], object], quiet: bool = True, port: Optional[int] = None) -> Served:
     """Answer ``pending`` (the same list on every rank) over every data-parallel replica: collective.
 
-    Each replica's leader sends its records to ``sink()`` (made on the leaders only: an object with
-    ``append(record)`` and ``close()``); rank 0 shows the progress (unless ``quiet``) and, with
-    ``port``, serves the metrics. The job's counters in the store start from zero.
+    ``store`` is the job's store (every rank's, from ``init_distributed``): the work queue and the
+    counters live there, and start from zero. Each replica's leader sends its records to ``sink()``
+    (made on the leaders only: an object with ``append(record)`` and ``close()``); rank 0 shows the
+    progress (unless ``quiet``) and, with ``port``, serves the metrics.
     """
     group = parallel_state.get_tensor_and_context_parallel_group()
-    world_device = _collective_device(None)
+    world_device = collective_device()
     if dist.get_rank() == 0:
-        reset_job_counters()
-        reset_stage_histograms(job_store())
+        reset_job_counters(store)
+        reset_stage_histograms(store)
     dist.barrier()  # nobody claims before the counters are zero
-    queue = WorkQueue(len(pending), group)
+    queue = WorkQueue(len(pending), group, store)
     replica = Replica(group, dist.get_world_size(group), parallel_state.get_data_parallel_rank(), queue)
     if queue.is_leader:
         replica.writer, replica.tokenizer = sink(), _tokenizer(cfg)
@@ -268,7 +294,7 @@ def serve_requests(pending: list[PlannedRequest], cfg: RunConfig, engine: Engine
         if monitor is not None:
             monitor.close()
     busy = clock.busy_fraction()
-    seconds, stopped = _all_max([clock.wall_seconds(), float(stop["signal"])], world_device)
+    seconds, stopped = all_max([clock.wall_seconds(), float(stop["signal"])], world_device)
     sums = replica.totals.all_sum(world_device)
     return Served(sums, seconds, bool(stopped), _all_mean(busy, world_device))
 

@@ -2,12 +2,14 @@
 
 The pipelined job keeps up to ``jobs.prefetch_depth`` requests claimed beyond the
 one it starts next (:class:`Lookahead`). As soon as one is claimed, a worker of
-the pool (``jobs.prefetch_workers`` threads) runs its ``video_decode`` stage
-(:meth:`~megatron_apbv.inference.engine.Engine.read_prompt`: decode, sample and
-resize this rank's temporal share of the frames, render the chat text) while the
-GPU serves earlier requests; PyAV and torch release the GIL while they work. A
-request whose decode fails becomes a :class:`Prepared` with its error, which the
-job turns into that request's error record. Every rank of a replica holds the
+the pool (``jobs.prefetch_workers`` threads) resolves its config (probing its video,
+tokenizing its text: :meth:`~.requests.PlannedRequest.resolve`) and runs its
+``video_decode`` stage (:meth:`~megatron_apbv.inference.engine.Engine.read_prompt`:
+decode, sample and resize this rank's temporal share of the frames, render the chat
+text) while the GPU serves earlier requests; PyAV and torch release the GIL while they
+work. The serial pipeline calls :func:`prepare_request` itself. A request whose config
+or decode fails becomes a :class:`Prepared` with its error, which the job turns into
+that request's error record. Every rank of a replica holds the
 same claimed indices in the same order (the claims are broadcast by
 :class:`~.scheduler.WorkQueue`); each decodes its own share.
 
@@ -23,29 +25,36 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from megatron_apbv.jobs.requests import PlannedRequest
 from megatron_apbv.models.inputs import Prompt
+from megatron_apbv.runtime.config import RunConfig
 
 
 @dataclass
 class Prepared:
-    """A claimed request after its video-decode stage on this rank."""
+    """A claimed request after its config was resolved and its video-decode stage ran on this rank."""
 
     index: int  # into the job's pending list
+    cfg: Optional[RunConfig]  # the request's resolved config (None with an error)
     prompt: Optional[Prompt]
-    error: Optional[str]  # the request's own failure on this rank (planning or decoding), else None
-    seconds: float  # its video-decode seconds on this rank
+    error: Optional[str]  # the request's own failure on this rank (planning, resolving or decoding), else None
+    seconds: float  # its resolve + video-decode seconds on this rank
 
 
-def prepare_request(index: int, read: Callable[[], Prompt], planned_error: Optional[str]) -> Prepared:
-    """Run ``read`` (the request's video-decode stage); an ``OSError``/``ValueError`` becomes its error."""
-    if planned_error is not None:
-        return Prepared(index, None, planned_error, 0.0)
+def prepare_request(index: int, item: PlannedRequest, read: Callable[[RunConfig], Prompt]) -> Prepared:
+    """Resolve ``item``'s config, then run ``read(cfg)`` (its video-decode stage); a config the request cannot
+    have, or an ``OSError``/``ValueError`` of ``read``, becomes its error."""
+    if item.error is not None:
+        return Prepared(index, None, None, item.error, 0.0)
     start = time.perf_counter()
-    try:
-        prompt, error = read(), None
-    except (OSError, ValueError) as err:  # missing or undecodable video, a question the tokenizer cannot render
-        prompt, error = None, str(err)
-    return Prepared(index, prompt, error, time.perf_counter() - start)
+    cfg, error = item.resolve()  # a missing or unreadable video is this request's error, found here
+    prompt = None
+    if error is None:
+        try:
+            prompt = read(cfg)
+        except (OSError, ValueError) as err:  # an undecodable video, a question the tokenizer cannot render
+            error = str(err)
+    return Prepared(index, cfg if error is None else None, prompt, error, time.perf_counter() - start)
 
 
 class Lookahead:

@@ -19,6 +19,7 @@ from megatron_apbv.inference.engine import STAGES
 from megatron_apbv.inference.generate import stop_token_ids
 from megatron_apbv.jobs.metrics import observe_stages
 from megatron_apbv.jobs.requests import PlannedRequest
+from megatron_apbv.runtime.config import RunConfig
 
 
 class Totals:
@@ -82,8 +83,9 @@ class Replica:
     def error_record(self, item: PlannedRequest, error: str) -> dict:
         return {"id": item.request.id, "error": error, "replica": self.index}
 
-    def answer_record(self, item: PlannedRequest, prompt_tokens: int, ids: list[int], stages: dict) -> dict:
-        cfg = item.cfg
+    def answer_record(self, item: PlannedRequest, cfg: RunConfig, prompt_tokens: int, ids: list[int],
+                      stages: dict) -> dict:
+        """The record of ``item`` answered with ``cfg`` (its resolved config)."""
         record = {
             "id": item.request.id,
             "replica": self.index,

@@ -29,7 +29,7 @@ from megatron_apbv.jobs.requests import plan_requests, requests_from_objects
 from megatron_apbv.runtime.config import ConfigError, RunConfig
 from megatron_apbv.runtime.distributed import init_distributed, select_device, shutdown
 from megatron_apbv.runtime.launch_env import LaunchEnv
-from megatron_apbv.runtime.loading import load_config
+from megatron_apbv.models.resolve import load_config
 
 
 class RecordList:
@@ -48,8 +48,9 @@ class RecordList:
 class RequestEngine:
     """The job's model, built once on every rank; :meth:`generate` answers requests with it."""
 
-    def __init__(self, config: Optional[str | Path], overrides: list[str], cfg: RunConfig, engine: Engine):
-        self.config, self.overrides, self.cfg, self.engine = config, overrides, cfg, engine
+    def __init__(self, config: Optional[str | Path], overrides: list[str], cfg: RunConfig, engine: Engine, store):
+        """``store``: the job's store (``init_distributed``'s), where the work queue of each call lives."""
+        self.config, self.overrides, self.cfg, self.engine, self.store = config, overrides, cfg, engine, store
 
     @classmethod
     def load(cls, config: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = (), *,
@@ -62,9 +63,15 @@ class RequestEngine:
         cfg = load_config(config, overrides)
         cfg.check_world_size(env.world_size)
         device = select_device(cfg, env)
-        init_distributed(cfg, env, device)
+        store = init_distributed(cfg, env, device)
+        if store is None and env.world_size == 1:  # the caller started a group of one: no peer shares the queue
+            store = dist.HashStore()
+        elif store is None:  # the caller started the group, and its store is not handed on
+            shutdown()
+            raise ConfigError("RequestEngine.load starts the process groups itself: call it before any "
+                              "torch.distributed.init_process_group")
         engine = Engine.build(cfg, device, vision=vision)
-        return cls(config, overrides, cfg, engine)
+        return cls(config, overrides, cfg, engine, store)
 
     def generate(self, requests: list[dict], *, requests_format: str = "auto", output_format: str = "apbv",
                  pipeline: Optional[str] = None) -> list[dict]:
@@ -81,7 +88,7 @@ class RequestEngine:
             raise ConfigError("a request has a video but the engine was loaded without the vision tower: "
                               "RequestEngine.load(..., vision=True)")
         sink = RecordList()
-        serve_requests(planned, self.cfg, self.engine, mode=pipeline or self.cfg.jobs.pipeline,
+        serve_requests(planned, self.cfg, self.engine, store=self.store, mode=pipeline or self.cfg.jobs.pipeline,
                        stop={"signal": False}, sink=lambda: sink)
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, sink.records)  # the leaders' records, to every rank

@@ -8,12 +8,15 @@ every request. A file-level mistake (bad JSON, a missing or duplicate id, an unk
 or job-level key) is a :class:`ConfigError` naming the line and the field, raised on
 every rank before any collective.
 
-Each request's :class:`RunConfig` is the job's config plus its overrides, validated
-by :func:`~megatron_apbv.runtime.loading.load_config`. A request whose values the
-config rejects (or whose prompt is longer than ``model.max_position_embeddings``)
-becomes an error answer; the job goes on, and so does a request asking for more than
-``jobs.max_new_tokens_limit`` new tokens (one such request would hold its replica
-past ``parallel.timeout_seconds`` and fail the job on every resume).
+Each request's :class:`RunConfig` is the job's config data (the YAML read once) plus its
+overrides, resolved against its checkpoint, tokenizer and video and validated by
+:func:`~megatron_apbv.models.resolve.resolve_config` only when the request is served
+(:meth:`PlannedRequest.resolve`): at start a job of 10,000 video requests reads no video.
+A request whose values the config rejects, whose video cannot be probed (or whose prompt
+is longer than ``model.max_position_embeddings``) becomes an error answer; the job goes on,
+and so does a request asking for more than ``jobs.max_new_tokens_limit`` new tokens (one
+such request would hold its replica past ``parallel.timeout_seconds`` and fail the job on
+every resume).
 
 The file is JSON lines as :mod:`megatron_apbv.runtime.jsonl` reads them: split at
 ``\n`` only, a UTF-8 BOM skipped, nesting bounded; it must be a regular file of at
@@ -33,9 +36,10 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_apbv.jobs.openai_batch import is_openai_line, openai_request
-from megatron_apbv.runtime.config import ConfigError, RunConfig
+from megatron_apbv.models.resolve import resolve_config
+from megatron_apbv.runtime.config import ConfigError, InputConfig, RunConfig
 from megatron_apbv.runtime.jsonl import JSONLineError, loads_bounded, split_lines
-from megatron_apbv.runtime.loading import dotted_tree, load_config
+from megatron_apbv.runtime.loading import dotted_tree, merge_values, read_config_data
 
 REQUEST_SECTIONS = ("input", "generate")
 REQUEST_KEYS = ("seed",)
@@ -54,11 +58,35 @@ class Request:
 
 @dataclass(frozen=True)
 class PlannedRequest:
-    """A request with its config, or the reason it cannot be answered (the same on every rank)."""
+    """A request with its unresolved config data, or the reason it cannot be answered (the same on every rank)."""
 
     request: Request
-    cfg: Optional[RunConfig]
+    data: Optional[dict]  # the job's config data merged with the request's values (None with an error)
     error: Optional[str] = None
+
+    @property
+    def kind(self) -> Optional[str]:
+        """The request's ``input.kind`` as written (the default when unset; None when it has an error)."""
+        if self.error is not None:
+            return None
+        section = self.data.get("input")
+        kind = section.get("kind") if isinstance(section, dict) else None
+        return kind if kind is not None else InputConfig.model_fields["kind"].default
+
+    def resolve(self) -> tuple[Optional[RunConfig], Optional[str]]:
+        """``(config, None)``, or ``(None, why)`` when the request cannot be one answer.
+
+        Reads what the config names (checkpoint config.json, tokenizer, the video's container): call it
+        when the request is served, on every rank of its replica.
+        """
+        if self.error is not None:
+            return None, self.error
+        try:
+            cfg = resolve_config(self.data)
+        except ConfigError as err:
+            return None, str(err)
+        problem = request_problem(cfg)
+        return (cfg, None) if problem is None else (None, problem)
 
 
 def _check_key(key: str, where: str) -> None:
@@ -202,18 +230,20 @@ def _one_document(values: dict) -> dict:
 def plan_requests(
     requests: list[Request], config: Optional[str | Path], overrides: list[str]
 ) -> list[PlannedRequest]:
-    """Each request's config (job config + CLI overrides + its values), or why it cannot run."""
+    """Each request's config data (job config + CLI overrides + its values), or why it cannot run.
+
+    The config file is read once; no request's files are (:meth:`PlannedRequest.resolve` does, when served).
+    """
+    job = read_config_data(config, overrides)
     planned = []
     for request in requests:
         if request.error is not None:
             planned.append(PlannedRequest(request, None, request.error))
             continue
         try:
-            cfg = load_config(config, overrides, dotted_tree(_one_document(request.values)))
-            error = request_problem(cfg)
-        except ConfigError as err:
-            cfg, error = None, str(err)
-        planned.append(PlannedRequest(request, cfg if error is None else None, error))
+            planned.append(PlannedRequest(request, merge_values(job, dotted_tree(_one_document(request.values)))))
+        except ConfigError as err:  # a key given as both a value and a section
+            planned.append(PlannedRequest(request, None, str(err)))
     return planned
 
 

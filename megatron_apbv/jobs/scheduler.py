@@ -5,7 +5,9 @@ replica's leader claims the next pending request from a counter in the job's
 torch.distributed store (``store.add``: atomic on the store's server, one round
 trip) and broadcasts the claimed index inside its replica group; a replica that
 finishes early simply claims more. The same store holds the done/error counters
-rank 0's progress bar reads.
+rank 0's progress bar reads. The store is the one the process group was started with
+(:func:`~megatron_apbv.runtime.distributed.init_distributed` returns it; one process: a
+``HashStore``), handed in explicitly.
 """
 
 from __future__ import annotations
@@ -15,19 +17,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_apbv.runtime.agreement import _collective_device
+from megatron_apbv.runtime.host_collectives import any_rank, collective_device
 
 _NEXT, _DONE, _ERRORS, _TOKENS = "apbv/infer/next", "apbv/infer/done", "apbv/infer/errors", "apbv/infer/tokens"
 
 
-def job_store():
-    """The store of the default process group (the launcher's rendezvous TCP store)."""
-    return dist.distributed_c10d._get_default_store()
-
-
-def reset_job_counters(store=None) -> None:
-    """Zero the claim and progress counters: for several jobs in one launch (a benchmark, a test)."""
-    store = job_store() if store is None else store
+def reset_job_counters(store) -> None:
+    """Zero the claim and progress counters in ``store`` (rank 0, before any claim of the job)."""
     for key in (_NEXT, _DONE, _ERRORS, _TOKENS):
         store.delete_key(key)
 
@@ -35,22 +31,20 @@ def reset_job_counters(store=None) -> None:
 class WorkQueue:
     """``next(stop)``: the index (into the pending list) this replica answers next, or None when it stops."""
 
-    def __init__(self, num_pending: int, group, store=None):
+    def __init__(self, num_pending: int, group, store):
+        """``store``: the job's store, shared by every rank (what ``init_distributed`` started the group with)."""
         self.num_pending = num_pending
         self.group = group
-        self.store = job_store() if store is None else store
+        self.store = store
         self.size = dist.get_world_size(group)
         self.leader = dist.get_global_rank(group, 0) if self.size > 1 else dist.get_rank()
         self.is_leader = dist.get_rank() == self.leader
-        self.device = _collective_device(group)
+        self.device = collective_device(group)
         self.stopped = False  # some rank of the replica got the stop flag (the same on every rank)
 
     def agree(self, stop: bool) -> bool:
         """Whether any rank of the replica got ``stop`` (the same answer on every rank)."""
-        if self.size > 1:
-            flag = torch.tensor([int(stop)], dtype=torch.int64, device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-            stop = bool(flag.item())
+        stop = any_rank(stop, self.device, self.group)
         self.stopped = self.stopped or stop
         return stop
 

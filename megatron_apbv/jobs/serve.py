@@ -21,11 +21,10 @@ on its own, at the same shape).
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 import torch.distributed as dist
 
-from megatron_apbv.apbv.decode import DistributedKVCache
-from megatron_apbv.apbv.layout import SequenceLayout
 from megatron_apbv.inference.engine import Engine, frame_share
 from megatron_apbv.inference.generate import apbv_generate, decode_mode_for, stop_token_ids
 from megatron_apbv.inference.prefill import apbv_prefill
@@ -34,61 +33,61 @@ from megatron_apbv.inference.stage_clock import StageClock
 from megatron_apbv.jobs.prefetch import Lookahead, Prepared, prepare_request
 from megatron_apbv.jobs.replica import Replica
 from megatron_apbv.jobs.requests import PlannedRequest
+from megatron_apbv.models.inputs import Prompt
 from megatron_apbv.runtime.config import JobsConfig, RunConfig
 from megatron_apbv.runtime.groups import context_parallel_group, context_parallel_rank
+from megatron_apbv.runtime.host_collectives import any_rank
 
 
-def _read_share(item: PlannedRequest):
-    """This rank's video-decode stage of ``item`` (only its temporal share of the frames)."""
+def _share_reader() -> Callable[[RunConfig], Prompt]:
+    """This rank's video-decode stage of a request's config (only its temporal share of the frames)."""
     rank, world = context_parallel_rank(), dist.get_world_size(context_parallel_group())
-    return lambda: Engine.read_prompt(item.cfg, share=frame_share(item.cfg, rank, world))
+    return lambda cfg: Engine.read_prompt(cfg, share=frame_share(cfg, rank, world))
 
 
 def serve_serial(replica: Replica, pending: list[PlannedRequest], engine: Engine, clock: StageClock, stop: dict):
     """One request after another, every stage alone; SIGTERM ends the request in flight between tokens
     (not written: the resume runs it)."""
     sink = replica.stage_sink
+    read = _share_reader()
     while (index := replica.queue.next(stop["signal"])) is not None:
         item = pending[index]
-        with clock.stage("video_decode", gpu=False):
-            ready = prepare_request(index, _read_share(item), item.error)
+        with clock.stage("video_decode", gpu=False):  # resolving the request's config (its video probe) too
+            ready = prepare_request(index, item, read)
         error = replica.agree(ready.error)
         if error is not None:
             replica.write(replica.error_record(item, error))
             continue
-        out = apbv_generate(item.cfg, engine.device, engine=engine, prompt=ready.prompt, barrier=False, clock=clock,
+        cfg = ready.cfg
+        out = apbv_generate(cfg, engine.device, engine=engine, prompt=ready.prompt, barrier=False, clock=clock,
                             should_stop=lambda: stop["signal"])
         if out["stopped_by_signal"]:
             continue  # stays pending
         stages = {"video_decode": ready.seconds, **out["stage_seconds"]}
         for name, seconds in stages.items():
             sink[name] = sink.get(name, 0.0) + seconds
-        replica.write(replica.answer_record(item, out["prompt_tokens"], out["generated_ids"][0], stages))
+        replica.write(replica.answer_record(item, cfg, out["prompt_tokens"], out["generated_ids"][0], stages))
 
 
-def slot_capacity(pending: list[PlannedRequest]) -> int:
-    """Cache rows a slot needs on this rank: the most any pending request caches plus its new tokens."""
-    rank = context_parallel_rank()
-    sizes = [
-        DistributedKVCache(SequenceLayout.from_config(p.cfg).rank(rank), p.cfg.generate.max_new_tokens).capacity
-        for p in pending if p.cfg is not None
-    ]
-    return max(sizes, default=1)
+def grown_capacity(need: int, capacity: int, limit: int) -> int:
+    """The slots' new capacity when a request needs ``need`` rows: by half again at least (a job of
+    ever longer requests regrows only logarithmically often), within ``limit`` (no request exceeds it)."""
+    return max(need, min(capacity + capacity // 2, limit))
 
 
 def serve_pipelined(replica: Replica, pending: list[PlannedRequest], engine: Engine, clock: StageClock,
                     stop: dict, job_cfg: RunConfig, settings: JobsConfig):
     """Prefetched frames, continuous batched decoding (see the module docstring)."""
     sink = replica.stage_sink
+    read = _share_reader()
     lookahead = Lookahead(
         lambda: replica.queue.next(stop["signal"]),
-        lambda index: prepare_request(index, _read_share(pending[index]), pending[index].error),
+        lambda index: prepare_request(index, pending[index], read),
         depth=settings.prefetch_depth, workers=settings.prefetch_workers,
     )
     slots = None
-    capacity = slot_capacity(pending)
     graphs = decode_mode_for(job_cfg.generate, engine.device)
-    started: dict[int, tuple[int, dict]] = {}  # request index -> (prompt tokens, its stage seconds)
+    started: dict[int, tuple[RunConfig, int, dict]] = {}  # request index -> (its config, prompt tokens, stage seconds)
 
     def start(ready: Prepared):
         nonlocal slots
@@ -98,24 +97,27 @@ def serve_pipelined(replica: Replica, pending: list[PlannedRequest], engine: Eng
         if error is not None:
             replica.write(replica.error_record(item, error))
             return
-        cfg = item.cfg
+        cfg = ready.cfg
         stop_ids = stop_token_ids(cfg)
         run = apbv_prefill(cfg, engine.device, max_new_tokens=cfg.generate.max_new_tokens, engine=engine,
                            prompt=ready.prompt, barrier=False, clock=clock)
         for name in ("vision", "prefill"):
             sink[name] = sink.get(name, 0.0) + run.stage_seconds.get(name, 0.0)
+        need = run.cache.capacity  # this rank's cached rows plus the new tokens
         with clock.stage("decode", sink):  # GPU work of the decode stage: the copy into the slot (and capture)
             if slots is None:  # the first prefill gives the cache's layer and head shapes
-                slots = DecodeSlots(engine, run, slots=settings.batch_size, capacity=capacity, cuda_graph=graphs,
+                slots = DecodeSlots(engine, run, slots=settings.batch_size, capacity=need, cuda_graph=graphs,
                                     group=context_parallel_group())
+            elif any_rank(need > slots.capacity, replica.queue.device, replica.group):  # the group grows together
+                slots.grow(grown_capacity(need, slots.capacity, cfg.model.max_position_embeddings))
             slots.join(ready.index, run, cfg.generate, seed=cfg.seed, stop_ids=stop_ids)
-        started[ready.index] = (run.seq.prompt_len, {"video_decode": ready.seconds, **run.stage_seconds})
+        started[ready.index] = (cfg, run.seq.prompt_len, {"video_decode": ready.seconds, **run.stage_seconds})
 
     def finish():
         for seq in slots.release_finished():
-            prompt_tokens, stages = started.pop(seq.key)
+            cfg, prompt_tokens, stages = started.pop(seq.key)
             stages["decode"] = seq.decode_seconds
-            replica.write(replica.answer_record(pending[seq.key], prompt_tokens, seq.ids, stages))
+            replica.write(replica.answer_record(pending[seq.key], cfg, prompt_tokens, seq.ids, stages))
 
     def drop_claimed(popped: int = 0):
         dropped = lookahead.drop() + popped

@@ -15,6 +15,7 @@ context span ends exactly where the document does) are the span split across the
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -44,9 +45,19 @@ def has_tokenizer(path) -> bool:
     return any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
 
 
-@lru_cache(maxsize=4)
+# apbv infer's prefetch workers resolve requests (render their text) concurrently: the first load must happen
+# once, as transformers' lazy import is not thread-safe ("cannot import name 'AutoTokenizer'" in a second thread).
+_LOADING = threading.Lock()
+
+
 def load_tokenizer(path: str):
-    """A Hugging Face tokenizer from a local directory (never downloads)."""
+    """A Hugging Face tokenizer from a local directory (never downloads); loaded once per folder, thread-safe."""
+    with _LOADING:
+        return _load_tokenizer(path)
+
+
+@lru_cache(maxsize=4)
+def _load_tokenizer(path: str):
     folder = Path(path)
     if not has_tokenizer(folder):
         raise TokenizerError(

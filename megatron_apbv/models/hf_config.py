@@ -1,6 +1,7 @@
-"""A Hugging Face checkpoint's ``config.json`` -> the keys of our ``model:`` and ``vision:`` sections.
+"""A Hugging Face checkpoint's ``config.json`` -> the keys of our ``model:`` and ``vision:`` sections; its
+``generation_config.json`` -> the defaults of ``generate:``.
 
-Standard library only: the config is validated (``runtime/loading.py``) before torch or
+Standard library only: the config is resolved and validated (``models/resolve.py``) before torch or
 safetensors is imported, so a wrong key fails at once even with ``model.checkpoint`` set.
 The weights themselves are read by :mod:`megatron_apbv.models.checkpoint`.
 """
@@ -165,3 +166,27 @@ def vision_config_from_hf(hf_config: dict) -> Optional[dict]:
     if not isinstance(vision, dict):
         return None
     return {key: vision[key] for key in _VISION_KEYS if key in vision}
+
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def checkpoint_sampling_defaults(folder: str) -> dict:
+    """The sampling keys of ``folder/generation_config.json`` (empty without the file).
+
+    As in transformers, without ``do_sample: true`` the checkpoint decodes greedily:
+    its temperature is then 0.
+    """
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); fix it or set the generate keys explicitly") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    out = {k: data[k] for k in SAMPLING_KEYS if data.get(k) is not None}
+    if not data.get("do_sample", False):
+        out["temperature"] = 0.0
+    return out

@@ -11,8 +11,8 @@ import torch
 
 from megatron_apbv.apbv.layout import Span
 from megatron_apbv.models.rope import video_position_ids
-from megatron_apbv.models.video_sampling import FramePlan
 from megatron_apbv.runtime.config import RunConfig
+from megatron_apbv.runtime.video_sampling import FramePlan
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from megatron_apbv.models.video_sampling import frame_indices
 from megatron_apbv.runtime.config import VideoSource
+from megatron_apbv.runtime.video_sampling import frame_indices
 
 
 class VideoError(ValueError):

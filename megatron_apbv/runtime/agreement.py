@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_apbv.runtime.config import ConfigError, RunConfig
+from megatron_apbv.runtime.host_collectives import collective_device
 
 # The digest travels as this many int64 words (the whole sha256).
 _WORDS = 4
@@ -68,13 +69,6 @@ def _as_words(digest: bytes) -> list[int]:
     return [int.from_bytes(digest[8 * i : 8 * i + 8], "little", signed=True) for i in range(_WORDS)]
 
 
-def _collective_device(group) -> torch.device:
-    """NCCL only moves CUDA tensors (on the rank's current device); gloo takes CPU tensors."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def check_ranks_agree(cfg: RunConfig, extra: Optional[dict] = None, group=None) -> str:
     """All-gather every rank's fingerprint; raise :class:`ConfigError` on every rank unless all agree.
 
@@ -87,7 +81,7 @@ def check_ranks_agree(cfg: RunConfig, extra: Optional[dict] = None, group=None) 
     world = dist.get_world_size(group)
     if world == 1:
         return digest.hex()
-    device = _collective_device(group)
+    device = collective_device(group)
     mine = torch.tensor(_as_words(digest), dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine, group=group)

@@ -288,7 +288,7 @@ class InputConfig(_Section):
     ``kind: synthetic`` uses random token ids for everything (``tokens_per_frame``
     ids per frame); ``kind: video`` encodes frames (``video_path``, or a seeded
     synthetic video when null) with the vision tower over the APB-V group. A file's
-    frames are sampled and resized by Qwen2.5-VL's rules (models/video_sampling.py).
+    frames are sampled and resized by Qwen2.5-VL's rules (runtime/video_sampling.py).
     """
 
     kind: Literal["synthetic", "video", "needle", "text"] = Field(
@@ -378,13 +378,13 @@ class InputConfig(_Section):
     @property
     def frame_count(self) -> int:
         """Frames of the synthetic and needle kinds: ``video_frames``, else 8."""
-        from megatron_apbv.models.video_sampling import SYNTHETIC_FRAMES
+        from megatron_apbv.runtime.video_sampling import SYNTHETIC_FRAMES
 
         return SYNTHETIC_FRAMES if self.video_frames is None else self.video_frames
 
     def frame_plan(self, vision: VisionConfig):
-        """The sampled frames of the video kind (:func:`megatron_apbv.models.video_sampling.frame_plan`)."""
-        from megatron_apbv.models.video_sampling import frame_plan
+        """The sampled frames of the video kind (:func:`megatron_apbv.runtime.video_sampling.frame_plan`)."""
+        from megatron_apbv.runtime.video_sampling import frame_plan
 
         return frame_plan(self, vision)
 

@@ -7,6 +7,7 @@ Where the process sits in the job (rank, world, rendezvous) comes from
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -34,11 +35,14 @@ def select_device(cfg: RunConfig, env: LaunchEnv) -> torch.device:
     return torch.device("cuda", env.local_rank)
 
 
-def init_distributed(cfg: RunConfig, env: LaunchEnv, device: torch.device) -> None:
+def init_distributed(cfg: RunConfig, env: LaunchEnv, device: torch.device) -> Optional[dist.Store]:
     """Start torch.distributed and Megatron's DP x CP x TP groups (CP = the APB-V group, DP = its replicas).
 
     The world size is checked against the config first, so a mismatch fails on every
-    rank before any rank waits on a rendezvous or a collective.
+    rank before any rank waits on a rendezvous or a collective. Returns the job's store (the
+    rendezvous TCP store, a ``HashStore`` for one process) that the process group was started
+    with, for whatever else the job keeps there (``apbv infer``'s work queue); None when
+    torch.distributed was already running (its starter holds its store).
     """
     cfg.check_world_size(env.world_size)
     if device.type == "cpu" and cfg.dtype == "float16":
@@ -48,14 +52,16 @@ def init_distributed(cfg: RunConfig, env: LaunchEnv, device: torch.device) -> No
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
         raise ConfigError("parallel.backend=nccl needs GPUs: use parallel.backend=gloo (or auto) on the CPU")
+    store = None
     if not dist.is_initialized():
+        # this job's store: a taken MASTER_PORT, or another job's store on it, fails fast (runtime/rendezvous.py)
+        store = rendezvous_store(env, cfg.parallel.timeout_seconds)
         dist.init_process_group(
             backend=backend,
             rank=env.rank,
             world_size=env.world_size,
             timeout=timedelta(seconds=cfg.parallel.timeout_seconds),
-            # this job's store: a taken MASTER_PORT, or another job's store on it, fails fast (runtime/rendezvous.py)
-            store=rendezvous_store(env, cfg.parallel.timeout_seconds),
+            store=store,
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=cfg.parallel.tensor_parallel_size,
@@ -64,6 +70,7 @@ def init_distributed(cfg: RunConfig, env: LaunchEnv, device: torch.device) -> No
     )
     # Every rank must run the same config and code: a mismatch fails on every rank here, not as a hang later.
     check_ranks_agree(cfg, agreement_extra(cfg, env.world_size))
+    return store
 
 
 def shutdown(*, wait_for_peers: bool = True) -> None:

@@ -1,8 +1,9 @@
-"""YAML file + ``key=value`` overrides -> validated :class:`~megatron_apbv.runtime.config.RunConfig`.
+"""YAML file + ``key=value`` overrides -> the config's data, and data -> validated :class:`RunConfig`.
 
-Shape keys may come from ``model.checkpoint``'s config.json and the prompt lengths
-from the tokenized text of ``input.question``; both are derived here, before
-validation, so every error names a field of the file.
+This reads no file but the YAML: what a config takes from its checkpoint (shape keys,
+generation defaults), its tokenizer (prompt lengths) and its video (``input.source``) is
+resolved a layer up, by :func:`megatron_apbv.models.resolve.load_config`, before
+:func:`validate_config`, so every error still names a field of the file.
 """
 
 from __future__ import annotations
@@ -15,13 +16,7 @@ from typing import Optional
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from megatron_apbv.runtime.config import (
-    VARIANTS,
-    ConfigError,
-    ModelConfig,
-    RunConfig,
-    without_variant_settings,
-)
+from megatron_apbv.runtime.config import VARIANTS, ConfigError, RunConfig, without_variant_settings
 
 # Location parts pydantic adds for the members of a union (``apbv.anchor.constrained-int``): not config keys.
 _UNION_PARTS = ("function-after", "literal[", "union[", "constrained-int", "constrained-float")
@@ -192,145 +187,10 @@ def _place(tree: dict, key: str, value, item: str) -> None:
     node[parts[-1]] = value
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+def read_config_data(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> dict:
+    """The YAML config at ``path`` (or the built-in defaults: ``{}``) with the ``key=value`` overrides merged in.
 
-
-def _with_checkpoint_shape(data: dict) -> dict:
-    """Fill ``model:`` (and, for Qwen2.5-VL, ``vision:``) shape keys from ``model.checkpoint``'s config.json.
-
-    Keys given explicitly must agree with the checkpoint.
-    """
-    model = data.get("model")
-    if not isinstance(model, dict) or not model.get("checkpoint"):
-        return data
-    from megatron_apbv.models.hf_config import model_config_from_hf, read_hf_config, vision_config_from_hf
-
-    _check_checkpoint_is_a_folder(model["checkpoint"])
-    try:
-        hf = read_hf_config(model["checkpoint"])
-        derived = {"model": model_config_from_hf(hf), "vision": vision_config_from_hf(hf) or {}}
-    except (OSError, ValueError, TypeError) as err:  # TypeError: not a path (model.checkpoint=1)
-        raise ConfigError(f"model.checkpoint={model['checkpoint']!r}: {err}") from None
-    out = dict(data)
-    for section, values in derived.items():
-        given = data.get(section) or {}
-        if not isinstance(given, dict):
-            continue  # pydantic reports the wrong type
-        for key, value in values.items():
-            if key in given and given[key] != value:
-                raise ConfigError(
-                    f"{section}.{key}={given[key]!r} disagrees with the checkpoint's config.json ({value!r}): "
-                    f"remove {section}.{key} to take the checkpoint's value"
-                )
-        out[section] = {**values, **given}
-    return out
-
-
-def _check_checkpoint_is_a_folder(checkpoint) -> None:
-    """``model.checkpoint=/dev/zero`` (a device, FIFO or socket) is named as what it is, never opened."""
-    import os
-    import stat
-
-    if not isinstance(checkpoint, (str, os.PathLike)):
-        return  # read_hf_config's TypeError names it
-    try:
-        mode = os.stat(checkpoint).st_mode
-    except OSError:
-        return  # missing: read_hf_config says so
-    if not stat.S_ISDIR(mode) and not stat.S_ISREG(mode):
-        raise ConfigError(
-            f"model.checkpoint={str(checkpoint)!r} is not a directory (a device, FIFO or socket): point it at the "
-            "folder that holds config.json and the safetensors files"
-        )
-
-
-def _with_chat_lengths(data: dict) -> dict:
-    """Set ``input.system_tokens`` / ``input.query_tokens`` from the tokenized text of ``input.question``."""
-    inp, model = data.get("input"), data.get("model") or {}
-    if not isinstance(inp, dict) or not isinstance(model, dict) or inp.get("question") is None:
-        return data
-    if inp.get("kind") == "needle":
-        raise ConfigError("input.question cannot be used with input.kind=needle (its questions are built in)")
-    question, system = inp["question"], inp.get("system_prompt")
-    if not isinstance(question, str) or not question or not isinstance(system, (str, type(None))):
-        return data  # pydantic reports the wrong type
-    path = model.get("tokenizer") or model.get("checkpoint")  # ModelConfig.tokenizer_dir, before validation
-    if not path:
-        raise ConfigError("input.question needs a tokenizer: set model.tokenizer (or model.checkpoint) to its dir")
-    from megatron_apbv.models.chat_prompt import TokenizerError, chat_text, read_context
-
-    try:  # input.kind text: the document between the system turn and the question
-        context = read_context(inp.get("context"), inp.get("context_path")) if inp.get("kind") == "text" else None
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    try:
-        text = chat_text(str(path), system, question, context)
-    except TokenizerError as err:
-        raise ConfigError(f"model.tokenizer: {err}") from None
-    vocab = model.get("vocab_size", ModelConfig.model_fields["vocab_size"].default)
-    ids = text.before + text.after + ((text.video_token_id,) if text.video_token_id is not None else ()) + \
-        (text.context or ())
-    if isinstance(vocab, int) and max(ids) >= vocab:
-        raise ConfigError(
-            f"model.tokenizer={str(path)!r} gives token id {max(ids)} but model.vocab_size={vocab}: the tokenizer "
-            "does not belong to this model (point model.tokenizer at the checkpoint's)"
-        )
-    # The text's lengths replace the counts a file gives for random-id prompts (e.g. tiny_cpu.yaml's),
-    # so a question can be added on the command line; the run's JSON reports the lengths used.
-    derived = {"system_tokens": len(text.before), "query_tokens": len(text.after)}
-    if text.context is not None:
-        derived["context_tokens"] = len(text.context)
-    return {**data, "input": {**inp, **derived}}
-
-
-def _with_video_source(data: dict) -> dict:
-    """Set ``input.source`` (frame count, rate, size) from the file ``input.video_path`` of the video kind."""
-    inp = data.get("input")
-    if not isinstance(inp, dict) or inp.get("kind") != "video" or not isinstance(inp.get("video_path"), str):
-        return data
-    if "source" in inp:
-        raise ConfigError("input.source is read from input.video_path: remove it from the config")
-    from megatron_apbv.models.video import VideoError, probe_video
-
-    try:
-        source = probe_video(inp["video_path"])
-    except (VideoError, ImportError) as err:
-        raise ConfigError(f"input.video_path: {err}") from None
-    return {**data, "input": {**inp, "source": source.model_dump()}}
-
-
-def _with_generation_defaults(data: dict) -> dict:
-    """Fill unset ``generate`` sampling keys from ``model.checkpoint``'s generation_config.json."""
-    model = data.get("model")
-    if not isinstance(model, dict) or not isinstance(model.get("checkpoint"), str):
-        return data
-    given = data.get("generate") or {}
-    if not isinstance(given, dict):
-        return data  # pydantic reports the wrong type
-    from megatron_apbv.inference.sampling import checkpoint_sampling_defaults
-
-    try:
-        defaults = checkpoint_sampling_defaults(model["checkpoint"])
-    except ValueError as err:
-        raise ConfigError(f"model.checkpoint: {err}") from None
-    unset = {k: v for k, v in defaults.items() if given.get(k) is None}
-    return {**data, "generate": {**given, **unset}} if unset else data
-
-
-def load_config(
-    path: Optional[str | Path] = None, overrides: Optional[list[str]] = None, values: Optional[dict] = None
-) -> RunConfig:
-    """Load a YAML config (or the built-in defaults) and apply ``key=value`` overrides, then ``values``.
-
-    ``values`` (a nested dict, e.g. :func:`dotted_tree` of one ``apbv infer`` request) is merged
-    last, by the same rule as the overrides.
+    Only the YAML file is read; nothing is validated yet (:func:`validate_config`).
     """
     data: dict = {}
     if path is not None:
@@ -362,12 +222,24 @@ def load_config(
     if isinstance(variant, str) and variant in VARIANTS and isinstance(data.get("apbv"), dict):
         # A variant chosen on the command line replaces the file's settings that the variant fixes.
         data = {**data, "apbv": without_variant_settings(data["apbv"], variant)}
-    data = _merge(data, extra)
-    data = _merge(data, values or {})
-    data = _with_checkpoint_shape(data)
-    data = _with_chat_lengths(data)
-    data = _with_video_source(data)
-    data = _with_generation_defaults(data)
+    return merge_values(data, extra)
+
+
+def merge_values(data: dict, values: dict) -> dict:
+    """``values`` (a nested dict, e.g. :func:`dotted_tree` of one request) merged into ``data``, section by
+    section: a value replaces, a section merges."""
+    out = dict(data)
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_values(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def validate_config(data: dict) -> RunConfig:
+    """Config data (resolved: see :mod:`megatron_apbv.models.resolve`) -> :class:`RunConfig`, or one
+    :class:`ConfigError` listing every problem by its field."""
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:

@@ -13,15 +13,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_apbv.runtime.host_collectives import collective_device
+
 
 class NonFiniteError(RuntimeError):
     """NaN or Inf in a model output; the message names the stage (and step) and the ranks."""
-
-
-def _collective_device(group) -> torch.device:
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def check_finite(value: torch.Tensor, where: str, group=None, *, step: torch.Tensor | int | None = None) -> None:
@@ -35,7 +31,7 @@ def check_finite(value: torch.Tensor, where: str, group=None, *, step: torch.Ten
     first = torch.as_tensor(-1 if step is None else step, device=ok.device).reshape(())
     mine = torch.stack([ok.to(torch.int64), first.to(torch.int64)])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        mine = mine.to(_collective_device(group))
+        mine = mine.to(collective_device(group))
         everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
         dist.all_gather(everyone, mine, group=group)
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(len(everyone)))

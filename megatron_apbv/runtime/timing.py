@@ -9,6 +9,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_apbv.runtime.host_collectives import all_max
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -36,12 +38,6 @@ def timed(fn, device: torch.device, repeat: int, *, barrier: bool = True):
     return result, measured[len(measured) // 2]
 
 
-
-
-def _all_max(values: list[float], device: torch.device, group) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.tolist()
 
 
 def _all_gather_floats(value: float, device: torch.device, group) -> list[float]:
@@ -93,6 +89,6 @@ def time_method(fn: Callable[[], object], device: torch.device, warmup: int, rep
                     torch.cuda.empty_cache()
         if i >= warmup:
             times.append(elapsed)
-    *times, failed = _all_max(times + [failed], device, group)
+    *times, failed = all_max(times + [failed], device, group)
     peak = _all_gather_floats(torch.cuda.max_memory_allocated(device) / 2**30, device, group) if cuda else None
     return Timing(times, peak, "oom" if failed else "ok", result)
