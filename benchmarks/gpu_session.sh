@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (at most ~10 minutes) of the session's GPU work, by part:
 #   check: every GPU test, our vision tower against transformers' (bench_vision), decoding (bench_decode), kernel routes
-#   jobs:  the job benchmark (serial vs pipelined, bench_jobs)
+#   jobs:  the job benchmark (serial vs pipelined, bench_jobs), then decoding (bench_decode) in the time left
 #   all:   in one call, shorter limits: every GPU test, bench_vision, bench_jobs
 #   wheel: the installed wheel on the GPU image, run from an empty folder
 # Usage (device machine, repo root, wheels in .whl/, the project's wheel in .whl/apbv/ for `wheel`):
@@ -47,9 +47,16 @@ elif [[ $part == all ]]; then
   step bench_vision 75 python3 benchmarks/bench_vision.py --out "$out" --repeat 2 --budget 20
   cp "$scratch/bench_vision.log" "$out/bench_vision.log"
 else
-  export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
-  step bench_jobs 520 python3 benchmarks/bench_jobs.py --out "$out/jobs_gpu.json"
+  # The job benchmark, then decoding in what is left of the call (its rows are in the log as they come).
+  export PYTHONPATH="$PWD:/tmp/site" PATH="/tmp/site/bin:$PATH" PYTHONUNBUFFERED=1
+  step bench_jobs 400 python3 benchmarks/bench_jobs.py --out "$out/jobs_gpu.json"
   cp "$scratch/bench_jobs.log" "$out/bench_jobs.log"
+  left=$(( 570 - ($(date +%s) - t_start) ))
+  if (( left > 60 )); then
+    step bench_decode "$left" torchrun --nproc_per_node 1 benchmarks/bench_decode.py configs/qwen25vl_7b_lm.yaml \
+      --out "$out/decode_gpu.json" --profile-dir "$out" --steps 48 --eager-steps 4 --skip-checkpoint
+    cp "$scratch/bench_decode.log" "$out/bench_decode.log"
+  fi
 fi
 echo "total $(( $(date +%s) - t_start ))s" | tee -a "$out/steps.txt"
 pack_out "$out" steps.txt device.txt vision_gpu.json decode_gpu.json kernels_gpu.json attention_routes_measured.json jobs_gpu.json
