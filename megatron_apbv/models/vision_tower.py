@@ -486,7 +486,10 @@ def init_random_(tower: VisionTower, generator: Optional[torch.Generator] = None
             elif t.dim() == 1:
                 t.fill_(1.0)
             else:
-                t.copy_(torch.randn(t.shape, generator=generator, dtype=torch.float32).mul_(std))
+                # drawn where the generator lives (under `with torch.device("cuda")` too): the same numbers anywhere
+                draw = torch.randn(t.shape, generator=generator, dtype=torch.float32,
+                                   device=generator.device if generator is not None else None)
+                t.copy_(draw.mul_(std))
     return tower
 
 
