@@ -42,7 +42,8 @@ SETTINGS = ((32768, 1), (131072, 1), (32768, 8))
 KERNEL_VARIANTS = (
     ("in_kernel", 1, 64, 3, 4), ("in_kernel", 2, 64, 3, 4), ("in_kernel", 4, 64, 3, 4),
     ("in_kernel", 2, 128, 2, 4), ("in_kernel", 2, 64, 4, 4), ("in_kernel", 2, 64, 3, 8),
-    ("kernel", 2, 64, 3, 4), ("kernel", 4, 64, 3, 4),
+    ("kernel", 2, 64, 3, 4), ("kernel", 4, 64, 3, 4), ("kernel", 4, 128, 2, 4), ("kernel", 4, 64, 3, 8),
+    ("kernel", 8, 64, 3, 4),
 )
 
 
@@ -98,7 +99,8 @@ def _splits(capacity: int, wanted: int, block_n: int) -> int:
 
 def kernel_rows(cfg, device, layers: int = 8, calls: int = 64) -> list[dict]:
     """The decode kernel on its own bytes next to a copy of the same bytes (module docstring)."""
-    from megatron_apbv.kernels.decode_attention import BLOCK_N, PROGRAMS_PER_SM, decode_attention, num_splits
+    from megatron_apbv.kernels.decode_attention import (BLOCK_N, DEFAULT_COMBINE, PROGRAMS_PER_SM, decode_attention,
+                                                        num_splits)
 
     m = cfg.model
     dtype = getattr(torch, cfg.dtype)
@@ -131,7 +133,8 @@ def kernel_rows(cfg, device, layers: int = 8, calls: int = 64) -> list[dict]:
                 log(json.dumps(rows[-1]))
                 continue
             row = {"prompt_tokens": prompt_tokens, "batch_size": batch, **launch,
-                   "default": (per_sm, block_n, stages, warps) == (PROGRAMS_PER_SM[combine], BLOCK_N, 3, 4),
+                   "default": (combine, per_sm, block_n, stages, warps) == (DEFAULT_COMBINE, PROGRAMS_PER_SM[combine],
+                                                                            BLOCK_N, 3, 4),
                    "splits": _splits(shape[0], num_splits(shape[0], batch, m.num_query_groups, device, combine,
                                                           per_sm), block_n),
                    "kv_bytes": nbytes, "kernel_ms": round(ms, 5), "copy_ms": round(copy_ms, 5),
