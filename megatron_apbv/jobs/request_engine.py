@@ -63,13 +63,7 @@ class RequestEngine:
         cfg = load_config(config, overrides)
         cfg.check_world_size(env.world_size)
         device = select_device(cfg, env)
-        store = init_distributed(cfg, env, device)
-        if store is None and env.world_size == 1:  # the caller started a group of one: no peer shares the queue
-            store = dist.HashStore()
-        elif store is None:  # the caller started the group, and its store is not handed on
-            shutdown()
-            raise ConfigError("RequestEngine.load starts the process groups itself: call it before any "
-                              "torch.distributed.init_process_group")
+        store = init_distributed(cfg, env, device)  # also under a caller's process group (lmms-eval's)
         engine = Engine.build(cfg, device, vision=vision)
         return cls(config, overrides, cfg, engine, store)
 

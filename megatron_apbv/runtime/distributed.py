@@ -7,7 +7,6 @@ Where the process sits in the job (rank, world, rendezvous) comes from
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -16,7 +15,7 @@ from megatron.core import parallel_state
 from megatron_apbv.runtime.agreement import agreement_extra, check_ranks_agree
 from megatron_apbv.runtime.config import ConfigError, RunConfig
 from megatron_apbv.runtime.launch_env import LaunchEnv
-from megatron_apbv.runtime.rendezvous import rendezvous_store
+from megatron_apbv.runtime.rendezvous import rendezvous_store, store_beside_group
 
 
 def select_device(cfg: RunConfig, env: LaunchEnv) -> torch.device:
@@ -35,14 +34,14 @@ def select_device(cfg: RunConfig, env: LaunchEnv) -> torch.device:
     return torch.device("cuda", env.local_rank)
 
 
-def init_distributed(cfg: RunConfig, env: LaunchEnv, device: torch.device) -> Optional[dist.Store]:
+def init_distributed(cfg: RunConfig, env: LaunchEnv, device: torch.device) -> dist.Store:
     """Start torch.distributed and Megatron's DP x CP x TP groups (CP = the APB-V group, DP = its replicas).
 
     The world size is checked against the config first, so a mismatch fails on every
     rank before any rank waits on a rendezvous or a collective. Returns the job's store (the
     rendezvous TCP store, a ``HashStore`` for one process) that the process group was started
-    with, for whatever else the job keeps there (``apbv infer``'s work queue); None when
-    torch.distributed was already running (its starter holds its store).
+    with, for whatever else the job keeps there (``apbv infer``'s work queue); when torch.distributed
+    was already running (its starter holds its store), a store of the job's own beside that group.
     """
     cfg.check_world_size(env.world_size)
     if device.type == "cpu" and cfg.dtype == "float16":
@@ -52,8 +51,9 @@ def init_distributed(cfg: RunConfig, env: LaunchEnv, device: torch.device) -> Op
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
         raise ConfigError("parallel.backend=nccl needs GPUs: use parallel.backend=gloo (or auto) on the CPU")
-    store = None
-    if not dist.is_initialized():
+    if dist.is_initialized():
+        store = store_beside_group(env, cfg.parallel.timeout_seconds)
+    else:
         # this job's store: a taken MASTER_PORT, or another job's store on it, fails fast (runtime/rendezvous.py)
         store = rendezvous_store(env, cfg.parallel.timeout_seconds)
         dist.init_process_group(

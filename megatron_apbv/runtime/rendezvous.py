@@ -84,3 +84,23 @@ def rendezvous_store(env: LaunchEnv, timeout_seconds: int, environ=os.environ) -
             f"{owner_parent}, this rank by {parent}): {fix}"
         )
     return store
+
+
+def store_beside_group(env: LaunchEnv, timeout_seconds: int) -> dist.Store:
+    """A store of this job's own when its caller (a harness such as lmms-eval) started torch.distributed and
+    keeps that group's store to itself: rank 0 serves a TCP store on a free port of ``MASTER_ADDR`` and its
+    address reaches the other ranks through the caller's default group (every rank calls this)."""
+    if env.world_size == 1:
+        return dist.HashStore()
+    timeout = timedelta(seconds=timeout_seconds)
+    address: list = [None]
+    if env.rank == 0:
+        store = dist.TCPStore(env.master_addr, 0, env.world_size, is_master=True, timeout=timeout,
+                              wait_for_workers=False)
+        address = [(env.master_addr, store.port)]
+    dist.broadcast_object_list(address, src=0)
+    if env.rank != 0:
+        store = dist.TCPStore(address[0][0], address[0][1], env.world_size, is_master=False, timeout=timeout,
+                              wait_for_workers=False)
+    return store
+
