@@ -12,18 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
+from interpreted_kernels import IN_INTERPRETER, load_interpreted_kernels, rerun_under_interpreter
 
 from megatron_apbv.apbv.decode import decode_attention as torch_decode_attention
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_IN_INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # (new tokens, query heads, KV heads, per-sequence lengths, tail flags, capacity)
 CASES = [
@@ -74,7 +68,7 @@ def _check(fn, case, dtype, **kw):
     torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=tol)
 
 
-@pytest.mark.skipif(_IN_INTERP, reason="torch path: checked in the outer run")
+@pytest.mark.skipif(IN_INTERPRETER, reason="torch path: checked in the outer run")
 @pytest.mark.parametrize("case", CASES)
 def test_torch_decode_attention_matches_float64(case):
     _check(torch_decode_attention, case, torch.float32)
@@ -82,24 +76,16 @@ def test_torch_decode_attention_matches_float64(case):
 
 def test_decode_kernel_under_interpreter():
     """Outer entry: run the kernel tests of this module in a subprocess with TRITON_INTERPRET=1."""
-    if _IN_INTERP:
-        pytest.skip("already inside the interpreter run")
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pathlib.Path(__file__)), "-k", "kernel_"],
-        cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=600)
+    proc = rerun_under_interpreter(__file__, "-k", "kernel_")
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert f"{4 * len(CASES)} passed" in proc.stdout, proc.stdout[-2000:]
 
 
 def _interpreted_kernel():
-    from interpreted_kernels import load_interpreted_kernels
-
     return load_interpreted_kernels("_apbv_decode_kernels_interpreted").decode_attention
 
 
-@pytest.mark.skipif(not _IN_INTERP, reason="runs inside the TRITON_INTERPRET=1 subprocess")
+@pytest.mark.skipif(not IN_INTERPRETER, reason="runs inside the TRITON_INTERPRET=1 subprocess")
 @pytest.mark.parametrize("dtype,splits", [(torch.float32, 1), (torch.float16, 3)])
 @pytest.mark.parametrize("combine", ["in_kernel", "kernel"])
 @pytest.mark.parametrize("case", CASES)

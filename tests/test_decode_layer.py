@@ -13,16 +13,13 @@ two sequences at different lengths and positions).
 from __future__ import annotations
 
 import math
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
+from interpreted_kernels import IN_INTERPRETER, load_interpreted_kernels, rerun_under_interpreter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-_IN_INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # (batch, kv heads, group, head dim, with bias)
 QKV_CASES = [(2, 2, 1, 64, True), (3, 1, 7, 80, False)]
@@ -102,7 +99,7 @@ def _check_norm(fn, dtype, with_delta):
     torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
 
 
-@pytest.mark.skipif(_IN_INTERP, reason="torch path: checked in the outer run")
+@pytest.mark.skipif(IN_INTERPRETER, reason="torch path: checked in the outer run")
 @pytest.mark.parametrize("case", QKV_CASES)
 def test_torch_qkv_rope_append_matches_float64(case):
     from megatron_apbv.inference.decode_layer import qkv_rope_append
@@ -110,7 +107,7 @@ def test_torch_qkv_rope_append_matches_float64(case):
     _check_qkv(qkv_rope_append, case, torch.float32)
 
 
-@pytest.mark.skipif(_IN_INTERP, reason="torch path: checked in the outer run")
+@pytest.mark.skipif(IN_INTERPRETER, reason="torch path: checked in the outer run")
 @pytest.mark.parametrize("with_delta", [True, False])
 def test_torch_add_rms_norm_matches_float64(with_delta):
     from megatron_apbv.inference.decode_layer import add_rms_norm_
@@ -120,31 +117,23 @@ def test_torch_add_rms_norm_matches_float64(with_delta):
 
 def test_decode_step_kernels_under_interpreter():
     """Outer entry: the kernel tests of this module in a subprocess with TRITON_INTERPRET=1."""
-    if _IN_INTERP:
-        pytest.skip("already inside the interpreter run")
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pathlib.Path(__file__)), "-k", "kernel_"],
-        cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=600)
+    proc = rerun_under_interpreter(__file__, "-k", "kernel_")
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert f"{2 * len(QKV_CASES) + 4} passed" in proc.stdout, proc.stdout[-2000:]
 
 
 def _interpreted():
-    from interpreted_kernels import load_interpreted_kernels
-
     return load_interpreted_kernels("_apbv_decode_step_kernels_interpreted")
 
 
-@pytest.mark.skipif(not _IN_INTERP, reason="runs inside the TRITON_INTERPRET=1 subprocess")
+@pytest.mark.skipif(not IN_INTERPRETER, reason="runs inside the TRITON_INTERPRET=1 subprocess")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", QKV_CASES)
 def test_kernel_qkv_rope_append_matches_float64(case, dtype):
     _check_qkv(_interpreted().decode_qkv_rope_append, case, dtype)
 
 
-@pytest.mark.skipif(not _IN_INTERP, reason="runs inside the TRITON_INTERPRET=1 subprocess")
+@pytest.mark.skipif(not IN_INTERPRETER, reason="runs inside the TRITON_INTERPRET=1 subprocess")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("with_delta", [True, False])
 def test_kernel_add_rms_norm_matches_float64(dtype, with_delta):
@@ -190,7 +179,7 @@ def _fused_vs_megatron(rank, world):
         shutdown()
 
 
-@pytest.mark.skipif(_IN_INTERP, reason="model run: outer run only")
+@pytest.mark.skipif(IN_INTERPRETER, reason="model run: outer run only")
 def test_fused_decode_layers_equal_megatron_layers():
     from distributed_utils import run_on_ranks
 
