@@ -24,17 +24,26 @@ class _FakeCudaTensor:
 
 
 @pytest.fixture
-def no_kernels(monkeypatch):
-    """The kernel module fails to import because Triton is missing (simulated for this test only)."""
+def missing_module(monkeypatch):
+    """``missing_module(name)``: the kernel module fails to import because module ``name`` is missing
+    (simulated for this test only; the kernel module's cache is cleared before and after)."""
 
-    def fail(name, *args, **kwargs):
-        raise ModuleNotFoundError("No module named 'triton'", name="triton")
+    def simulate(missing):
+        def fail(name, *args, **kwargs):
+            raise ModuleNotFoundError(f"No module named '{missing}'", name=missing)
 
+        kernels_dispatch._load_kernel_module.cache_clear()
+        monkeypatch.setattr(kernels_dispatch.importlib, "import_module", fail)
+        monkeypatch.delenv(kernels_dispatch.DISABLE_ENV, raising=False)
+
+    yield simulate
     kernels_dispatch._load_kernel_module.cache_clear()
-    monkeypatch.setattr(kernels_dispatch.importlib, "import_module", fail)
-    monkeypatch.delenv(kernels_dispatch.DISABLE_ENV, raising=False)
-    yield
-    kernels_dispatch._load_kernel_module.cache_clear()
+
+
+@pytest.fixture
+def no_kernels(missing_module):
+    """The kernel module fails to import because Triton is missing."""
+    missing_module("triton")
 
 
 def test_cpu_tensors_take_the_torch_path(no_kernels):
@@ -56,18 +65,10 @@ def test_cuda_tensors_without_kernels_raise_naming_the_fix(no_kernels):
     assert "APBV_DISABLE_KERNELS=1" in message
 
 
-def test_missing_kernel_module_names_the_package(monkeypatch):
-    def fail(name, *args, **kwargs):
-        raise ModuleNotFoundError("No module named 'megatron_apbv.kernels'", name="megatron_apbv.kernels")
-
-    kernels_dispatch._load_kernel_module.cache_clear()
-    monkeypatch.setattr(kernels_dispatch.importlib, "import_module", fail)
-    monkeypatch.delenv(kernels_dispatch.DISABLE_ENV, raising=False)
-    try:
-        with pytest.raises(KernelUnavailable, match="reinstall the package"):
-            kernel_for("merge_partials", _FakeCudaTensor())
-    finally:
-        kernels_dispatch._load_kernel_module.cache_clear()
+def test_missing_kernel_module_names_the_package(missing_module):
+    missing_module("megatron_apbv.kernels")
+    with pytest.raises(KernelUnavailable, match="reinstall the package"):
+        kernel_for("merge_partials", _FakeCudaTensor())
 
 
 def test_disable_switch_is_the_explicit_torch_path(no_kernels, monkeypatch):
