@@ -17,7 +17,8 @@ def _oracle(settings):
     return module
 
 
-@pytest.mark.parametrize("settings", [
+# Settings both paths (per example and batched) are checked at; each test adds its own after them.
+SETTINGS = [
     {},
     dict(mode="apbv", world_size=2, anchor_len=5, query_len=4, passing_len=3, zigzag=True, window=3),
     dict(mode="apbv", world_size=3, anchor_len=0, query_len=2, passing_len=0, zigzag=True, window=5),
@@ -25,6 +26,10 @@ def _oracle(settings):
          selection="max"),
     dict(mode="apbv", world_size=4, anchor_len=3, query_len=5, passing_len=4, zigzag=True, window=5,
          selection="softmax"),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS + [
     dict(mode="apbv", world_size=2, anchor_len=4, query_len=3, passing_len=10**6, zigzag=True, window=5),
 ])
 def test_visible_keys_attention_equals_float64_reference(settings):
@@ -57,14 +62,7 @@ def test_subclass_that_reads_the_mask_gets_the_same_attention():
     torch.testing.assert_close(reading.forward(q, k, v, None), plain, atol=1e-5, rtol=1e-5)
 
 
-BATCHED = [
-    {},
-    dict(mode="apbv", world_size=2, anchor_len=5, query_len=4, passing_len=3, zigzag=True, window=3),
-    dict(mode="apbv", world_size=3, anchor_len=0, query_len=2, passing_len=0, zigzag=True, window=5),
-    dict(mode="apbv", world_size=2, anchor_len=7, query_len=3, passing_len=2, zigzag=False, window=1,
-         selection="max"),
-    dict(mode="apbv", world_size=4, anchor_len=3, query_len=5, passing_len=4, zigzag=True, window=5,
-         selection="softmax"),
+BATCHED = SETTINGS + [
     dict(mode="apbv", world_size=2, anchor_len=4, query_len=3, passing_len=6, zigzag=True, window=3,
          selection="recent", recent_fraction=0.5),
     dict(mode="apbv", world_size=2, anchor_len=4, query_len=3, passing_len=5, zigzag=True, window=5,
