@@ -86,6 +86,30 @@ def run_on_ranks(world: int, fn, *args):
         return torch.load(path, weights_only=False)
 
 
+def gathered_apbv_attention(rank, world, seed, n, anchor, query, q_heads, kv_heads, dim, *, zigzag, **attention):
+    """Random ``Q, K, V`` ``[n, heads, dim]`` drawn from ``seed`` (the same on every rank), laid out on ``world``
+    ranks, each rank's APB-V layer attention of its rows, gathered on every rank.
+
+    ``attention``: the rest of ``apbv_layer_attention``'s keywords (``passing_len``, ``window``, ``overlap``,
+    ``selection``). Returns ``(Q, K, V, layout of the sequence, [each rank's output])``.
+    """
+    from megatron_apbv.apbv.attention import apbv_layer_attention
+    from megatron_apbv.apbv.layout import SequenceLayout
+
+    g = torch.Generator().manual_seed(seed)
+    Q, K, V = (torch.randn(n, h, dim, generator=g) for h in (q_heads, kv_heads, kv_heads))
+    seq = SequenceLayout(n, anchor, query, world, zigzag=zigzag)
+    layout = seq.rank(rank)
+    idx = layout.global_indices
+    out = apbv_layer_attention(
+        Q[idx, None], K[idx, None], V[idx, None], layout, softmax_scale=dim ** -0.5, group=dist.group.WORLD,
+        **attention,
+    )[:, 0]
+    outs = [None] * world
+    dist.all_gather_object(outs, out)
+    return Q, K, V, seq, outs
+
+
 def prefill_logits_worker(rank, world, config_path, overrides=()):
     """``run_prefill --compare dense`` of a config on ``world`` ranks, plus the APB-V logits themselves."""
     from megatron_apbv.inference.prefill import apbv_prefill, run_prefill

@@ -3,12 +3,8 @@
 import itertools
 
 import pytest
-import torch
-import torch.distributed as dist
-from distributed_utils import run_on_ranks
+from distributed_utils import gathered_apbv_attention, run_on_ranks
 
-from megatron_apbv.apbv.attention import apbv_layer_attention
-from megatron_apbv.apbv.layout import SequenceLayout
 from megatron_apbv.apbv.reference import (
     apbv_attention_reference,
     dense_attention_reference,
@@ -28,20 +24,9 @@ def _cases():
 def _worker(rank, world, seed):
     errors = []
     for case_id, ((n, a, q), (hq, hkv), zigzag, p, overlap) in enumerate(_cases()):
-        g = torch.Generator().manual_seed(seed + case_id)
-        Q = torch.randn(n, hq, DIM, generator=g)
-        K = torch.randn(n, hkv, DIM, generator=g)
-        V = torch.randn(n, hkv, DIM, generator=g)
-        seq = SequenceLayout(n, a, q, world, zigzag=zigzag)
         passing = n if p is None else p
-        layout = seq.rank(rank)
-        idx = layout.global_indices
-        out = apbv_layer_attention(
-            Q[idx, None], K[idx, None], V[idx, None], layout,
-            passing_len=passing, window=5, overlap=overlap, softmax_scale=DIM ** -0.5, group=dist.group.WORLD,
-        )[:, 0]
-        outs = [None] * world
-        dist.all_gather_object(outs, out)
+        Q, K, V, seq, outs = gathered_apbv_attention(rank, world, seed + case_id, n, a, q, hq, hkv, DIM, zigzag=zigzag,
+                                                     passing_len=passing, window=5, overlap=overlap)
         if rank == 0:
             ref = apbv_attention_reference(
                 Q, K, V, world_size=world, anchor_len=a, query_len=q, passing_len=passing, zigzag=zigzag, window=5

@@ -6,11 +6,8 @@ Small inputs so that 8 processes on a 2-core machine stay well under a minute.
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from distributed_utils import run_on_ranks
+from distributed_utils import gathered_apbv_attention, run_on_ranks
 
-from megatron_apbv.apbv.attention import apbv_layer_attention
-from megatron_apbv.apbv.layout import SequenceLayout
 from megatron_apbv.apbv.reference import (
     apbv_attention_reference,
     dense_attention_reference,
@@ -51,17 +48,8 @@ DIM = 16
 def _attention_worker(rank, world, seed):
     results = []
     for i, (n, a, q, hq, hkv, p, zigzag) in enumerate(CASES):
-        g = torch.Generator().manual_seed(seed + i)
-        Q, K, V = (torch.randn(n, h, DIM, generator=g) for h in (hq, hkv, hkv))
-        seq = SequenceLayout(n, a, q, world, zigzag=zigzag)
-        layout = seq.rank(rank)
-        idx = layout.global_indices
-        out = apbv_layer_attention(
-            Q[idx, None], K[idx, None], V[idx, None], layout, passing_len=p, window=5, overlap=zigzag,
-            softmax_scale=DIM ** -0.5, group=dist.group.WORLD,
-        )[:, 0]
-        outs = [None] * world
-        dist.all_gather_object(outs, out)
+        Q, K, V, seq, outs = gathered_apbv_attention(rank, world, seed + i, n, a, q, hq, hkv, DIM, zigzag=zigzag,
+                                                     passing_len=p, window=5, overlap=zigzag)
         if rank == 0:
             ref = apbv_attention_reference(Q, K, V, world_size=world, anchor_len=a, query_len=q, passing_len=p,
                                            zigzag=zigzag, window=5)

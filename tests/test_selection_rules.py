@@ -4,10 +4,8 @@ import itertools
 
 import pytest
 import torch
-import torch.distributed as dist
-from distributed_utils import run_on_ranks
+from distributed_utils import gathered_apbv_attention, run_on_ranks
 
-from megatron_apbv.apbv.attention import apbv_layer_attention
 from megatron_apbv.apbv.layout import SequenceLayout
 from megatron_apbv.apbv.reference import (
     apbv_attention_reference,
@@ -38,17 +36,8 @@ def _cases():
 def _worker(rank, world, seed):
     errors = []
     for case_id, (rule, (n, a, q), (hq, hkv), p) in enumerate(_cases()):
-        g = torch.Generator().manual_seed(seed + case_id)
-        Q, K, V = (torch.randn(n, h, DIM, generator=g) for h in (hq, hkv, hkv))
-        seq = SequenceLayout(n, a, q, world, zigzag=True)
-        layout = seq.rank(rank)
-        idx = layout.global_indices
-        out = apbv_layer_attention(
-            Q[idx, None], K[idx, None], V[idx, None], layout, passing_len=p, window=3, overlap=True,
-            softmax_scale=DIM ** -0.5, group=dist.group.WORLD, selection=_rule(rule),
-        )[:, 0]
-        outs = [None] * world
-        dist.all_gather_object(outs, out)
+        Q, K, V, seq, outs = gathered_apbv_attention(rank, world, seed + case_id, n, a, q, hq, hkv, DIM, zigzag=True,
+                                                     passing_len=p, window=3, overlap=True, selection=_rule(rule))
         if rank == 0:
             ref = apbv_attention_reference(Q, K, V, world_size=world, anchor_len=a, query_len=q, passing_len=p,
                                            window=3, softmax_scale=DIM ** -0.5, **_ref_opts(rule))
