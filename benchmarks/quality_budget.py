@@ -163,13 +163,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from megatron_apbv.apbv.reference import apbv_block_bounds_reference
-    from megatron_apbv.eval.oracle import oracle_spec
     from megatron_apbv.models.chat_prompt import load_tokenizer
     from megatron_apbv.models.gguf_convert import convert_gguf, smollm2_gguf
-    from megatron_apbv.models.gpt import build_gpt_model, build_rope, decoder_hidden
+    from megatron_apbv.models.gpt import decoder_hidden
     from megatron_apbv.runtime.config import passing_lengths, resolve_budget
-    from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
-    from megatron_apbv.models.resolve import load_config
 
     qr = _quality_real()
     start = time.perf_counter()
@@ -184,18 +181,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29673")
-    cfg = load_config(None, [f"model.checkpoint={folder}", "parallel.context_parallel_size=1",
-                             f"device={device.type}", f"dtype={args.dtype}"])
-    init_distributed(cfg, LaunchEnv(0, 1, 0), device)
-    settings: dict = {}
     cost = PaperSettingCost()
     out = Path(args.out)
-    try:
-        model = build_gpt_model(cfg, method="dense", device=device, layer_spec=oracle_spec(settings)).eval()
-        rope = build_rope(cfg, device)
-        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+    with qr.oracle_model(folder, device, args.dtype, master_port=29673) as (cfg, model, rope, weight, settings):
         tasks = qr.Tasks(load_tokenizer(folder))
         worlds = [int(x) for x in args.worlds.split(",")]
         points = grid(args.grid)
@@ -315,8 +303,6 @@ def main(argv=None) -> int:
         if not args.no_plot:
             plot(json.loads(out.read_text()), out.with_suffix(".png"))
         return 0
-    finally:
-        shutdown()
 
 
 def write(out: Path, args, rows, finished, cost, device, start) -> None:
@@ -343,13 +329,8 @@ def write(out: Path, args, rows, finished, cost, device, start) -> None:
 
 def plot(record: dict, path: Path) -> None:
     """Accuracy (Wilson bars) against keys per row relative to dense, one panel per (task, length), a colour per W."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot", file=sys.stderr)
+    plt = _quality_real().pyplot()
+    if plt is None:
         return
     rows = record["rows"]
     panels = sorted({(r["task"], r["length"]) for r in rows})

@@ -35,6 +35,7 @@ per row on stdout, writes the JSON and a PNG next to it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -139,6 +140,47 @@ def where(key_pos: int, bounds, anchor: int) -> tuple[str, int]:
     return ("first_block" if block == 0 else "later_block"), block
 
 
+@contextlib.contextmanager
+def oracle_model(folder, device: torch.device, dtype: str, master_port: int):
+    """The converted SmolLM2 at ``folder`` as a dense model whose attention is the single-process oracle.
+
+    Starts a one-rank torch.distributed (``master_port`` unless MASTER_PORT is set) and shuts it down on
+    leaving. Yields ``(cfg, model, rope, output weight (None when not tied), settings)``: the oracle reads
+    its mode from ``settings`` at every forward (eval/oracle.py's ``oracle_spec``).
+    """
+    from megatron_apbv.eval.oracle import oracle_spec
+    from megatron_apbv.models.gpt import build_gpt_model, build_rope
+    from megatron_apbv.models.resolve import load_config
+    from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(master_port))
+    cfg = load_config(None, [f"model.checkpoint={folder}", "parallel.context_parallel_size=1",
+                             f"device={device.type}", f"dtype={dtype}"])
+    init_distributed(cfg, LaunchEnv(0, 1, 0), device)
+    settings: dict = {}
+    try:
+        model = build_gpt_model(cfg, method="dense", device=device, layer_spec=oracle_spec(settings)).eval()
+        rope = build_rope(cfg, device)
+        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+        yield cfg, model, rope, weight, settings
+    finally:
+        shutdown()
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend; None (and a line on stderr) where matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
+        return None
+    return plt
+
+
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -163,12 +205,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from megatron_apbv.apbv.reference import apbv_block_bounds_reference
-    from megatron_apbv.eval.oracle import oracle_spec
     from megatron_apbv.models.chat_prompt import load_tokenizer
     from megatron_apbv.models.gguf_convert import convert_gguf, smollm2_gguf
-    from megatron_apbv.models.gpt import build_gpt_model, build_rope, decoder_hidden
+    from megatron_apbv.models.gpt import decoder_hidden
     from megatron_apbv.runtime.config import AUTO_BUDGETS, passing_lengths, resolve_budget
-    from megatron_apbv.runtime.distributed import LaunchEnv, init_distributed, shutdown
     from megatron_apbv.models.resolve import load_config
 
     start = time.perf_counter()
@@ -180,16 +220,7 @@ def main(argv=None) -> int:
             return 2
         folder = str(convert_gguf(gguf, Path(tempfile.mkdtemp()) / "smollm2"))
     device = torch.device(args.device)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29671")
-    cfg = load_config(None, [f"model.checkpoint={folder}", "parallel.context_parallel_size=1",
-                             f"device={device.type}", f"dtype={args.dtype}"])
-    init_distributed(cfg, LaunchEnv(0, 1, 0), device)
-    settings: dict = {}
-    try:
-        model = build_gpt_model(cfg, method="dense", device=device, layer_spec=oracle_spec(settings)).eval()
-        rope = build_rope(cfg, device)
-        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+    with oracle_model(folder, device, args.dtype, master_port=29671) as (cfg, model, rope, weight, settings):
         tasks = Tasks(load_tokenizer(folder))
         lengths = [int(x) for x in args.lengths.split(",")]
         worlds = [int(x) for x in args.worlds.split(",")]
@@ -295,19 +326,12 @@ def main(argv=None) -> int:
         plot(record, out.with_suffix(".png"))
         print(f"wrote {out} ({record['seconds']} s)", file=sys.stderr)
         return 0
-    finally:
-        shutdown()
 
 
 def plot(record: dict, path: Path) -> None:
     """Accuracy (Wilson 95 % bars) per method at each W, one panel per (task, length)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     rows = [r for r in record["rows"] if r["key_in"] == "all"]
     panels = sorted({(r["task"], r["length"]) for r in rows})
