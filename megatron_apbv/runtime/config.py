@@ -637,7 +637,8 @@ def resolve_budget(budget, prompt_len: int, kind: str, *, block_len: Optional[in
     ``roundup(N/128, 128)``); ``auto`` is the shipped default (``AUTO_BUDGETS``); ``all`` passes every key;
     a :class:`BudgetRule` scales the paper's rule (``paper``) or the longest block ``block_len`` (``block``).
     An anchor given by a rule is capped at the context before the query (``prompt_len - query_len``), so that
-    short requests of a job fit whatever their length; an anchor given in tokens is taken as given (and refused
+    short requests of a job fit whatever their length (a prompt shorter than the rule's anchor is then all anchor:
+    exact attention, tested equal to dense); an anchor given in tokens is taken as given (and refused
     by the config's check if it does not fit).
     """
     rule_cap = max(prompt_len - query_len, 0)  # the longest anchor a rule gives (the anchor never holds the query)
