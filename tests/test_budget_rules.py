@@ -4,6 +4,7 @@ resolve to against the layout's own block lengths, what `auto` (the shipped defa
 import math
 
 import pytest
+from distributed_utils import prefill_logits_worker, run_on_ranks
 
 from megatron_apbv.apbv.layout import SequenceLayout
 from megatron_apbv.runtime.config import AUTO_BUDGETS, ConfigError, resolve_budget
@@ -88,3 +89,6 @@ def test_rule_anchor_of_a_short_prompt_stops_before_the_query():
         assert SequenceLayout.from_config(cfg).anchor_len == 80
     with pytest.raises(ConfigError, match="apbv.anchor=128 .* exceeds the prompt"):
         load_config("configs/tiny_cpu.yaml", short + ["apbv.anchor=128"])
+    # all anchor, no context block: APB-V on 2 ranks is exact attention there
+    record = run_on_ranks(2, prefill_logits_worker, "configs/tiny_cpu.yaml", short + ["apbv.anchor=auto"])
+    assert record["block_lens"] == [0, 0, 0, 0] and record["max_abs_logit_diff"] <= 1e-4
