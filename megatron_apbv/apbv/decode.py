@@ -83,14 +83,6 @@ class DecodeCache:
     lengths: torch.Tensor
     tail: torch.Tensor
     world_size: int
-    # the decode kernel's split counters (one per sequence and KV head), zero between calls: they live with the
-    # cache, so that every layer and every replay of a captured step reads the same device buffer
-    split_counters: torch.Tensor | None = None
-
-    def __post_init__(self):
-        if self.split_counters is None:
-            hkv = next(iter(self.layers.values()))[0].shape[2]
-            self.split_counters = torch.zeros(self.batch_size * hkv, dtype=torch.int32, device=self.lengths.device)
 
     @classmethod
     def from_prefills(cls, caches: list[DistributedKVCache]) -> "DecodeCache":
@@ -179,8 +171,7 @@ def attend_cached(q: torch.Tensor, step: DecodeStep, layer_number: int, *, softm
     """:func:`decode_layer_attention` once the new keys are in the cache: attention, then the cross-rank merge."""
     cache = step.cache
     k_cache, v_cache = cache.layers[layer_number]
-    out, lse = decode_attention(q, k_cache, v_cache, step.visible, cache.tail, softmax_scale=softmax_scale,
-                                counters=cache.split_counters)
+    out, lse = decode_attention(q, k_cache, v_cache, step.visible, cache.tail, softmax_scale=softmax_scale)
     if cache.world_size == 1:
         return out
     return MergeAcrossRanks(out, lse, cache.world_size, group, async_op=False).result()
@@ -188,7 +179,7 @@ def attend_cached(q: torch.Tensor, step: DecodeStep, layer_number: int, *, softm
 
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, tail: torch.Tensor,
-    *, softmax_scale: float, counters: torch.Tensor | None = None,
+    *, softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``t`` new tokens ``q`` ``[t, b, hq, d]`` over a cache ``[capacity, b, hkv, d]``.
 
@@ -198,12 +189,12 @@ def decode_attention(
     head ``h`` reads KV head ``h // (hq // hkv)``. Returns ``(out [t, b, hq, d],
     lse [b, hq, t] fp32)``; a token that sees no key gets ``out = 0``, ``lse = -inf``.
     Rows past a length are never read into the result (they may hold anything).
-    This torch version defines the operation (CPU, tests); CUDA runs the kernel.
-    ``counters`` is the kernel's scratch (:attr:`DecodeCache.split_counters`); the torch path needs none.
+    This torch version defines the operation (CPU, tests); CUDA runs the kernel (its default route: the
+    separate split combine, which needs no scratch).
     """
     kernel = kernel_for("decode_attention", q)
     if kernel is not None:
-        return kernel(q, k_cache, v_cache, lengths, tail, softmax_scale=softmax_scale, counters=counters)
+        return kernel(q, k_cache, v_cache, lengths, tail, softmax_scale=softmax_scale)
     t, b, hq, d = q.shape
     capacity, _, hkv, _ = k_cache.shape
     new = torch.arange(t, device=q.device)

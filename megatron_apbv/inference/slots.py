@@ -139,7 +139,7 @@ class DecodeSlots:
                 new[: self.capacity] = old
             pool[n] = tuple(grown)
         old = self.cache
-        self.cache = DecodeCache(pool, old.lengths, old.tail, old.world_size, split_counters=old.split_counters)
+        self.cache = DecodeCache(pool, old.lengths, old.tail, old.world_size)
         tokens = self.runner.tokens.clone()
         self.runner = self.engine.decode_runner(self.cache, self.runner.positions, cuda_graph=self.cuda_graph)
         self.runner.tokens.copy_(tokens)
