@@ -94,11 +94,11 @@ def write_synthetic_mp4(path: Path, height: int, width: int, seconds: int, fps: 
 
 
 def write_result(out: Path, result: dict) -> None:
-    """Write ``result`` to ``out`` whole (a temp file renamed over it)."""
+    """Write ``result`` to ``out`` whole (the runtime's atomic write: a reader never sees half)."""
+    from megatron_apbv.runtime.atomic import atomic_write_text
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
 
 
 def main() -> int:

@@ -196,7 +196,8 @@ def _run_job(args, cfg: RunConfig, env, device: torch.device, stop: dict, engine
         writer = AnswerWriter(args.output, fingerprint)
         return OpenAIOutput(writer, _model_name(cfg)) if output_format == "openai" else writer
 
-    served = serve_requests(pending, cfg, engine, store=args.store, mode=mode, stop=stop, sink=answer_file, quiet=args.quiet,
+    served = serve_requests(pending, cfg, engine, store=args.store, mode=mode, stop=stop, sink=answer_file,
+                            quiet=args.quiet,
                             port=metrics_port(getattr(args, "metrics_port", None), cfg.jobs.metrics_port))
     sums, seconds, stopped, busy_mean = served.sums, served.seconds, served.stopped, served.busy_mean
     finished = int(sums["answered"] + sums["errors"])

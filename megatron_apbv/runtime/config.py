@@ -93,7 +93,6 @@ PassingBudget = Union[Count, Ratio, Literal["auto", "paper", "all"], BudgetRule]
 AUTO_BUDGETS = {"anchor": "paper", "passing": "paper"}
 
 
-
 def without_variant_settings(apbv: dict, variant: str) -> dict:
     """``apbv`` settings minus those ``variant`` fixes: a newly chosen variant replaces them (command line, bench)."""
     fixed = set(VARIANTS[variant]) | ({"passing_schedule"} if "passing" in VARIANTS[variant] else set())

@@ -103,4 +103,3 @@ def store_beside_group(env: LaunchEnv, timeout_seconds: int) -> dist.Store:
         store = dist.TCPStore(address[0][0], address[0][1], env.world_size, is_master=False, timeout=timeout,
                               wait_for_workers=False)
     return store
-
